@@ -1,0 +1,114 @@
+"""The fixed-shape entry points that export traces: vision, prefill_<S>, decode_<T>.
+
+Each takes its data inputs first, then its weights (the `table` order). `inputs`/`outputs` describe
+the data tensors (name, shape, dtype) for the manifest; shapes are per rank.
+"""
+import mindspore as ms
+import numpy as np
+from mindspore import nn, ops
+
+from .config import CogVLM2Config
+from .language import LanguageModel
+from .layers import NEG_INF
+from .vision import VisionModel
+
+DTYPES = {"fp32": ms.float32, "fp16": ms.float16, "bf16": ms.bfloat16}
+NUMPY_NAMES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+
+
+class VisionGraph(nn.Cell):
+    """pixel_values [B, 3, S, S] float32 -> image_embeds [B, n_image, hidden] (compute dtype)."""
+
+    def __init__(self, cfg: CogVLM2Config, batch: int, dtype: str = "fp32", tp: int = 1):
+        super().__init__()
+        self.name = "vision"
+        self.model = VisionModel(cfg, tp)
+        self.table = self.model.table
+        s = cfg.vision.image_size
+        self.inputs = [("pixel_values", (batch, 3, s, s), "float32")]
+        self.outputs = [("image_embeds", (batch, cfg.num_image_tokens, cfg.hidden_size), NUMPY_NAMES[dtype])]
+
+    def construct(self, *args):
+        return self.model(args[0], args[1:])
+
+
+class PrefillGraph(nn.Cell):
+    """One prompt bucket of S tokens, padded at the end; `valid_len` says where each row ends.
+
+    -> logits of each row's last valid token [B, V] float32, and K, V of all S positions
+       [layers, B, KV, S, D] (the runtime keeps the first valid_len slots).
+    With `image`, input_ids[:, 1:1+n_image] are placeholders replaced by image_embeds.
+    `all_logits` returns logits for every position instead (eager reference, not exported).
+    """
+
+    def __init__(self, cfg: CogVLM2Config, seq_len: int, batch: int, image: bool, dtype: str = "fp32",
+                 tp: int = 1, all_logits: bool = False):
+        super().__init__()
+        n = cfg.num_image_tokens
+        if image and seq_len < n + 2:
+            raise ValueError(f"an image prefill bucket needs at least {n + 2} tokens, not {seq_len}")
+        self.name = f"prefill_{'image' if image else 'text'}_{seq_len}"
+        self.image, self.all_logits, self.seq_len = image, all_logits, seq_len
+        self.lm = LanguageModel(cfg, tp, vision_span=(1, n) if image else None)
+        self.table = self.lm.table
+        kv = (cfg.num_hidden_layers, batch, cfg.num_multi_query_heads // tp, seq_len, cfg.head_dim)
+        dt = NUMPY_NAMES[dtype]
+        self.inputs = [("input_ids", (batch, seq_len), "int32")]
+        if image:
+            self.inputs.append(("image_embeds", (batch, n, cfg.hidden_size), dt))
+        self.inputs += [("position_ids", (batch, seq_len), "int32"), ("valid_len", (batch,), "int32")]
+        self.outputs = [("logits", (batch, cfg.vocab_size), "float32"), ("k", kv, dt), ("v", kv, dt)]
+        causal = np.triu(np.full((seq_len, seq_len), NEG_INF, np.float32), 1)
+        self.causal = ms.Tensor(causal)
+
+    def construct(self, *args):
+        if self.image:
+            input_ids, image_embeds, positions, valid_len = args[0], args[1], args[2], args[3]
+            w = args[4:]
+        else:
+            input_ids, positions, valid_len = args[0], args[1], args[2]
+            image_embeds = None
+            w = args[3:]
+        h = self.lm.embed_tokens(input_ids, image_embeds, w)
+        h, k, v = self.lm(h, positions, self.causal, w, None, None)
+        if self.all_logits:
+            return self.lm.logits(h, w), k, v
+        b, s = input_ids.shape
+        last = ops.arange(0, b, dtype=ms.int32) * s + valid_len - 1
+        return self.lm.logits(ops.gather(h.reshape(b * s, -1), last, 0), w), k, v
+
+
+class DecodeGraph(nn.Cell):
+    """One new token per row against a cache bucket of T slots.
+
+    token [B, 1], position [B] (RoPE position), write_index [B] (cache slots already filled),
+    k_0..k_{L-1}, v_0..v_{L-1} each [B, KV, T, D] (one input per layer: contiguous views of the
+    runtime's buffer, passed without copies) -> logits [B, V] float32, k_new, v_new [L, B, KV, 1, D].
+    """
+
+    def __init__(self, cfg: CogVLM2Config, cache_len: int, batch: int, dtype: str = "fp32", tp: int = 1):
+        super().__init__()
+        self.name = f"decode_{cache_len}"
+        self.layers, self.cache_len = cfg.num_hidden_layers, cache_len
+        self.lm = LanguageModel(cfg, tp)
+        self.table = self.lm.table
+        dt = NUMPY_NAMES[dtype]
+        cache = (batch, cfg.num_multi_query_heads // tp, cache_len, cfg.head_dim)
+        new = (cfg.num_hidden_layers, batch, cfg.num_multi_query_heads // tp, 1, cfg.head_dim)
+        self.inputs = [("token", (batch, 1), "int32"), ("position", (batch,), "int32"),
+                       ("write_index", (batch,), "int32")]
+        self.inputs += [(f"k_{i}", cache, dt) for i in range(self.layers)]
+        self.inputs += [(f"v_{i}", cache, dt) for i in range(self.layers)]
+        self.outputs = [("logits", (batch, cfg.vocab_size), "float32"), ("k_new", new, dt), ("v_new", new, dt)]
+
+    def construct(self, *args):
+        token, position, write_index = args[0], args[1], args[2]
+        n = self.layers
+        k_caches, v_caches, w = args[3:3 + n], args[3 + n:3 + 2 * n], args[3 + 2 * n:]
+        b = token.shape[0]
+        filled = ops.arange(0, self.cache_len, dtype=ms.int32).reshape(1, -1) < write_index.reshape(-1, 1)
+        bias = ops.select(filled, ops.zeros_like(filled, dtype=ms.float32),
+                          ops.full_like(filled, NEG_INF, dtype=ms.float32)).reshape(b, 1, 1, -1)
+        h = self.lm.embed_tokens(token, None, w)
+        h, k, v = self.lm(h, position.reshape(b, 1), bias, w, k_caches, v_caches)
+        return self.lm.logits(h[:, 0], w), k, v

@@ -1,0 +1,152 @@
+"""Building blocks shared by the vision tower, the adapter and the language model.
+
+Plain functions over tensors; weights arrive as arguments (see weights.py). Written for export:
+fixed shapes, tuples not lists, no lambdas, `pow(x, -0.5)` instead of rsqrt/reciprocal (ONNX), norms
+and softmax in fp32 whatever the matmul dtype (as the release's MindFormers graphs did).
+"""
+import mindspore as ms
+from mindspore import nn, ops
+
+from .weights import COLUMN, ROW, WeightTable
+
+_matmul_t = ops.MatMul(transpose_b=True)
+_bmm = ops.BatchMatMul()
+_bmm_t = ops.BatchMatMul(transpose_b=True)
+NEG_INF = -1e9  # additive mask value: finite so fully-masked rows never produce NaN
+
+
+def linear(x, w, b=None):
+    """PyTorch Linear on the last axis; w is [out, in] as stored in the checkpoint."""
+    lead = x.shape[:-1]
+    y = _matmul_t(x.reshape(-1, x.shape[-1]), w)
+    if b is not None:
+        y = y + b
+    return y.reshape(lead + (w.shape[0],))
+
+
+def rms_norm(x, w, eps):
+    """Normalise in fp32 and multiply by the weight before casting back (COGVLM2.md numerics)."""
+    x32 = x.astype(ms.float32)
+    y = x32 * ops.pow(ops.mean(x32 * x32, -1, True) + eps, -0.5)
+    return (y * w.astype(ms.float32)).astype(x.dtype)
+
+
+def layer_norm(x, w, b, eps):
+    """Mean / centred variance written out: converts correctly to ONNX and MindSpore Lite."""
+    x32 = x.astype(ms.float32)
+    c = x32 - ops.mean(x32, -1, True)
+    y = c * ops.pow(ops.mean(c * c, -1, True) + eps, -0.5)
+    return (y * w.astype(ms.float32) + b.astype(ms.float32)).astype(x.dtype)
+
+
+def gelu(x):
+    """Exact (erf) GELU, as the vision tower and the adapter use."""
+    return 0.5 * x * (1.0 + ops.erf(x * 0.7071067811865476))
+
+
+def silu(x):
+    return x * ops.sigmoid(x)
+
+
+def split_heads(x, heads, head_dim):
+    return x.reshape(x.shape[:-1] + (heads, head_dim))
+
+
+def _grouped(q, kv_heads):
+    """[B, Sq, H, D] -> [B, KV, G*Sq, D]: query head h reads kv head h // G (GQA, like repeat_kv)."""
+    b, s, h, d = q.shape
+    g = h // kv_heads
+    return q.reshape(b, s, kv_heads, g, d).transpose(0, 2, 3, 1, 4).reshape(b, kv_heads, g * s, d)
+
+
+def _ungrouped(o, b, s, h, d):
+    kv = o.shape[1]
+    return o.reshape(b, kv, h // kv, s, d).transpose(0, 3, 1, 2, 4).reshape(b, s, h * d)
+
+
+def attention(q, k, v, bias):
+    """softmax(q k^T / sqrt(d) + bias) v over full key sets.
+
+    q [B, Sq, H, D]; k, v [B, KV, Sk, D]; bias [Sq, Sk] additive (None: no mask) -> [B, Sq, H*D].
+    """
+    b, s, h, d = q.shape
+    kv = k.shape[1]
+    qg = _grouped(q, kv)
+    scores = _bmm_t(qg, k).astype(ms.float32) * (d ** -0.5)
+    if bias is not None:
+        scores = (scores.reshape(b, kv, h // kv, s, k.shape[2]) + bias).reshape(b, kv, h // kv * s, k.shape[2])
+    p = ops.softmax(scores, -1).astype(v.dtype)
+    return _ungrouped(_bmm(p, v), b, s, h, d)
+
+
+def cached_attention(q, k_cache, v_cache, cache_bias, k_new, v_new):
+    """Attention of new query tokens over the KV cache plus their own keys, without concatenating
+    the cache (that would copy it every step): scores are computed per block and joined.
+
+    q [B, 1, H, D]; k/v_cache [B, KV, T, D]; cache_bias [B, 1, 1, T] (0 for filled slots, NEG_INF
+    for empty ones); k/v_new [B, KV, 1, D] -> [B, 1, H*D].
+    """
+    b, s, h, d = q.shape
+    t = k_cache.shape[2]
+    qg = _grouped(q, k_cache.shape[1])
+    scale = d ** -0.5
+    s_cache = _bmm_t(qg, k_cache).astype(ms.float32) * scale + cache_bias
+    s_new = _bmm_t(qg, k_new).astype(ms.float32) * scale
+    p = ops.softmax(ops.concat((s_cache, s_new), -1), -1).astype(v_cache.dtype)
+    o = _bmm(p[:, :, :, :t], v_cache) + _bmm(p[:, :, :, t:], v_new)
+    return _ungrouped(o, b, s, h, d)
+
+
+def rope_cos_sin(positions, head_dim, theta):
+    """cos/sin tables [.., D] from exact integer positions in fp32 (not the release's bf16 rounding)."""
+    inv_freq = ms.Tensor([theta ** (-i / head_dim) for i in range(0, head_dim, 2)], ms.float32)
+    freqs = positions.astype(ms.float32).expand_dims(-1) * inv_freq
+    emb = ops.concat((freqs, freqs), -1)
+    return ops.cos(emb), ops.sin(emb)
+
+
+def apply_rope(x, cos, sin):
+    """Rotate-half RoPE. x [B, S, N, D]; cos/sin [B, S, D]."""
+    half = x.shape[-1] // 2
+    rotated = ops.concat((-x[..., half:], x[..., :half]), -1)
+    cos = cos.expand_dims(2).astype(x.dtype)
+    sin = sin.expand_dims(2).astype(x.dtype)
+    return x * cos + rotated * sin
+
+
+class TensorParallel(nn.Cell):
+    """A block with collectives when tp > 1 (the only place graphs know about parallelism):
+    `reduce` sums the partial outputs of row-parallel layers; `gather_last` joins the ranks'
+    slices of the last axis (embedding columns, vocabulary)."""
+
+    def __init__(self, tp: int):
+        super().__init__()
+        self.tp = tp
+        self.all_reduce = ops.AllReduce() if tp > 1 else None
+        self.all_gather = ops.AllGather() if tp > 1 else None
+
+    def reduce(self, x):
+        if self.tp > 1:
+            x = self.all_reduce(x)
+        return x
+
+    def gather_last(self, x):
+        if self.tp > 1:
+            lead, n = x.shape[:-1], x.shape[-1]
+            g = self.all_gather(x.reshape(-1, n))  # [tp * M, n], rank-major
+            x = g.reshape(self.tp, -1, n).transpose(1, 0, 2).reshape(lead + (self.tp * n,))
+        return x
+
+
+class SwiGLU(nn.Cell):
+    """down(silu(gate(x)) * up(x)), no biases: the LM experts' MLP and the adapter's GLU.
+    Row-parallel down projection: the caller reduces (once, after joining experts)."""
+
+    def __init__(self, table: WeightTable, gate: str, up: str, down: str, hidden: int, inter: int):
+        super().__init__()
+        self.gate = table.add(gate, (inter, hidden), COLUMN)
+        self.up = table.add(up, (inter, hidden), COLUMN)
+        self.down = table.add(down, (hidden, inter), ROW)
+
+    def construct(self, x, w):
+        return linear(silu(linear(x, w[self.gate])) * linear(x, w[self.up]), w[self.down])
