@@ -4,7 +4,6 @@ Each takes its data inputs first, then its weights (the `table` order). `inputs`
 the data tensors (name, shape, dtype) for the manifest; shapes are per rank.
 """
 import mindspore as ms
-import numpy as np
 from mindspore import nn, ops
 
 from .config import CogVLM2Config
@@ -58,8 +57,6 @@ class PrefillGraph(nn.Cell):
             self.inputs.append(("image_embeds", (batch, n, cfg.hidden_size), dt))
         self.inputs += [("position_ids", (batch, seq_len), "int32"), ("valid_len", (batch,), "int32")]
         self.outputs = [("logits", (batch, cfg.vocab_size), "float32"), ("k", kv, dt), ("v", kv, dt)]
-        causal = np.triu(np.full((seq_len, seq_len), NEG_INF, np.float32), 1)
-        self.causal = ms.Tensor(causal)
 
     def construct(self, *args):
         if self.image:
@@ -70,12 +67,24 @@ class PrefillGraph(nn.Cell):
             image_embeds = None
             w = args[3:]
         h = self.lm.embed_tokens(input_ids, image_embeds, w)
-        h, k, v = self.lm(h, positions, self.causal, w, None, None)
+        h, k, v = self.lm(h, positions, causal_bias(self.seq_len, valid_len), w, None, None)
         if self.all_logits:
             return self.lm.logits(h, w), k, v
         b, s = input_ids.shape
         last = ops.arange(0, b, dtype=ms.int32) * s + valid_len - 1
         return self.lm.logits(ops.gather(h.reshape(b * s, -1), last, 0), w), k, v
+
+
+def causal_bias(s, anchor):
+    """[S, S] additive mask computed at run time: tied to an input (`anchor`, an int32 tensor of values >= 0) so
+    the compiler cannot fold it into a constant of S*S floats stored in the graph file."""
+    i = ops.arange(0, s, dtype=ms.int32) + ops.minimum(anchor[0], 0)
+    future = i.reshape(1, -1) > i.reshape(-1, 1)
+    return masked_bias(future)
+
+
+def masked_bias(masked):
+    return masked.astype(ms.float32) * NEG_INF  # arithmetic, not select: no shape-only constants
 
 
 class DecodeGraph(nn.Cell):
@@ -106,9 +115,8 @@ class DecodeGraph(nn.Cell):
         n = self.layers
         k_caches, v_caches, w = args[3:3 + n], args[3 + n:3 + 2 * n], args[3 + 2 * n:]
         b = token.shape[0]
-        filled = ops.arange(0, self.cache_len, dtype=ms.int32).reshape(1, -1) < write_index.reshape(-1, 1)
-        bias = ops.select(filled, ops.zeros_like(filled, dtype=ms.float32),
-                          ops.full_like(filled, NEG_INF, dtype=ms.float32)).reshape(b, 1, 1, -1)
+        empty = ops.arange(0, self.cache_len, dtype=ms.int32).reshape(1, -1) >= write_index.reshape(-1, 1)
+        bias = masked_bias(empty).reshape(b, 1, 1, -1)
         h = self.lm.embed_tokens(token, None, w)
         h, k, v = self.lm(h, position.reshape(b, 1), bias, w, k_caches, v_caches)
         return self.lm.logits(h[:, 0], w), k, v
