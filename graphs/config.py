@@ -116,23 +116,25 @@ class CogVLM2Config:
         return dataclasses.replace(self, **kw)
 
 
-def _small(vocab, hidden, layers, heads, kv, inter, v_hidden, v_layers, v_heads, v_inter, image) -> CogVLM2Config:
+def _small(vocab, hidden, layers, heads, kv, inter, v_hidden, v_layers, v_heads, v_inter, image, max_pos) -> CogVLM2Config:
+    """Special ids laid out as for a 768-rank tokenizer (the embedded demo one): bos 768, eos 769 and
+    eot 777, pad 770; ids above 1023 (bench vocabulary) have no token and decode to nothing."""
     grid = image // 14
     vision = VisionConfig(hidden_size=v_hidden, intermediate_size=v_inter, num_hidden_layers=v_layers,
                           num_heads=v_heads, image_size=image, num_positions=grid * grid + 1)
     return CogVLM2Config(vocab_size=vocab, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
-                         num_attention_heads=heads, num_multi_query_heads=kv, bos_token_id=vocab - 256,
-                         eos_token_id=[vocab - 255, vocab - 247], pad_token_id=vocab - 254, vision=vision)
+                         num_attention_heads=heads, num_multi_query_heads=kv, bos_token_id=768,
+                         eos_token_id=[769, 777], pad_token_id=770, max_position_embeddings=max_pos, vision=vision)
 
 
 PRESETS = {
     "full": CogVLM2Config,  # cogvlm2-llama3-chat-19B
     # tests: every dimension distinct where the architecture allows, 56x56 images -> 6 image embeddings
-    "tiny": lambda: _small(vocab=512, hidden=64, layers=2, heads=8, kv=2, inter=96,
-                           v_hidden=48, v_layers=2, v_heads=4, v_inter=80, image=56),
+    "tiny": lambda: _small(vocab=1024, hidden=64, layers=2, heads=8, kv=2, inter=96,
+                           v_hidden=48, v_layers=2, v_heads=4, v_inter=80, image=56, max_pos=256),
     # benchmarks: ~0.4B parameters in the CogVLM2 shape, decode really memory-bound
-    "bench": lambda: _small(vocab=32000, hidden=1024, layers=8, heads=16, kv=4, inter=2816,
-                            v_hidden=256, v_layers=4, v_heads=8, v_inter=1024, image=224),
+    "bench": lambda: _small(vocab=32000, hidden=1024, layers=12, heads=16, kv=4, inter=2816,
+                            v_hidden=256, v_layers=4, v_heads=8, v_inter=1024, image=224, max_pos=2048),
 }
 
 

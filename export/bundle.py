@@ -1,0 +1,276 @@
+"""Export: HF checkpoint (or random init) -> a self-describing bundle.
+
+    BUNDLE/manifest.json      everything the runtime needs to know (written last: no manifest,
+                              no bundle)
+    BUNDLE/tokenizer.model
+    BUNDLE/rank{K}/<graph>.mindir + weights-*.safetensors   (this rank's slice of every weight)
+
+Graph files hold no weights (weights are graph inputs), so each rank's weights are stored once
+and shared by every graph at run time. The bundle is built in a sibling staging folder and moved
+into place only when complete, so a failed export never leaves something that looks valid.
+"""
+import hashlib
+import json
+import os
+import platform
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+from importlib import metadata
+from pathlib import Path
+
+import ml_dtypes
+import numpy as np
+from safetensors.numpy import save_file
+from tqdm import tqdm
+
+from cogvlm2_lite.graphs.config import CogVLM2Config
+from cogvlm2_lite.graphs.entry import NUMPY_NAMES
+from cogvlm2_lite.graphs.model import weight_specs
+from cogvlm2_lite.runtime.errors import UserError
+
+from .hf_checkpoint import Checkpoint, random_tensor
+from .tp import check_tp, shard_index
+from . import trace as trace_module
+from .trace import Plan, trace_rank
+
+FORMAT_VERSION = 1
+SHARD_BYTES = 1 << 30  # weight files per rank are cut at 1 GiB: bounds export's peak memory
+IMAGE_MEAN = (0.48145466, 0.4578275, 0.40821073)
+IMAGE_STD = (0.26862954, 0.26130258, 0.27577711)
+NP_DTYPES = {"fp32": np.float32, "fp16": np.float16, "bf16": ml_dtypes.bfloat16}
+
+
+def default_buckets(cfg: CogVLM2Config) -> dict:
+    """Sequence buckets sensible for the model: the 19B gets text 128/512/2048, image 2432/4096/8192,
+    decode 512/2048/3072/4096/8192; small configs get the same list clipped to their context."""
+    m, n = cfg.max_position_embeddings, cfg.num_image_tokens
+
+    def clip(sizes, least=1):
+        return sorted({min(max(s, least), m) for s in sizes})
+    first_image = -(-(n + 126) // 128) * 128
+    return {"text": clip((128, 512, 2048)), "image": clip((first_image, 4096, 8192), n + 2),
+            "decode": clip((512, 2048, first_image + 640, 4096, 8192))}
+
+
+class Source:
+    """Where tensors come from: an HF checkpoint, or deterministic random init of a config."""
+
+    def __init__(self, checkpoint: Checkpoint | None, cfg: CogVLM2Config, seed: int = 0):
+        self.checkpoint, self.cfg, self.seed = checkpoint, cfg, seed
+
+    def read(self, spec, index):
+        if self.checkpoint is not None:
+            return self.checkpoint.read(spec.name, index)
+        full = random_tensor(spec.name, spec.shape, self.seed)
+        return full[index] if index else full
+
+
+def rank_tensor(source: Source, spec, rank: int, tp: int, dtype: str) -> np.ndarray:
+    parts = [source.read(spec, index) for index in shard_index(spec, rank, tp)]
+    a = parts[0] if len(parts) == 1 else np.concatenate(parts, axis=spec.split.dim)
+    return np.ascontiguousarray(a.astype(NP_DTYPES[dtype]))
+
+
+def write_rank_weights(source: Source, rank: int, tp: int, dtype: str, out_dir: Path, bar) -> list[str]:
+    """Stream this rank's slices into weights-NNNNN.safetensors files of at most ~SHARD_BYTES."""
+    files, pending, size = [], {}, 0
+
+    def flush():
+        nonlocal pending, size
+        name = f"weights-{len(files):05d}.safetensors"
+        save_file(pending, str(out_dir / name))
+        files.append(name)
+        pending, size = {}, 0
+    for spec in weight_specs(source.cfg):
+        a = rank_tensor(source, spec, rank, tp, dtype)
+        pending[spec.name] = a
+        size += a.nbytes
+        bar.update(1)
+        if size >= SHARD_BYTES:
+            flush()
+    if pending:
+        flush()
+    return files
+
+
+def read_tokenizer_ranks(path: Path) -> int:
+    try:
+        lines = [ln for ln in path.read_bytes().splitlines() if ln.strip()]
+        ranks = [int(ln.split()[1]) for ln in lines]
+    except (OSError, ValueError, IndexError):
+        raise UserError(f"{path} is not a tiktoken BPE file (lines of 'base64-token rank').") from None
+    if ranks != list(range(len(ranks))):
+        raise UserError(f"{path}: ranks are not 0..{len(ranks) - 1} in order; not a tiktoken BPE file.")
+    return len(ranks)
+
+
+def check_tokenizer(path: Path, cfg: CogVLM2Config) -> int:
+    n = read_tokenizer_ranks(path)
+    if n != cfg.bos_token_id or n + 256 > cfg.vocab_size:
+        raise UserError(f"tokenizer {path} has {n} BPE ranks, so its special tokens are {n}..{n + 255}, but the "
+                        f"model's bos id is {cfg.bos_token_id} and its vocabulary {cfg.vocab_size}: "
+                        "pass the tokenizer this checkpoint was trained with (--tokenizer).")
+    return n
+
+
+def generation_defaults(folder: Path | None) -> dict:
+    f = folder / "generation_config.json" if folder else None
+    g = json.loads(f.read_text()) if f and f.is_file() else {}
+    return {k: g[k] for k in ("do_sample", "temperature", "top_p", "top_k", "max_length", "eos_token_id") if k in g}
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def tool_versions() -> dict:
+    v = {"python": platform.python_version()}
+    for pkg in ("cogvlm2-lite", "mindspore", "numpy", "safetensors"):
+        v[pkg] = metadata.version(pkg)
+    return v
+
+
+def trace_all_ranks(plan: Plan, staging: Path, bar):
+    """tp 1: trace here. tp > 1: every rank traces its graphs (with collectives) under msrun."""
+    if plan.tp == 1:
+        trace_rank(plan, staging / "rank0", on_graph=lambda name: bar.update(1))
+        return
+    (staging / "plan.json").write_text(json.dumps(plan.__dict__))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    msrun = Path(sys.executable).parent / "msrun"
+    cmd = [str(msrun), f"--worker_num={plan.tp}", f"--local_worker_num={plan.tp}", f"--master_port={port}",
+           "--join=True", f"--log_dir={staging / 'msrun_logs'}",
+           trace_module.__file__, str(staging / "plan.json")]
+    env = {**os.environ, "PATH": f"{msrun.parent}{os.pathsep}{os.environ.get('PATH', '')}"}  # msrun runs `python`
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    n_graphs = sum(1 for _ in plan.graphs())
+    if proc.returncode != 0 or any(len(list((staging / f"rank{r}").glob("*.mindir"))) != n_graphs
+                                   for r in range(plan.tp)):
+        logs = "\n".join(p.read_text()[-2000:] for p in sorted((staging / "msrun_logs").glob("*.log")))
+        raise RuntimeError(f"tracing under msrun failed (exit {proc.returncode}):\n{proc.stdout[-2000:]}\n{logs}")
+    (staging / "plan.json").unlink()
+    shutil.rmtree(staging / "msrun_logs", ignore_errors=True)
+    bar.update(n_graphs * plan.tp)
+
+
+def build_manifest(plan: Plan, staging: Path, tokenizer_ranks: int, generation: dict, weight_files: list) -> dict:
+    cfg = plan.cfg
+    graphs = {}
+    for g in plan.graphs():
+        family = "vision" if g.name == "vision" else "language"
+        graphs[g.name] = {
+            "file": f"{g.name}.mindir", "weights": family,
+            "inputs": [{"name": n, "shape": list(s), "dtype": d} for n, s, d in g.inputs],
+            "outputs": [{"name": n, "shape": list(s), "dtype": d} for n, s, d in g.outputs]}
+    vision_names = next(plan.graphs()).table.names
+    language_names = [s.name for s in weight_specs(cfg)][len(vision_names):]
+    stop_ids = list(dict.fromkeys(cfg.stop_ids() + list(np.atleast_1d(generation.get("eos_token_id", [])).tolist())))
+    manifest = {
+        "format": "cogvlm2-lite-bundle", "format_version": FORMAT_VERSION,
+        "model": cfg.to_hf(), "dtype": plan.dtype, "compute_dtype": NUMPY_NAMES[plan.dtype],
+        "tp": plan.tp, "batch": plan.batch, "formats": ["mindir"],
+        "buckets": {"prefill_text": plan.text_buckets, "prefill_image": plan.image_buckets,
+                    "decode": plan.decode_buckets},
+        "graphs": graphs,
+        "weights": {"vision": vision_names, "language": language_names},
+        "kv_cache": {"layers": cfg.num_hidden_layers, "kv_heads": cfg.num_multi_query_heads // plan.tp,
+                     "head_dim": cfg.head_dim, "max_len": max(plan.decode_buckets), "dtype": NUMPY_NAMES[plan.dtype]},
+        "ranks": [{"dir": f"rank{r}", "weight_files": weight_files[r]} for r in range(plan.tp)],
+        "num_image_tokens": cfg.num_image_tokens,
+        "tokenizer": {"file": "tokenizer.model", "bpe_ranks": tokenizer_ranks, "bos_id": cfg.bos_token_id,
+                      "pad_id": cfg.pad_token_id, "stop_ids": stop_ids},
+        "template": cfg.template_version,
+        "generation": generation,
+        "preprocess": {"image_size": cfg.vision.image_size, "resample": "bicubic", "rescale": 1 / 255,
+                       "mean": list(IMAGE_MEAN), "std": list(IMAGE_STD)},
+        "tools": tool_versions(),
+    }
+    files = sorted(p for p in staging.rglob("*") if p.is_file())
+    manifest["files"] = {str(p.relative_to(staging)): {"bytes": p.stat().st_size, "sha256": sha256(p)} for p in files}
+    return manifest
+
+
+def export_bundle(out: Path, *, hf_dir: Path | None = None, random_init: CogVLM2Config | None = None,
+                  tokenizer: Path | None = None, tp: int = 1, dtype: str = "fp32", batch: int = 1,
+                  buckets: dict | None = None, force: bool = False, seed: int = 0, progress: bool = True) -> Path:
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
+        raise UserError(f"{out} already exists and is not empty: choose another folder or pass --force to replace it.")
+    if dtype not in NP_DTYPES:
+        raise UserError(f"--dtype {dtype} is not one of {', '.join(NP_DTYPES)}.")
+    if batch < 1:
+        raise UserError(f"--batch must be at least 1, not {batch}.")
+    checkpoint = Checkpoint(hf_dir) if hf_dir is not None else None
+    cfg = checkpoint.config if checkpoint else random_init
+    check_tp(cfg, tp)
+    if checkpoint:
+        checkpoint.validate()
+    tokenizer = tokenizer or (hf_dir / "tokenizer.model" if hf_dir else None)
+    if tokenizer is None or not Path(tokenizer).is_file():
+        raise UserError(f"no tokenizer.model in {hf_dir}: pass the Llama-3 tiktoken file with --tokenizer PATH."
+                        if hf_dir else "--random-init needs --tokenizer PATH (a tiktoken BPE file).")
+    tokenizer_ranks = check_tokenizer(Path(tokenizer), cfg)
+    b = {**default_buckets(cfg), **(buckets or {})}
+    check_buckets(cfg, b)
+    plan = Plan(cfg.to_hf(), dtype, tp, batch, b["text"], b["image"], b["decode"])
+    source = Source(checkpoint, cfg, seed)
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    try:
+        n_graphs = sum(1 for _ in plan.graphs())
+        n_weights = len(weight_specs(cfg))
+        with tqdm(total=tp * (n_graphs + n_weights), desc="export", unit="step", disable=not progress) as bar:
+            trace_all_ranks(plan, staging, bar)
+            weight_files = []
+            for r in range(tp):
+                bar.set_postfix_str(f"rank{r} weights")
+                weight_files.append(write_rank_weights(source, r, tp, dtype, staging / f"rank{r}", bar))
+        shutil.copyfile(tokenizer, staging / "tokenizer.model")
+        for p in [staging, *staging.rglob("*")]:  # mkdtemp and ms.export create owner-only modes
+            p.chmod(0o755 if p.is_dir() else 0o644)
+        manifest = build_manifest(plan, staging, tokenizer_ranks, generation_defaults(hf_dir), weight_files)
+        (staging / "manifest.json").write_text(json.dumps(manifest, indent=1))
+        _replace(staging, out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return out
+
+
+def check_buckets(cfg: CogVLM2Config, b: dict):
+    n, m = cfg.num_image_tokens, cfg.max_position_embeddings
+    if not b["decode"]:
+        raise UserError("at least one decode bucket is needed.")
+    for kind in ("text", "image", "decode"):
+        for s in b[kind]:
+            if s < 1 or s > 4 * m:
+                raise UserError(f"{kind} bucket {s} is outside 1..{4 * m}.")
+    for s in b["image"]:
+        if s < n + 2:
+            raise UserError(f"image bucket {s} cannot hold the {n} image tokens plus bos and a question: "
+                            f"use at least {n + 2}.")
+    top = max(b["decode"])
+    for s in b["text"] + b["image"]:
+        if s > top:
+            raise UserError(f"prefill bucket {s} is longer than the largest decode bucket {top}: its cache would not fit.")
+
+
+def _replace(staging: Path, out: Path):
+    """Move the finished bundle into place; an old one (with --force) is removed only afterwards."""
+    old = None
+    if out.exists():
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        out.rename(old)
+    staging.rename(out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)

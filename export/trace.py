@@ -1,0 +1,86 @@
+"""Trace the fixed-shape graphs of one rank into MindIR files.
+
+Weights are graph inputs, so tracing needs only their shapes: placeholders are lazily initialised
+tensors that are never materialised, and tracing the 19B model costs no weight memory. With tp > 1
+the graphs contain collectives, so each rank traces inside an msrun launch (`python -m
+export/trace.py PLAN.json` is the worker msrun runs).
+"""
+import json
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import mindspore as ms
+from mindspore.common.initializer import Zero
+
+from cogvlm2_lite.graphs.config import CogVLM2Config
+from cogvlm2_lite.graphs.entry import DTYPES, DecodeGraph, PrefillGraph, VisionGraph
+
+MS_DTYPES = {"int32": ms.int32, "float32": ms.float32, "float16": ms.float16, "bfloat16": ms.bfloat16}
+
+
+@dataclass
+class Plan:
+    """Everything that decides the graphs of a bundle (and nothing about the weights)."""
+    config: dict
+    dtype: str = "fp32"
+    tp: int = 1
+    batch: int = 1
+    text_buckets: list = field(default_factory=list)
+    image_buckets: list = field(default_factory=list)
+    decode_buckets: list = field(default_factory=list)
+
+    @property
+    def cfg(self) -> CogVLM2Config:
+        return CogVLM2Config.from_hf(self.config)
+
+    def graphs(self):
+        """The graph cells of one rank, in bundle order."""
+        cfg = self.cfg
+        yield VisionGraph(cfg, self.batch, self.dtype, self.tp)
+        for s in self.text_buckets:
+            yield PrefillGraph(cfg, s, self.batch, image=False, dtype=self.dtype, tp=self.tp)
+        for s in self.image_buckets:
+            yield PrefillGraph(cfg, s, self.batch, image=True, dtype=self.dtype, tp=self.tp)
+        for t in self.decode_buckets:
+            yield DecodeGraph(cfg, t, self.batch, self.dtype, self.tp)
+
+
+def example_inputs(graph, dtype: str, tp: int) -> list:
+    """Shape-only placeholders: lazily initialised tensors are never allocated by tracing."""
+    data = [(shape, MS_DTYPES[dt]) for _, shape, dt in graph.inputs]
+    weights = [(shape, DTYPES[dtype]) for shape in graph.table.local_shapes(tp)]
+    return [ms.Tensor(shape=shape, dtype=dt, init=Zero()) for shape, dt in data + weights]
+
+
+def trace_rank(plan: Plan, out_dir: Path, on_graph=lambda name: None):
+    """Write `<name>.mindir` for every graph of the plan into out_dir."""
+    use_cpu()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for graph in plan.graphs():
+        ms.export(graph, *example_inputs(graph, plan.dtype, plan.tp), file_name=str(out_dir / graph.name),
+                  file_format="MINDIR")
+        on_graph(graph.name)
+
+
+def use_cpu():
+    """CPU device, graph mode; a no-op when the device is already fixed (msrun workers after init)."""
+    try:
+        ms.set_device("CPU")
+    except RuntimeError:
+        pass
+    ms.set_context(mode=ms.GRAPH_MODE)
+
+
+def _worker(plan_path: str):
+    """msrun entry: join the communication group, trace this rank's graphs."""
+    from mindspore.communication import get_rank, init
+    use_cpu()
+    init()
+    staging = Path(plan_path).parent
+    plan = Plan(**json.loads(Path(plan_path).read_text()))
+    trace_rank(plan, staging / f"rank{get_rank()}")
+
+
+if __name__ == "__main__":
+    _worker(sys.argv[1])
