@@ -9,7 +9,6 @@ Graph files hold no weights (weights are graph inputs), so each rank's weights a
 and shared by every graph at run time. The bundle is built in a sibling staging folder and moved
 into place only when complete, so a failed export never leaves something that looks valid.
 """
-import hashlib
 import json
 import os
 import platform
@@ -29,6 +28,7 @@ from tqdm import tqdm
 from cogvlm2_lite.graphs.config import CogVLM2Config
 from cogvlm2_lite.graphs.entry import NUMPY_NAMES
 from cogvlm2_lite.graphs.model import weight_specs
+from cogvlm2_lite.runtime.bundle import FORMAT_VERSION, sha256
 from cogvlm2_lite.runtime.errors import UserError
 
 from .hf_checkpoint import Checkpoint, random_tensor
@@ -36,7 +36,6 @@ from .tp import check_tp, shard_index
 from . import trace as trace_module
 from .trace import Plan, trace_rank
 
-FORMAT_VERSION = 1
 SHARD_BYTES = 1 << 30  # weight files per rank are cut at 1 GiB: bounds export's peak memory
 IMAGE_MEAN = (0.48145466, 0.4578275, 0.40821073)
 IMAGE_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -120,14 +119,6 @@ def generation_defaults(folder: Path | None) -> dict:
     f = folder / "generation_config.json" if folder else None
     g = json.loads(f.read_text()) if f and f.is_file() else {}
     return {k: g[k] for k in ("do_sample", "temperature", "top_p", "top_k", "max_length", "eos_token_id") if k in g}
-
-
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 24), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def tool_versions() -> dict:

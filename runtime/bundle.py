@@ -1,0 +1,101 @@
+"""A bundle on disk, validated from its manifest before anything is loaded.
+
+Cheap checks always run (format version, every file present with its recorded size, sha256 of the
+small files: manifest-listed graphs and the tokenizer, so a corrupted graph is caught at start).
+Weight files are hashed only when asked (`verify=True`): re-hashing 40 GB on every start would
+cost minutes.
+"""
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import UserError
+
+FORMAT_VERSION = 1
+ALWAYS_HASH_BELOW = 64 << 20  # files smaller than this are hashed on every load
+
+
+@dataclass(frozen=True)
+class GraphInfo:
+    name: str
+    file: str
+    weights: str              # "vision" or "language": which weight list follows the data inputs
+    inputs: list              # [{"name", "shape", "dtype"}]
+    outputs: list
+
+
+class Bundle:
+    def __init__(self, path, verify: bool = False):
+        self.path = Path(path)
+        mf = self.path / "manifest.json"
+        if not mf.is_file():
+            raise UserError(f"{self.path} is not a bundle (no manifest.json): create one with `cogvlm2-lite export`.")
+        try:
+            m = json.loads(mf.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise UserError(f"{mf} is not valid JSON: the bundle is damaged; export it again.") from None
+        if m.get("format") != "cogvlm2-lite-bundle":
+            raise UserError(f"{self.path} is not a cogvlm2-lite bundle.")
+        if m.get("format_version") != FORMAT_VERSION:
+            raise UserError(f"{self.path} has bundle format version {m.get('format_version')}, this runtime reads "
+                            f"version {FORMAT_VERSION}: export the model again with this version.")
+        self.manifest = m
+        self._check_files(verify)
+
+    def _check_files(self, verify: bool):
+        for rel, info in self.manifest["files"].items():
+            f = self.path / rel
+            if not f.is_file():
+                raise UserError(f"bundle file {f} is missing: the bundle is incomplete; export it again.")
+            if f.stat().st_size != info["bytes"]:
+                raise UserError(f"bundle file {f} has {f.stat().st_size} bytes, the manifest says {info['bytes']}: "
+                                "it is damaged; export it again.")
+            if (verify or info["bytes"] < ALWAYS_HASH_BELOW) and sha256(f) != info["sha256"]:
+                raise UserError(f"bundle file {f} does not match its checksum: it is damaged; export it again.")
+
+    # --- what the runtime reads ------------------------------------------------------
+    @property
+    def tp(self) -> int:
+        return self.manifest["tp"]
+
+    @property
+    def batch(self) -> int:
+        return self.manifest["batch"]
+
+    @property
+    def buckets(self) -> dict:
+        return self.manifest["buckets"]
+
+    def graph(self, name: str) -> GraphInfo:
+        g = self.manifest["graphs"][name]
+        return GraphInfo(name, g["file"], g["weights"], g["inputs"], g["outputs"])
+
+    @property
+    def graph_names(self) -> list[str]:
+        return list(self.manifest["graphs"])
+
+    def rank_dir(self, rank: int) -> Path:
+        return self.path / self.manifest["ranks"][rank]["dir"]
+
+    def weight_files(self, rank: int) -> list[Path]:
+        return [self.rank_dir(rank) / f for f in self.manifest["ranks"][rank]["weight_files"]]
+
+    def weight_names(self, family: str) -> list[str]:
+        return self.manifest["weights"][family]
+
+    @property
+    def tokenizer_path(self) -> Path:
+        return self.path / self.manifest["tokenizer"]["file"]
+
+    def weight_bytes(self, rank: int = 0) -> int:
+        files = self.manifest["files"]
+        return sum(files[str(p.relative_to(self.path))]["bytes"] for p in self.weight_files(rank))
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            h.update(block)
+    return h.hexdigest()

@@ -1,0 +1,77 @@
+"""The KV cache: one preallocated buffer per K and V, reused across requests.
+
+Decode graphs come in cache-length buckets T and take per-layer caches [B, KV, T, D]. The buffer
+is laid out for the current bucket ([L, B, KV, T, D] over its first elements), so every per-layer
+view handed to a graph is contiguous (passed without a copy) and a step only reads T slots.
+Moving to a larger bucket re-lays the filled slots in place, once per bucket crossing.
+"""
+import ml_dtypes
+import numpy as np
+
+DTYPES = {"float32": np.float32, "float16": np.float16, "bfloat16": ml_dtypes.bfloat16}
+
+
+class KVCache:
+    def __init__(self, layers: int, batch: int, kv_heads: int, head_dim: int, buckets: list[int], dtype: str):
+        self.layers, self.batch, self.kv_heads, self.head_dim = layers, batch, kv_heads, head_dim
+        self.buckets = sorted(buckets)
+        n = layers * batch * kv_heads * self.buckets[-1] * head_dim
+        self._k = np.zeros(n, DTYPES[dtype])
+        self._v = np.zeros(n, DTYPES[dtype])
+        self.bucket = self.buckets[0]
+        self.lengths = np.zeros(batch, np.int32)   # filled slots per row
+
+    @property
+    def max_len(self) -> int:
+        return self.buckets[-1]
+
+    @property
+    def nbytes(self) -> int:
+        return self._k.nbytes + self._v.nbytes
+
+    def _view(self, buf, t):
+        return buf[:self.layers * self.batch * self.kv_heads * t * self.head_dim].reshape(
+            self.layers, self.batch, self.kv_heads, t, self.head_dim)
+
+    def views(self) -> tuple[np.ndarray, np.ndarray]:
+        """K and V as [L, B, KV, T, D] for the current bucket T (contiguous per layer)."""
+        return self._view(self._k, self.bucket), self._view(self._v, self.bucket)
+
+    def fit(self, needed: int) -> bool:
+        """Make the current bucket hold `needed` slots; False when even the largest cannot."""
+        if needed > self.max_len:
+            return False
+        target = next(t for t in self.buckets if t >= needed)
+        if target != self.bucket:
+            self._relayout(target)
+        return True
+
+    def _relayout(self, target):
+        rows = self.layers * self.batch * self.kv_heads
+        keep = min(self.bucket, target) * self.head_dim
+        for buf in (self._k, self._v):
+            old = buf[:rows * self.bucket * self.head_dim].reshape(rows, -1)
+            new = buf[:rows * target * self.head_dim].reshape(rows, -1)
+            order = range(rows - 1, -1, -1) if target > self.bucket else range(rows)  # never overwrite unread rows
+            for r in order:
+                new[r, :keep] = old[r, :keep].copy()
+        self.bucket = target
+
+    def write_prefill(self, k, v, lengths):
+        """Start over from prefill K/V [L, B, KV, S, D]; rows keep their first lengths[b] slots."""
+        s = k.shape[3]
+        self.bucket = next(t for t in self.buckets if t >= max(int(np.max(lengths)), 1))  # old contents are dead
+        kc, vc = self.views()
+        n = min(s, self.bucket)
+        kc[:, :, :, :n] = k[:, :, :, :n]
+        vc[:, :, :, :n] = v[:, :, :, :n]
+        self.lengths[:] = lengths
+
+    def append(self, k_new, v_new, rows=None):
+        """Store one decode step's K/V [L, B, KV, 1, D] at each row's next slot and advance it."""
+        kc, vc = self.views()
+        for b in (range(self.batch) if rows is None else rows):
+            i = self.lengths[b]
+            kc[:, b, :, i] = k_new[:, b, :, 0]
+            vc[:, b, :, i] = v_new[:, b, :, 0]
+            self.lengths[b] += 1
