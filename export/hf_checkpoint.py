@@ -13,7 +13,7 @@ import numpy as np
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from cogvlm2_lite.graphs.config import CogVLM2Config
+from cogvlm2_lite.graphs.config import CogVLM2Config, ConfigError
 from cogvlm2_lite.graphs.model import weight_specs
 from cogvlm2_lite.runtime.errors import UserError
 
@@ -27,7 +27,10 @@ class Checkpoint:
 
     def __init__(self, folder):
         self.folder = Path(folder)
-        self.config = CogVLM2Config.from_dir(self.folder)
+        try:
+            self.config = CogVLM2Config.from_dir(self.folder)
+        except ConfigError as e:
+            raise UserError(str(e)) from None
         if (self.folder / INDEX).is_file():
             weight_map = json.loads((self.folder / INDEX).read_text())["weight_map"]
         elif (self.folder / SINGLE).is_file():

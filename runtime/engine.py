@@ -13,6 +13,7 @@ be compared against the bundle. A batch-B bundle runs up to B requests together,
 on its own; with B = 1, a request that extends the previous one (multi-turn chat) reuses the
 cached prefix and only feeds the new tokens.
 """
+import dataclasses
 import os
 import time
 from dataclasses import dataclass, field
@@ -167,7 +168,7 @@ class Engine:
             raise UserError("requests with and without an image cannot share a batch: group them.")
         start = time.perf_counter()
         rows = [self._inputs(r) for r in requests]
-        images = [r.image for r in requests] if all(with_image) else None
+        images = [(load_image(r.image), _image_key(r.image)) for r in requests] if all(with_image) else None
         logits, reused = self._start(rows, images)
         return self._decode_loop(requests, rows, logits, reused, start, on_text)
 
@@ -178,7 +179,7 @@ class Engine:
 
     def _start(self, rows, images):
         """Prefill, or (B = 1) extend the cached prefix of the previous request with decode steps."""
-        key = _image_key(images[0]) if images else None
+        key = images[0][1] if images else None
         if self.batch == 1 and self._cached is not None and self._cached[0] == key:
             ids, pos = rows[0]
             old = self._cached[1]
@@ -195,7 +196,7 @@ class Engine:
                 if logits is not None:
                     self._cached = (key, list(ids))
                     return logits, common
-        embeds = self.image_embeddings(self.pixels(images)) if images else None
+        embeds = self.image_embeddings(self.pixels([img for img, _ in images])) if images else None
         logits = self.prefill([ids for ids, _ in rows], embeds, [pos for _, pos in rows])
         self._cached = (key, list(rows[0][0])) if self.batch == 1 else None
         return logits, 0
@@ -258,7 +259,8 @@ class Engine:
 
 
 def _with_stops(params: SamplingParams, stop_ids) -> SamplingParams:
-    return params if params.stop_ids else SamplingParams(**{**params.__dict__, "stop_ids": stop_ids})
+    """The model's stop ids always apply; a request may add its own."""
+    return dataclasses.replace(params, stop_ids=tuple(dict.fromkeys(tuple(stop_ids) + params.stop_ids)))
 
 
 def _image_key(image):

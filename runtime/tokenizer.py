@@ -131,7 +131,8 @@ class Tokenizer:
         return ids
 
     def decode(self, ids):
-        return self.enc.decode(list(ids), errors="replace")
+        """Ids without a token (a model vocabulary larger than the tokenizer's) decode to nothing."""
+        return self.enc.decode([i for i in ids if i < self.vocab_size], errors="replace")
 
     def decode_bytes(self, ids):
         return self.enc.decode_bytes(list(ids))
@@ -167,9 +168,12 @@ class StreamDecoder:
 
     def __init__(self, tokenizer):
         self._enc = tokenizer.enc
+        self._vocab_size = tokenizer.vocab_size
         self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
 
     def push(self, token_id):
+        if token_id >= self._vocab_size:  # no token for this id (see Tokenizer.decode)
+            return ""
         return self._utf8.decode(self._enc.decode_single_token_bytes(token_id))
 
     def flush(self):

@@ -1,0 +1,59 @@
+"""`cogvlm2-lite export`: HF checkpoint (or --random-init) -> bundle."""
+import json
+from pathlib import Path
+
+import click
+
+from cogvlm2_lite.graphs.config import ConfigError, CogVLM2Config, preset
+from cogvlm2_lite.runtime.errors import UserError
+
+from .bundle import export_bundle
+
+
+def parse_buckets(text: str | None) -> dict:
+    """'text=128,512;image=2432;decode=512,4096' -> {'text': [128, 512], ...}"""
+    if not text:
+        return {}
+    out = {}
+    try:
+        for part in text.split(";"):
+            kind, sizes = part.split("=")
+            if kind.strip() not in ("text", "image", "decode"):
+                raise ValueError
+            out[kind.strip()] = sorted({int(s) for s in sizes.split(",") if s.strip()})
+    except ValueError:
+        raise UserError(f"--buckets {text!r} is not of the form 'text=128,512;image=2432;decode=512,4096'.") from None
+    return out
+
+
+@click.command()
+@click.argument("paths", nargs=-1, required=True, metavar="[HF_DIR] BUNDLE")
+@click.option("--random-init", default=None, metavar="PRESET|CONFIG_JSON",
+              help="No checkpoint: random weights for a preset (full, bench, tiny) or a config.json.")
+@click.option("--tokenizer", type=click.Path(dir_okay=False, exists=True), default=None,
+              help="tiktoken tokenizer.model (default: HF_DIR/tokenizer.model).")
+@click.option("--tp", type=int, default=1, show_default=True, help="Tensor-parallel ranks (1, 2, 4, 8).")
+@click.option("--dtype", type=click.Choice(["fp32", "fp16", "bf16"]), default="fp32", show_default=True)
+@click.option("--batch", type=int, default=1, show_default=True, help="Batch size B the graphs are traced for.")
+@click.option("--buckets", default=None, help="e.g. 'text=128,512;image=2432,4096;decode=512,2048,4096'.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of --random-init weights.")
+@click.option("--force", is_flag=True, help="Replace an existing non-empty BUNDLE.")
+def export(paths, random_init, tokenizer, tp, dtype, batch, buckets, seed, force):
+    """Trace fixed-shape vision/prefill/decode graphs and write a bundle."""
+    if random_init is None and len(paths) != 2:
+        raise UserError("give HF_DIR and BUNDLE (or --random-init PRESET and BUNDLE).")
+    if random_init is not None and len(paths) != 1:
+        raise UserError("with --random-init give only BUNDLE.")
+    cfg = None
+    if random_init is not None:
+        try:
+            cfg = (CogVLM2Config.from_hf(json.loads(Path(random_init).read_text())) if Path(random_init).is_file()
+                   else preset(random_init))
+        except (ConfigError, json.JSONDecodeError) as e:
+            raise UserError(str(e)) from None
+    hf_dir = Path(paths[0]) if random_init is None else None
+    if hf_dir is not None and not hf_dir.is_dir():
+        raise UserError(f"{hf_dir} is not a folder: give the HF checkpoint folder.")
+    out = export_bundle(Path(paths[-1]), hf_dir=hf_dir, random_init=cfg, tokenizer=tokenizer and Path(tokenizer),
+                        tp=tp, dtype=dtype, batch=batch, buckets=parse_buckets(buckets), force=force, seed=seed)
+    click.echo(f"wrote {out}")

@@ -1,0 +1,223 @@
+"""`cogvlm2-lite`: the command line. Runtime commands live here; commands of other parts
+(export, demo) are found through the `cogvlm2_lite.commands` entry-point group, so the runtime
+never imports the exporter. Every UserError becomes one line on stderr and exit code 1.
+"""
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from importlib.metadata import entry_points
+from pathlib import Path
+
+import click
+
+from .errors import UserError
+
+OUTPUT_ENV = "COGVLM2_LITE_RANK0_OUTPUT"  # file rank 0 writes user output to under msrun
+
+
+class Main(click.Group):
+    def list_commands(self, ctx):
+        return sorted(set(super().list_commands(ctx)) | {ep.name for ep in entry_points(group="cogvlm2_lite.commands")})
+
+    def get_command(self, ctx, name):
+        cmd = super().get_command(ctx, name)
+        if cmd is None:
+            ep = next((e for e in entry_points(group="cogvlm2_lite.commands") if e.name == name), None)
+            try:
+                cmd = ep.load() if ep else None
+            except ImportError:  # that part is not installed here (e.g. a runtime-only deployment)
+                cmd = None
+        return cmd
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except UserError as e:
+            click.echo(f"error: {e}", err=True)
+            sys.exit(1)
+
+
+@click.group(cls=Main)
+@click.version_option(package_name="cogvlm2-lite")
+def main():
+    """CogVLM2-Image, ahead-of-time compiled: export a checkpoint into a bundle, then run it."""
+
+
+def sampling_options(f):
+    """The sampling flags shared by run, chat and batch."""
+    options = [
+        click.option("--max-new-tokens", type=int, default=256, show_default=True),
+        click.option("--temperature", type=float, default=0.0, show_default=True, help="0 = greedy."),
+        click.option("--top-k", type=int, default=0, show_default=True, help="0 = off."),
+        click.option("--top-p", type=float, default=1.0, show_default=True, help="1 = off."),
+        click.option("--repetition-penalty", type=float, default=1.0, show_default=True, help="1 = off."),
+        click.option("--seed", type=int, default=None, help="Reproducible sampling."),
+        click.option("--template", type=click.Choice(["chat", "vqa", "base"]), default=None,
+                     help="Prompt template (default: the bundle's)."),
+        click.option("--backend", default="auto", show_default=True, help="mindspore (more with later bundles)."),
+        click.option("--verify", is_flag=True, help="Hash every bundle file (weights too) before loading."),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
+def sampling_params(o: dict):
+    from .sampling import SamplingParams
+    return SamplingParams(temperature=o["temperature"], top_k=o["top_k"], top_p=o["top_p"],
+                          repetition_penalty=o["repetition_penalty"], seed=o["seed"],
+                          max_new_tokens=o["max_new_tokens"])
+
+
+def open_engine(bundle_path: str, o: dict):
+    from .engine import Engine
+    return Engine(bundle_path, backend=o["backend"], verify=o["verify"])
+
+
+@main.command()
+@click.argument("bundle", type=click.Path(file_okay=False))
+@click.option("--image", type=click.Path(dir_okay=False), default=None, help="Image file (omit for text only).")
+@click.option("--prompt", required=True, help="The question.")
+@click.option("--stream/--no-stream", default=True, show_default=True, help="Print text as it is generated.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object with text, token counts and timings.")
+@sampling_options
+def run(bundle, image, prompt, stream, as_json, **o):
+    """Answer one prompt about one image."""
+    if relaunch_under_msrun(bundle):
+        return
+    from .engine import Request
+    engine = open_engine(bundle, o)
+    say = rank0_printer(engine.rank)
+    request = Request(prompt, image=image, template=o["template"], params=sampling_params(o))
+    on_text = (lambda row, piece: say(piece, nl=False)) if stream and not as_json else None
+    r = engine.generate([request], on_text=on_text)[0]
+    if as_json:
+        say(json.dumps({"text": r.text, "finish_reason": r.finish_reason, "prompt_tokens": r.prompt_tokens,
+                        "completion_tokens": r.completion_tokens, "ttft_s": round(r.ttft_s, 4),
+                        "total_s": round(r.total_s, 4), "tokens_per_s": round(tokens_per_s(r), 2)}))
+    else:
+        say("" if stream else r.text)
+        say(f"[{r.finish_reason}; {r.prompt_tokens} prompt + {r.completion_tokens} new tokens; "
+            f"TTFT {r.ttft_s * 1000:.0f} ms; {tokens_per_s(r):.1f} tokens/s]", err=True)
+
+
+@main.command()
+@click.argument("bundle", type=click.Path(file_okay=False))
+@click.option("--image", type=click.Path(dir_okay=False), default=None, help="The image the conversation is about.")
+@sampling_options
+def chat(bundle, image, **o):
+    """Multi-turn conversation on stdin: one question per line; /reset starts over, /quit ends."""
+    from .bundle import Bundle
+    if Bundle(bundle).tp > 1:
+        raise UserError("chat reads the terminal, which msrun's ranks cannot share: use `run` (or the Python "
+                        "API under msrun) with tensor-parallel bundles.")
+    from .engine import Request
+    engine = open_engine(bundle, o)
+    say = rank0_printer(engine.rank)
+    history = []
+    say("Ask about the image (/reset to start over, /quit to end)." if image else "Chat (/reset, /quit).")
+    for line in sys.stdin:
+        q = line.strip()
+        if q in ("/quit", "/exit"):
+            break
+        if q == "/reset":
+            history.clear()
+            continue
+        if not q:
+            continue
+        request = Request(q, image=image, history=tuple(history), template=o["template"], params=sampling_params(o))
+        r = engine.generate([request], on_text=lambda row, piece: say(piece, nl=False))[0]
+        say("")
+        if r.finish_reason == "context":
+            say("[the conversation filled the largest cache bucket: /reset to start over]")
+        history.append((q, r.text.strip()))
+
+
+@main.command()
+@click.argument("bundle", type=click.Path(file_okay=False))
+@click.option("--verify", is_flag=True, help="Hash every file, weights included.")
+def inspect(bundle, verify):
+    """Validate a bundle and summarise its manifest."""
+    from .bundle import Bundle
+    b = Bundle(bundle, verify=verify)
+    m = b.manifest
+    cfg = m["model"]
+    click.echo(f"{bundle}: format {m['format_version']}, dtype {m['dtype']}, tp {m['tp']}, batch {m['batch']}, "
+               f"formats {','.join(m['formats'])}")
+    click.echo(f"model: {cfg['num_hidden_layers']} layers x {cfg['hidden_size']}, vocab {cfg['vocab_size']}, "
+               f"vision {cfg['vision_config']['num_hidden_layers']} x {cfg['vision_config']['hidden_size']} "
+               f"@ {cfg['vision_config']['image_size']} px")
+    click.echo(f"buckets: {json.dumps(m['buckets'])}")
+    click.echo(f"weights per rank: {b.weight_bytes(0) / 2**20:.1f} MiB; files ok{' (all hashed)' if verify else ''}")
+
+
+def tokens_per_s(r) -> float:
+    decode_s = r.total_s - r.ttft_s
+    return (r.completion_tokens - 1) / decode_s if r.completion_tokens > 1 and decode_s > 0 else 0.0
+
+
+def rank0_printer(rank: int):
+    """Only rank 0 speaks: every rank computes the same tokens."""
+    def say(text, nl=True, err=False):
+        if rank == 0:
+            click.echo(text, nl=nl, err=err)
+            sys.stdout.flush()
+    return say
+
+
+# --- tensor-parallel bundles: launch ourselves under msrun ---------------------------------------
+def relaunch_under_msrun(bundle_path) -> bool:
+    """A tp > 1 bundle outside msrun: run this same command as tp processes under msrun, relay
+    rank 0's output, exit with its status. Returns False when there is nothing to do."""
+    from .bundle import Bundle
+    tp = Bundle(bundle_path).tp
+    if tp == 1:
+        return False
+    if "MS_WORKER_NUM" in os.environ:  # we are a rank: send user output where the launcher reads it
+        out = os.environ.get(OUTPUT_ENV)
+        if out:
+            f = open(out if os.environ.get("RANK_ID", "0") == "0" else os.devnull, "w", buffering=1)
+            sys.stdout = f
+            sys.stderr = f
+        return False
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    logs = Path(tempfile.mkdtemp(prefix="cogvlm2-lite-msrun-"))
+    output = logs / "rank0.out"
+    output.touch()
+    msrun = Path(sys.executable).parent / "msrun"
+    cmd = [str(msrun), f"--worker_num={tp}", f"--local_worker_num={tp}", f"--master_port={port}", "--join=True",
+           f"--log_dir={logs}", str(Path(__file__).with_name("msrun_main.py")), *sys.argv[1:]]
+    env = {**os.environ, OUTPUT_ENV: str(output), "GLOG_v": "3",
+           "PATH": f"{msrun.parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    click.echo(f"[tensor parallel: {' '.join(cmd)}]", err=True)
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    done = threading.Event()
+    relay = threading.Thread(target=_relay, args=(output, done))
+    relay.start()
+    code = proc.wait()
+    done.set()
+    relay.join()
+    if code != 0:
+        raise UserError(f"the {tp}-rank run failed (exit {code}); worker logs are in {logs}.")
+    return True
+
+
+def _relay(path: Path, done: threading.Event):
+    with open(path) as f:
+        while True:
+            chunk = f.read()
+            if chunk:
+                sys.stdout.write(chunk)
+                sys.stdout.flush()
+            elif done.is_set():
+                return
+            else:
+                time.sleep(0.05)
+
