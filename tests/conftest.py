@@ -1,0 +1,69 @@
+"""Session fixtures: one tiny HF checkpoint in the real layout, and bundles exported from it once."""
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+DEMO_TOKENIZER = REPO / "demo" / "assets" / "tokenizer.model"
+BUCKETS = {"text": [16, 32], "image": [24, 48], "decode": [32, 64]}
+
+
+@pytest.fixture(scope="session")
+def tiny_cfg():
+    from cogvlm2_lite.graphs.config import preset
+    return preset("tiny")
+
+
+@pytest.fixture(scope="session")
+def tiny_hf(tmp_path_factory, tiny_cfg):
+    """Random tiny CogVLM2 (vision and language experts differ), sharded like the release."""
+    from cogvlm2_lite.export.hf_checkpoint import write_checkpoint
+    folder = write_checkpoint(tmp_path_factory.mktemp("hf") / "tiny", tiny_cfg, seed=1, shards=2)
+    shutil.copyfile(DEMO_TOKENIZER, folder / "tokenizer.model")
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_weights(tiny_hf):
+    from cogvlm2_lite.export.hf_checkpoint import Checkpoint
+    ckpt = Checkpoint(tiny_hf)
+    return {name: np.asarray(ckpt.read(name), np.float32) for name in ckpt.weight_map}
+
+
+def _export(tmp_path_factory, hf, name, **kw):
+    from cogvlm2_lite.export.bundle import export_bundle
+    return export_bundle(tmp_path_factory.mktemp("bundles") / name, hf_dir=hf, buckets=BUCKETS, progress=False, **kw)
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle(tmp_path_factory, tiny_hf):
+    return _export(tmp_path_factory, tiny_hf, "tp1")
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle_tp2(tmp_path_factory, tiny_hf):
+    return _export(tmp_path_factory, tiny_hf, "tp2", tp=2)
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle_b2(tmp_path_factory, tiny_hf):
+    return _export(tmp_path_factory, tiny_hf, "b2", batch=2)
+
+
+@pytest.fixture(scope="session")
+def engine(tiny_bundle):
+    from cogvlm2_lite.runtime.engine import Engine
+    return Engine(tiny_bundle)
+
+
+@pytest.fixture(scope="session")
+def photo(tmp_path_factory):
+    """A small RGB image with structure (not noise), saved as PNG."""
+    from PIL import Image
+    y, x = np.mgrid[0:80, 0:96]
+    rgb = np.stack([(x * 2.6) % 256, (y * 3.1) % 256, ((x + y) * 1.3) % 256], -1).astype(np.uint8)
+    path = tmp_path_factory.mktemp("img") / "photo.png"
+    Image.fromarray(rgb).save(path)
+    return path
