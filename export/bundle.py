@@ -4,6 +4,7 @@
                               no bundle)
     BUNDLE/tokenizer.model
     BUNDLE/rank{K}/<graph>.mindir + weights-*.safetensors   (this rank's slice of every weight)
+    BUNDLE/rank0/<graph>.onnx                                (--format onnx: the same graphs, tp 1 only)
 
 Graph files hold no weights (weights are graph inputs), so each rank's weights are stored once
 and shared by every graph at run time. The bundle is built in a sibling staging folder and moved
@@ -40,6 +41,8 @@ SHARD_BYTES = 1 << 30  # weight files per rank are cut at 1 GiB: bounds export's
 IMAGE_MEAN = (0.48145466, 0.4578275, 0.40821073)
 IMAGE_STD = (0.26862954, 0.26130258, 0.27577711)
 NP_DTYPES = {"fp32": np.float32, "fp16": np.float16, "bf16": ml_dtypes.bfloat16}
+FORMATS = ("mindir", "onnx")
+GRAPH_SUFFIX = {"mindir": ".mindir", "onnx": ".onnx"}
 
 
 def default_buckets(cfg: CogVLM2Config) -> dict:
@@ -121,9 +124,9 @@ def generation_defaults(folder: Path | None) -> dict:
     return {k: g[k] for k in ("do_sample", "temperature", "top_p", "top_k", "max_length", "eos_token_id") if k in g}
 
 
-def tool_versions() -> dict:
+def tool_versions(formats=("mindir",)) -> dict:
     v = {"python": platform.python_version()}
-    for pkg in ("cogvlm2-lite", "mindspore", "numpy", "safetensors"):
+    for pkg in ("cogvlm2-lite", "mindspore", "numpy", "safetensors") + (("onnx",) if "onnx" in formats else ()):
         v[pkg] = metadata.version(pkg)
     return v
 
@@ -158,8 +161,10 @@ def build_manifest(plan: Plan, staging: Path, tokenizer_ranks: int, generation: 
     graphs = {}
     for g in plan.graphs():
         family = "vision" if g.name == "vision" else "language"
+        files = {f: f"{g.name}{GRAPH_SUFFIX[f]}" for f in plan.formats}
         graphs[g.name] = {
-            "file": f"{g.name}.mindir", "weights": family,
+            **({"file": files["mindir"]} if "mindir" in files else {}),  # what format-1 runtimes read
+            "files": files, "weights": family,
             "inputs": [{"name": n, "shape": list(s), "dtype": d} for n, s, d in g.inputs],
             "outputs": [{"name": n, "shape": list(s), "dtype": d} for n, s, d in g.outputs]}
     vision_names = next(plan.graphs()).table.names
@@ -168,7 +173,7 @@ def build_manifest(plan: Plan, staging: Path, tokenizer_ranks: int, generation: 
     manifest = {
         "format": "cogvlm2-lite-bundle", "format_version": FORMAT_VERSION,
         "model": cfg.to_hf(), "dtype": plan.dtype, "compute_dtype": NUMPY_NAMES[plan.dtype],
-        "tp": plan.tp, "batch": plan.batch, "formats": ["mindir"],
+        "tp": plan.tp, "batch": plan.batch, "formats": list(plan.formats),
         "buckets": {"prefill_text": plan.text_buckets, "prefill_image": plan.image_buckets,
                     "decode": plan.decode_buckets},
         "graphs": graphs,
@@ -183,7 +188,7 @@ def build_manifest(plan: Plan, staging: Path, tokenizer_ranks: int, generation: 
         "generation": generation,
         "preprocess": {"image_size": cfg.vision.image_size, "resample": "bicubic", "rescale": 1 / 255,
                        "mean": list(IMAGE_MEAN), "std": list(IMAGE_STD)},
-        "tools": tool_versions(),
+        "tools": tool_versions(plan.formats),
     }
     files = sorted(p for p in staging.rglob("*") if p.is_file())
     manifest["files"] = {str(p.relative_to(staging)): {"bytes": p.stat().st_size, "sha256": sha256(p)} for p in files}
@@ -192,7 +197,8 @@ def build_manifest(plan: Plan, staging: Path, tokenizer_ranks: int, generation: 
 
 def export_bundle(out: Path, *, hf_dir: Path | None = None, random_init: CogVLM2Config | None = None,
                   tokenizer: Path | None = None, tp: int = 1, dtype: str = "fp32", batch: int = 1,
-                  buckets: dict | None = None, force: bool = False, seed: int = 0, progress: bool = True) -> Path:
+                  buckets: dict | None = None, force: bool = False, seed: int = 0, progress: bool = True,
+                  formats=("mindir",)) -> Path:
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
         raise UserError(f"{out} already exists and is not empty: choose another folder or pass --force to replace it.")
@@ -200,6 +206,7 @@ def export_bundle(out: Path, *, hf_dir: Path | None = None, random_init: CogVLM2
         raise UserError(f"--dtype {dtype} is not one of {', '.join(NP_DTYPES)}.")
     if batch < 1:
         raise UserError(f"--batch must be at least 1, not {batch}.")
+    formats = check_formats(formats, tp, dtype)
     checkpoint = Checkpoint(hf_dir) if hf_dir is not None else None
     cfg = checkpoint.config if checkpoint else random_init
     check_tp(cfg, tp)
@@ -212,7 +219,7 @@ def export_bundle(out: Path, *, hf_dir: Path | None = None, random_init: CogVLM2
     tokenizer_ranks = check_tokenizer(Path(tokenizer), cfg)
     b = {**default_buckets(cfg), **(buckets or {})}
     check_buckets(cfg, b)
-    plan = Plan(cfg.to_hf(), dtype, tp, batch, b["text"], b["image"], b["decode"])
+    plan = Plan(cfg.to_hf(), dtype, tp, batch, b["text"], b["image"], b["decode"], formats)
     source = Source(checkpoint, cfg, seed)
 
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -236,6 +243,21 @@ def export_bundle(out: Path, *, hf_dir: Path | None = None, random_init: CogVLM2
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return out
+
+
+def check_formats(formats, tp: int, dtype: str) -> list:
+    """'mindir,onnx' or a sequence -> the formats in canonical order; refuses unknown ones and ONNX with tp > 1."""
+    if isinstance(formats, str):
+        formats = formats.split(",")
+    wanted = {f.strip().lower() for f in formats if f.strip()}
+    unknown = sorted(wanted - set(FORMATS))
+    if unknown or not wanted:
+        raise UserError(f"--format {','.join(formats) or '(empty)'}: choose one or more of {', '.join(FORMATS)}, "
+                        "comma-separated (e.g. mindir,onnx).")
+    if "onnx" in wanted:
+        from .onnx_export import check_onnx_plan
+        check_onnx_plan(tp, dtype)
+    return [f for f in FORMATS if f in wanted]
 
 
 def check_buckets(cfg: CogVLM2Config, b: dict):

@@ -37,8 +37,10 @@ def parse_buckets(text: str | None) -> dict:
 @click.option("--batch", type=int, default=1, show_default=True, help="Batch size B the graphs are traced for.")
 @click.option("--buckets", default=None, help="e.g. 'text=128,512;image=2432,4096;decode=512,2048,4096'.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of --random-init weights.")
+@click.option("--format", "formats", default="mindir", show_default=True,
+              help="Graph formats, comma-separated: mindir (MindSpore, tensor parallel), onnx (onnxruntime, tp 1).")
 @click.option("--force", is_flag=True, help="Replace an existing non-empty BUNDLE.")
-def export(paths, random_init, tokenizer, tp, dtype, batch, buckets, seed, force):
+def export(paths, random_init, tokenizer, tp, dtype, batch, buckets, seed, force, formats):
     """Trace fixed-shape vision/prefill/decode graphs and write a bundle."""
     if random_init is None and len(paths) != 2:
         raise UserError("give HF_DIR and BUNDLE (or --random-init PRESET and BUNDLE).")
@@ -55,5 +57,6 @@ def export(paths, random_init, tokenizer, tp, dtype, batch, buckets, seed, force
     if hf_dir is not None and not hf_dir.is_dir():
         raise UserError(f"{hf_dir} is not a folder: give the HF checkpoint folder.")
     out = export_bundle(Path(paths[-1]), hf_dir=hf_dir, random_init=cfg, tokenizer=tokenizer and Path(tokenizer),
-                        tp=tp, dtype=dtype, batch=batch, buckets=parse_buckets(buckets), force=force, seed=seed)
+                        tp=tp, dtype=dtype, batch=batch, buckets=parse_buckets(buckets), force=force, seed=seed,
+                        formats=formats)
     click.echo(f"wrote {out}")

@@ -29,6 +29,7 @@ class Plan:
     text_buckets: list = field(default_factory=list)
     image_buckets: list = field(default_factory=list)
     decode_buckets: list = field(default_factory=list)
+    formats: list = field(default_factory=lambda: ["mindir"])   # graph file formats: mindir, onnx
 
     @property
     def cfg(self) -> CogVLM2Config:
@@ -54,12 +55,16 @@ def example_inputs(graph, dtype: str, tp: int) -> list:
 
 
 def trace_rank(plan: Plan, out_dir: Path, on_graph=lambda name: None):
-    """Write `<name>.mindir` for every graph of the plan into out_dir."""
+    """Write `<name>.mindir` and/or `<name>.onnx` (plan.formats) for every graph of the plan into out_dir."""
     use_cpu()
     out_dir.mkdir(parents=True, exist_ok=True)
     for graph in plan.graphs():
-        ms.export(graph, *example_inputs(graph, plan.dtype, plan.tp), file_name=str(out_dir / graph.name),
-                  file_format="MINDIR")
+        inputs = example_inputs(graph, plan.dtype, plan.tp)
+        if "mindir" in plan.formats:
+            ms.export(graph, *inputs, file_name=str(out_dir / graph.name), file_format="MINDIR")
+        if "onnx" in plan.formats:
+            from .onnx_export import export_onnx  # imports onnx only when asked for
+            export_onnx(graph, inputs, out_dir / f"{graph.name}.onnx")
         on_graph(graph.name)
 
 

@@ -39,9 +39,31 @@ def layer_norm(x, w, b, eps):
     return (y * w.astype(ms.float32) + b.astype(ms.float32)).astype(x.dtype)
 
 
+# erf(x) ~ x P(x^2) / Q(x^2) on [-4, 4] (+-1 in fp32 beyond): the rational approximation of Eigen and
+# XLA, within 4.2e-7 of the exact erf. MindSpore's ONNX exporter has no Erf, so both formats use this.
+_ERF_P = (-2.72614225801306e-10, 2.77068142495902e-08, -2.10102402082508e-06, -5.69250639462346e-05,
+          -7.34990630326855e-04, -2.95459980854025e-03, -1.60960333262415e-02)
+_ERF_Q = (-1.45660718464996e-05, -2.13374055278905e-04, -1.68282697438203e-03, -7.37332916720468e-03,
+          -1.42647390514189e-02)
+
+
+def erf(x):
+    """fp32 erf from elementary ops (Clip, Mul, Add, Div): exports to MindIR and ONNX alike."""
+    x = ops.clamp(x, -4.0, 4.0)
+    x2 = x * x
+    p = x2 * _ERF_P[0] + _ERF_P[1]
+    for c in _ERF_P[2:]:
+        p = p * x2 + c
+    q = x2 * _ERF_Q[0] + _ERF_Q[1]
+    for c in _ERF_Q[2:]:
+        q = q * x2 + c
+    return x * p / q
+
+
 def gelu(x):
-    """Exact (erf) GELU, as the vision tower and the adapter use."""
-    return 0.5 * x * (1.0 + ops.erf(x * 0.7071067811865476))
+    """Exact (erf) GELU, as the vision tower and the adapter use; computed in fp32."""
+    x32 = x.astype(ms.float32)
+    return (0.5 * x32 * (1.0 + erf(x32 * 0.7071067811865476))).astype(x.dtype)
 
 
 def silu(x):

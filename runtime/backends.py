@@ -27,9 +27,17 @@ def load_rank_weights(bundle: Bundle, rank: int) -> dict[str, np.ndarray]:
 class MindSporeBackend:
     """MindIR through `mindspore.load` + `nn.GraphCell` (CPU here; Ascend with device='Ascend')."""
     name = "mindspore"
+    format = "mindir"
 
     def __init__(self, bundle: Bundle, rank: int = 0, device: str = "CPU"):
-        import mindspore as ms
+        if "mindir" not in bundle.formats:
+            raise UserError(f"{bundle.path} has no MindIR graphs (formats: {', '.join(bundle.formats)}): run it with "
+                            "--backend onnxruntime, or export it with --format mindir.")
+        try:
+            import mindspore as ms
+        except ImportError:
+            raise UserError("the mindspore backend needs MindSpore (pip install mindspore); for an onnx bundle "
+                            "use --backend onnxruntime.") from None
         from mindspore import nn
         self._ms = ms
         try:
@@ -58,12 +66,32 @@ class MindSporeBackend:
         return [o.asnumpy() for o in outputs] if isinstance(outputs, tuple) else [outputs.asnumpy()]
 
 
-BACKENDS = {"mindspore": MindSporeBackend}
+from .onnx_backend import OnnxRuntimeBackend  # noqa: E402  (imports onnxruntime only when opened)
+
+BACKENDS = {"mindspore": MindSporeBackend, "onnxruntime": OnnxRuntimeBackend}
+
+
+def installed(name: str) -> bool:
+    """Whether the package a backend needs can be imported here."""
+    from importlib.util import find_spec
+    try:
+        return find_spec({"mindspore": "mindspore", "onnxruntime": "onnxruntime"}[name]) is not None
+    except (ImportError, ValueError):  # blocked or half-imported module
+        return False
+
+
+def usable_backends(bundle: Bundle) -> list[str]:
+    """The backends that can run this bundle here: its graph format is present, the package installed."""
+    return [n for n, b in BACKENDS.items() if b.format in bundle.formats and installed(n)
+            and (n != "onnxruntime" or bundle.tp == 1)]
 
 
 def open_backend(bundle: Bundle, name: str = "auto", rank: int = 0, **kw):
+    """name 'auto': onnxruntime when the bundle has ONNX graphs and onnxruntime is installed (the faster
+    CPU path), else mindspore."""
     if name == "auto":
-        name = "mindspore"
+        usable = usable_backends(bundle)
+        name = "onnxruntime" if "onnxruntime" in usable else "mindspore"
     if name not in BACKENDS:
         raise UserError(f"backend {name!r} is not available: choose one of {', '.join(BACKENDS)}.")
     return BACKENDS[name](bundle, rank, **kw)

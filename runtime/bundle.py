@@ -19,10 +19,11 @@ ALWAYS_HASH_BELOW = 64 << 20  # files smaller than this are hashed on every load
 @dataclass(frozen=True)
 class GraphInfo:
     name: str
-    file: str
+    file: str | None          # the MindIR file (None in an onnx-only bundle)
     weights: str              # "vision" or "language": which weight list follows the data inputs
     inputs: list              # [{"name", "shape", "dtype"}]
     outputs: list
+    files: dict = None        # format -> file in the rank folder, e.g. {"mindir": ..., "onnx": ...}
 
 
 class Bundle:
@@ -69,7 +70,13 @@ class Bundle:
 
     def graph(self, name: str) -> GraphInfo:
         g = self.manifest["graphs"][name]
-        return GraphInfo(name, g["file"], g["weights"], g["inputs"], g["outputs"])
+        files = g.get("files") or {"mindir": g["file"]}  # bundles before ONNX had only "file"
+        return GraphInfo(name, files.get("mindir"), g["weights"], g["inputs"], g["outputs"], files)
+
+    @property
+    def formats(self) -> list[str]:
+        """Graph file formats present (mindir, onnx): which backends can run this bundle."""
+        return self.manifest.get("formats", ["mindir"])
 
     @property
     def graph_names(self) -> list[str]:
