@@ -37,7 +37,7 @@ from .tp import check_tp, shard_index
 from . import trace as trace_module
 from .trace import Plan, trace_rank
 
-SHARD_BYTES = 1 << 30  # weight files per rank are cut at 1 GiB: bounds export's peak memory
+SHARD_BYTES = 256 << 20  # weight files are cut at 256 MiB: bounds the memory of export and of loading
 IMAGE_MEAN = (0.48145466, 0.4578275, 0.40821073)
 IMAGE_STD = (0.26862954, 0.26130258, 0.27577711)
 NP_DTYPES = {"fp32": np.float32, "fp16": np.float16, "bf16": ml_dtypes.bfloat16}
@@ -63,38 +63,40 @@ class Source:
     def __init__(self, checkpoint: Checkpoint | None, cfg: CogVLM2Config, seed: int = 0):
         self.checkpoint, self.cfg, self.seed = checkpoint, cfg, seed
 
-    def read(self, spec, index):
+    def read(self, spec, index=()):
         if self.checkpoint is not None:
             return self.checkpoint.read(spec.name, index)
         full = random_tensor(spec.name, spec.shape, self.seed)
         return full[index] if index else full
 
 
-def rank_tensor(source: Source, spec, rank: int, tp: int, dtype: str) -> np.ndarray:
-    parts = [source.read(spec, index) for index in shard_index(spec, rank, tp)]
-    a = parts[0] if len(parts) == 1 else np.concatenate(parts, axis=spec.split.dim)
-    return np.ascontiguousarray(a.astype(NP_DTYPES[dtype]))
+def write_weights(source: Source, tp: int, dtype: str, staging: Path, bar) -> list[list[str]]:
+    """One pass over the checkpoint: each tensor is read once, cut for every rank, cast, and
+    streamed into rank{K}/weights-NNNNN.safetensors files. Peak memory is one full tensor plus
+    the pending shard of each rank."""
+    files = [[] for _ in range(tp)]
+    pending = [{} for _ in range(tp)]
+    sizes = [0] * tp
 
-
-def write_rank_weights(source: Source, rank: int, tp: int, dtype: str, out_dir: Path, bar) -> list[str]:
-    """Stream this rank's slices into weights-NNNNN.safetensors files of at most ~SHARD_BYTES."""
-    files, pending, size = [], {}, 0
-
-    def flush():
-        nonlocal pending, size
-        name = f"weights-{len(files):05d}.safetensors"
-        save_file(pending, str(out_dir / name))
-        files.append(name)
-        pending, size = {}, 0
+    def flush(r):
+        name = f"weights-{len(files[r]):05d}.safetensors"
+        save_file(pending[r], str(staging / f"rank{r}" / name))
+        files[r].append(name)
+        pending[r], sizes[r] = {}, 0
     for spec in weight_specs(source.cfg):
-        a = rank_tensor(source, spec, rank, tp, dtype)
-        pending[spec.name] = a
-        size += a.nbytes
+        full = source.read(spec, ())
+        for r in range(tp):
+            parts = [full[index] for index in shard_index(spec, r, tp)]
+            a = parts[0] if len(parts) == 1 else np.concatenate(parts, axis=spec.split.dim)
+            pending[r][spec.name] = np.ascontiguousarray(a.astype(NP_DTYPES[dtype]))
+            sizes[r] += pending[r][spec.name].nbytes
+            if sizes[r] >= SHARD_BYTES:
+                flush(r)
+        del full
         bar.update(1)
-        if size >= SHARD_BYTES:
-            flush()
-    if pending:
-        flush()
+    for r in range(tp):
+        if pending[r]:
+            flush(r)
     return files
 
 
@@ -227,12 +229,10 @@ def export_bundle(out: Path, *, hf_dir: Path | None = None, random_init: CogVLM2
     try:
         n_graphs = sum(1 for _ in plan.graphs())
         n_weights = len(weight_specs(cfg))
-        with tqdm(total=tp * (n_graphs + n_weights), desc="export", unit="step", disable=not progress) as bar:
+        with tqdm(total=tp * n_graphs + n_weights, desc="export", unit="step", disable=not progress) as bar:
             trace_all_ranks(plan, staging, bar)
-            weight_files = []
-            for r in range(tp):
-                bar.set_postfix_str(f"rank{r} weights")
-                weight_files.append(write_rank_weights(source, r, tp, dtype, staging / f"rank{r}", bar))
+            bar.set_postfix_str("weights")
+            weight_files = write_weights(source, tp, dtype, staging, bar)
         shutil.copyfile(tokenizer, staging / "tokenizer.model")
         for p in [staging, *staging.rglob("*")]:  # mkdtemp and ms.export create owner-only modes
             p.chmod(0o755 if p.is_dir() else 0o644)

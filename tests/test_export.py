@@ -67,7 +67,7 @@ def test_exported_vision_and_prefill_match_eager(engine, tiny_cfg, tiny_weights,
 
 def test_exported_decode_matches_eager_cell_for_16_greedy_steps(engine, tiny_cfg, tiny_weights):
     """Each step: the exported decode graph and the eager DecodeGraph cell on the same cache."""
-    eager.use_graph_mode()
+    eager.use_cpu()
     ids, pos = prompt(engine, "count to ten", image=False)
     logits = engine.prefill([ids], None, [pos])
     cell = eager.cell(DecodeGraph, tiny_cfg, 32, 1)
@@ -161,7 +161,7 @@ def test_refuses_non_empty_target_unless_forced(tiny_hf, tmp_path):
 def test_failed_export_leaves_nothing_that_looks_valid(tiny_hf, tmp_path, monkeypatch):
     def broken(*a, **k):
         raise OSError("disk full")
-    monkeypatch.setattr(bundle_module, "write_rank_weights", broken)
+    monkeypatch.setattr(bundle_module, "write_weights", broken)
     with pytest.raises(OSError):
         export_bundle(tmp_path / "b", hf_dir=tiny_hf, buckets=BUCKETS, progress=False)
     assert list(tmp_path.iterdir()) == []
