@@ -221,3 +221,9 @@ def _relay(path: Path, done: threading.Event):
             else:
                 time.sleep(0.05)
 
+
+
+from .bench import bench as _bench, bench_suite as _bench_suite  # noqa: E402  (benchmarks: runtime/bench.py)
+
+main.add_command(_bench)
+main.add_command(_bench_suite)

@@ -1,0 +1,159 @@
+"""Smoke test of `cogvlm2-lite bench`: a tiny bundle, one or two repetitions. Benchmarks are not tests:
+this checks that every section of the report is there and that its values are sane (positive, ordered,
+fractions in [0, 1], byte counts exact), never how fast anything is."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+from cogvlm2_lite.runtime import bench
+from cogvlm2_lite.runtime.bundle import Bundle
+from cogvlm2_lite.runtime.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+SMOKE = ["--reps", "2", "--warmup", "1", "--decode-reps", "2", "--gen-tokens", "3", "--gen-reps", "1",
+         "--eager-steps", "1", "--quick"]
+
+
+@pytest.fixture(scope="module")
+def tiny_bundle(tmp_path_factory):
+    from cogvlm2_lite.export.bundle import export_bundle
+    from cogvlm2_lite.graphs.config import preset
+    out = tmp_path_factory.mktemp("bench") / "tiny"
+    export_bundle(out, random_init=preset("tiny"), tokenizer=ROOT / "demo" / "assets" / "tokenizer.model",
+                  progress=False)
+    return out
+
+
+@pytest.fixture(scope="module")
+def smoke(tiny_bundle, tmp_path_factory):
+    """One CLI run writing JSON + PNG and comparing with an (older, partial) report."""
+    d = tmp_path_factory.mktemp("bench-out")
+    old = d / "old.json"
+    old.write_text(json.dumps({"summary": {"mindspore": {"load_s": 1.0, "tpot_s": {"256": 0.001}}},
+                               "reference": {"memory_bandwidth": {"bytes_per_s": 1e10},
+                                             "matmul": {"flop_per_s": 1e11}}}))
+    r = CliRunner().invoke(main, ["bench", str(tiny_bundle), "--json", str(d / "r.json"), "--plot", str(d / "r.png"),
+                                  "--compare", str(old), *SMOKE])
+    assert r.exit_code == 0, r.output
+    return json.loads((d / "r.json").read_text()), d / "r.png", r.output
+
+
+def expected_costs():
+    # tiny preset: hidden 64, 2 layers, 8 heads / 2 kv heads (head_dim 8), intermediate 96, vocab 1024
+    h, layers, kv_dim, inter, vocab = 64, 2, 2 * 8, 96, 1024
+    per_layer = (h + 2 * kv_dim) * h + h * h + 3 * inter * h + 2 * h   # language qkv, dense, MLP, 2 norms
+    weights = 4 * (layers * per_layer + h + vocab * h + h)             # + final norm, lm_head, one embedding row
+    kv_256 = 4 * 2 * layers * 1 * 2 * 256 * 8                          # K and V, 2 kv heads, 256 slots, head_dim 8
+    return weights, kv_256
+
+
+def check_stats(st, what):
+    assert st["n"] >= 1, what
+    assert 0 < st["min"] <= st["median"] <= st["p90"] <= st["p99"] <= st["max"], (what, st)
+
+
+def test_report_has_every_section_with_sane_values(smoke):
+    rep, _, _ = smoke
+    for key in ("schema", "created", "bundle", "settings", "machine", "reference", "backends", "eager", "summary",
+                "targets"):
+        assert key in rep, key
+    assert rep["schema"] == bench.SCHEMA
+    m = rep["machine"]
+    assert m["cpu_model"] and m["usable_cores"] >= 1 and m["ram_bytes"] > 0 and "mindspore" in m["versions"]
+
+    ref = rep["reference"]
+    weights, kv_256 = expected_costs()
+    assert ref["decode_weight_bytes"] == weights
+    assert ref["kv_read_bytes"] == {"256": kv_256}
+    assert ref["memory_bandwidth"]["bytes_per_s"] > 0 and ref["memory_bandwidth"]["threads"] >= 1
+    assert ref["matmul"]["flop_per_s"] > 0
+    assert ref["gemv_chain"]["bytes_per_s"] > 0 and ref["gemv_chain"]["matrices"] == 2 * 5 + 1
+
+    ms = rep["backends"]["mindspore"]
+    for key in ("load", "preprocess", "vision", "ttft", "prefill", "decode", "generate", "memory", "profile"):
+        assert key in ms, key
+    assert ms["load"]["load_s"] > 0
+    check_stats(ms["preprocess"]["bundle_size"]["s"], "preprocess")
+    assert ms["preprocess"]["bundle_size"]["size"] == 56 and ms["preprocess"]["size_1344"]["size"] == 1344
+    check_stats(ms["preprocess"]["size_1344"]["s"], "preprocess 1344")
+    check_stats(ms["vision"]["s"], "vision")
+    t = ms["ttft"]
+    check_stats(t["s"], "ttft")
+    assert set(t["breakdown"]) == {"tokenize", "preprocess", "vision", "prefill", "first_sample"}
+    assert sum(v["mean"] for v in t["breakdown"].values()) == pytest.approx(t["s"]["mean"], rel=1e-6)
+
+    buckets = rep["bundle"]["buckets"]
+    assert [(p["kind"], p["bucket"]) for p in ms["prefill"]] == \
+        [("prefill_text", s) for s in buckets["prefill_text"]] + [("prefill_image", s) for s in buckets["prefill_image"]]
+    for p in ms["prefill"]:
+        check_stats(p["s"], p["kind"])
+        assert p["tokens_per_s"] > 0 and p["flops"] > 0 and 0 < p["peak_fraction"] <= 1
+    assert [d["bucket"] for d in ms["decode"]] == buckets["decode"]
+    for d in ms["decode"]:
+        check_stats(d["step_s"], "decode step")
+        check_stats(d["graph_s"], "decode graph")
+        assert d["bytes_read"] == weights + kv_256
+        assert 0 < d["roofline_fraction"] <= 1 and 0 < d["graph_roofline_fraction"] <= 1
+
+    g = ms["generate"]
+    assert 0 <= g["host_overhead_share"] <= 1
+    assert g["e2e_tokens_per_s"]["median"] > 0 and g["tpot_s"]["median"] > 0
+    hb = g["host_breakdown"]
+    assert 0 < hb["graph_per_step_s"] <= hb["loop_step_s"]
+    assert ms["memory"]["kv_cache_bytes"] == kv_256
+    assert ms["memory"]["peak_rss_bytes"] >= ms["load"]["rss_after_load_bytes"] > 0
+    assert ms["memory"]["weight_bytes"] > 0
+
+    prof = ms["profile"]["decode"]
+    assert prof["ops_per_step"] > 0 and "MatMul" in prof["by_type"]
+
+    e = rep["eager"]
+    assert e["mode"] == "PYNATIVE" and e["decode_step_s"]["median"] > 0
+    assert e["max_abs_diff_vs_exported"] < 1e-4 and e["same_argmax"]  # the same model, eager and exported
+
+    s = rep["summary"]["mindspore"]
+    assert s["eager_over_exported"] > 0
+    assert 0 < s["decode_roofline_fraction"] <= 1 and 0 <= s["host_overhead_share"] <= 1
+    names = {t["target"] for t in rep["targets"]}
+    assert len(names) == 4
+    for t in rep["targets"]:
+        assert isinstance(t["met"], bool) and t["value"] > 0 and isinstance(t["limits"], list)
+
+
+def test_plot_and_compare_and_text(smoke):
+    rep, png, output = smoke
+    with Image.open(png) as img:
+        assert img.format == "PNG" and img.size[0] > 600
+        assert len(set(np.asarray(img.convert("L")).ravel().tolist())) > 10   # something was drawn
+    assert "targets:" in output and "[mindspore]" in output and "decode_256" in output
+    assert "mindspore.load_s" in output and "mindspore.tpot_s[256]" in output and "machine.memory_bandwidth" in output
+    rows = bench.compare(rep, rep)
+    assert rows and all(r[3] == pytest.approx(1.0) for r in rows)
+
+
+def test_decode_costs_from_headers(tiny_bundle):
+    costs = bench.model_costs(Bundle(tiny_bundle))
+    weights, kv_256 = expected_costs()
+    assert costs["decode_weight_bytes"] == weights and costs["kv_read_bytes"]["256"] == kv_256
+    assert all(len(s) == 2 for s in costs["gemv_shapes"])
+
+
+def test_stats_and_bad_counts():
+    st = bench.stats([3.0, 1.0, 2.0])
+    assert st["median"] == 2.0 and st["min"] == 1.0 and st["max"] == 3.0 and st["n"] == 3
+    assert bench.stats([]) == {"n": 0}
+    r = CliRunner().invoke(main, ["bench", "nowhere", "--reps", "0"])
+    assert r.exit_code == 1 and "--reps must be at least 1" in r.output
+
+
+def test_runtime_bench_does_not_import_the_model_code():
+    code = ("import sys, cogvlm2_lite.runtime.bench, cogvlm2_lite.runtime.machine, cogvlm2_lite.runtime.cli; "
+            "bad = [m for m in sys.modules if m.startswith(('cogvlm2_lite.graphs', 'cogvlm2_lite.export', 'mindspore'))]; "
+            "assert not bad, bad")
+    subprocess.run([sys.executable, "-c", code], check=True)
