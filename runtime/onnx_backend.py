@@ -40,12 +40,15 @@ def physical_cores() -> int:
 class OnnxRuntimeBackend:
     """ONNX graphs through onnxruntime. Options: device ('auto' = CUDA when onnxruntime offers it,
     'cpu', 'cuda'), threads (intra-op threads on CPU; default the physical cores), spinning
-    (let idle worker threads spin between ops: lower latency, busier cores)."""
+    (idle worker threads spin between ops instead of sleeping). Spinning is off by default: on a
+    2-core machine shared with one other busy process, the bench decode step took 92 ms with it
+    and 52 ms without (MindSpore: 66 ms); worker threads that spin through the many small serial
+    ops steal the core the parallel GEMVs then wait for."""
     name = "onnxruntime"
     format = "onnx"
 
     def __init__(self, bundle: Bundle, rank: int = 0, device: str = "auto", threads: int | None = None,
-                 spinning: bool = True):
+                 spinning: bool = False):
         try:
             import onnxruntime as ort
         except ImportError:
