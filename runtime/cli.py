@@ -59,7 +59,8 @@ def sampling_options(f):
         click.option("--seed", type=int, default=None, help="Reproducible sampling."),
         click.option("--template", type=click.Choice(["chat", "vqa", "base"]), default=None,
                      help="Prompt template (default: the bundle's)."),
-        click.option("--backend", default="auto", show_default=True, help="mindspore (more with later bundles)."),
+        click.option("--backend", default="auto", show_default=True,
+                     help="auto (onnxruntime if the bundle has ONNX graphs, else mindspore), mindspore, onnxruntime."),
         click.option("--verify", is_flag=True, help="Hash every bundle file (weights too) before loading."),
     ]
     for option in reversed(options):
