@@ -94,8 +94,8 @@ def test_vision_prefill_and_decode_match_mindir(engines, photo):
 def test_greedy_generation_is_token_identical(engines, photo, image):
     """24 new tokens after a 10-20 token prompt: decode crosses the 32 -> 64 cache bucket."""
     params = SamplingParams(max_new_tokens=24)
-    req = Request("describe this in detail" if image else "tell me a long story about it", image=photo if image else None,
-                  params=params)
+    req = Request("describe this in detail" if image else "tell me a long story about it",
+                  image=photo if image else None, params=params)
     for e in engines:
         e._cached = None  # no prefix reuse from the parity test: both start from prefill
     ms_r, ort_r = (e.generate([req])[0] for e in engines)
