@@ -223,6 +223,10 @@ def _relay(path: Path, done: threading.Event):
                 time.sleep(0.05)
 
 
+from .batch import command as _batch_command  # noqa: E402  (after sampling_options, which it uses)
+
+main.add_command(_batch_command(sampling_options))
+
 
 from .bench import bench as _bench, bench_suite as _bench_suite  # noqa: E402  (benchmarks: runtime/bench.py)
 

@@ -14,6 +14,7 @@ on its own; with B = 1, a request that extends the previous one (multi-turn chat
 cached prefix and only feeds the new tokens.
 """
 import dataclasses
+import itertools
 import os
 import time
 from dataclasses import dataclass, field
@@ -34,7 +35,7 @@ EXTEND_LIMIT = 256  # new tokens fed one decode step each when extending a cache
 @dataclass
 class Request:
     prompt: str
-    image: object = None                 # path, bytes or PIL image; None for text-only
+    image: object = None                 # path, bytes, PIL image or preprocessed float32 [3, S, S]; None: text-only
     history: tuple = ()                  # ((question, answer), ...) earlier turns
     template: str | None = None          # chat | vqa | base; None: the bundle's
     params: SamplingParams = field(default_factory=SamplingParams)
@@ -101,6 +102,7 @@ class Engine:
                              kv["dtype"])
         self.timings = Timings()
         self._cached = None   # (image key, token ids whose K/V are in the cache) for B = 1 prefix reuse
+        self.reuse_prefix = True  # False: every request starts from prefill (batch files: results independent of order)
 
     # --- raw graph calls ----------------------------------------------------------------
     def _run(self, kind, name, inputs):
@@ -114,7 +116,12 @@ class Engine:
         s = self.pre["image_size"]
         out = np.zeros((self.batch, 3, s, s), np.float32)
         for i, img in enumerate(images):
-            preprocess(load_image(img), s, self.pre["mean"], self.pre["std"], out=out[i])
+            if isinstance(img, np.ndarray):  # already preprocessed (e.g. on a background thread)
+                if img.shape != (3, s, s):
+                    raise UserError(f"preprocessed pixels must have shape (3, {s}, {s}), not {img.shape}.")
+                out[i] = img
+            else:
+                preprocess(load_image(img), s, self.pre["mean"], self.pre["std"], out=out[i])
         return out
 
     def image_embeddings(self, pixel_values: np.ndarray) -> np.ndarray:
@@ -168,7 +175,8 @@ class Engine:
             raise UserError("requests with and without an image cannot share a batch: group them.")
         start = time.perf_counter()
         rows = [self._inputs(r) for r in requests]
-        images = [(load_image(r.image), _image_key(r.image)) for r in requests] if all(with_image) else None
+        images = [(r.image if isinstance(r.image, np.ndarray) else load_image(r.image), _image_key(r.image))
+                  for r in requests] if all(with_image) else None
         logits, reused = self._start(rows, images)
         return self._decode_loop(requests, rows, logits, reused, start, on_text)
 
@@ -180,7 +188,7 @@ class Engine:
     def _start(self, rows, images):
         """Prefill, or (B = 1) extend the cached prefix of the previous request with decode steps."""
         key = images[0][1] if images else None
-        if self.batch == 1 and self._cached is not None and self._cached[0] == key:
+        if self.batch == 1 and self.reuse_prefix and self._cached is not None and self._cached[0] == key:
             ids, pos = rows[0]
             old = self._cached[1]
             common = next((i for i, (a, b) in enumerate(zip(old, ids)) if a != b), min(len(old), len(ids)))
@@ -263,6 +271,9 @@ def _with_stops(params: SamplingParams, stop_ids) -> SamplingParams:
     return dataclasses.replace(params, stop_ids=tuple(dict.fromkeys(tuple(stop_ids) + params.stop_ids)))
 
 
+_PIXELS = itertools.count()
+
+
 def _image_key(image):
     """Identity of an image for prefix reuse: the same path/bytes/PIL object means the same pixels."""
     if isinstance(image, (str, os.PathLike)):
@@ -270,4 +281,6 @@ def _image_key(image):
         return ("path", os.fspath(image), st.st_mtime_ns, st.st_size)
     if isinstance(image, (bytes, bytearray)):
         return ("bytes", hash(bytes(image)))
+    if isinstance(image, np.ndarray):  # preprocessed pixels: never assumed equal to earlier ones
+        return ("pixels", next(_PIXELS))
     return ("object", id(image))

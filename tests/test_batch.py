@@ -1,0 +1,262 @@
+"""`cogvlm2-lite batch`: per-line errors, batched == unbatched, --ordered, kill -9 and resume."""
+import fcntl
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+from cogvlm2_lite.runtime.batch import run_batch
+
+BUCKETS = {"text": [16, 32], "image": [24, 48], "decode": [32, 64]}
+CLI = Path(sys.executable).parent / "cogvlm2-lite"
+TIMINGS = ("ttft_s", "total_s")
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle_b4(tmp_path_factory, tiny_hf):
+    from cogvlm2_lite.export.bundle import export_bundle
+    return export_bundle(tmp_path_factory.mktemp("bundles") / "b4", hf_dir=tiny_hf, batch=4, buckets=BUCKETS,
+                         progress=False)
+
+
+@pytest.fixture(scope="session")
+def engine4(tiny_bundle_b4):
+    from cogvlm2_lite.runtime.engine import Engine
+    return Engine(tiny_bundle_b4)
+
+
+@pytest.fixture(scope="session")
+def images(tmp_path_factory):
+    """A folder with a few different images (and a broken one) for input files to point at."""
+    folder = tmp_path_factory.mktemp("batch-data")
+    rng = np.random.default_rng(0)
+    for i in range(5):
+        Image.fromarray(rng.integers(0, 256, (40 + 7 * i, 60 - 5 * i, 3), dtype=np.uint8)).save(folder / f"img{i}.png")
+    whole = (folder / "img4.png").read_bytes()
+    (folder / "broken.png").write_bytes(whole[:len(whole) // 2])  # a download cut short
+    (folder / "notes.png").write_text("not an image at all")
+    return folder
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+    return path
+
+
+def read_out(path):
+    return [json.loads(line) for line in Path(path).read_text().splitlines()]
+
+
+def good_rows(n, prefix="r", max_new=(3, 9, 5, 14, 7, 11)):
+    """Lines alternating in runs (image, image, text, image, text, text, ...), varied lengths and stops."""
+    rows = []
+    for i in range(n):
+        row = {"id": f"{prefix}{i}", "prompt": f"question number {i}" + " more" * (i % 4),
+               "max_new_tokens": max_new[i % len(max_new)]}
+        if i % 3 != 2 and i % 7 != 5:
+            row["image"] = f"img{i % 5}.png"
+        if i % 5 == 4:
+            row.update(temperature=0.8, top_k=50, top_p=0.9, seed=i)  # seeded sampling: reproducible per row
+        if i % 6 == 1:
+            row["history"] = [["what is it", "a picture"]]
+        if i % 8 == 3:
+            row["template"] = "vqa"
+        rows.append(row)
+    return rows
+
+
+def strip(obj):
+    return {k: v for k, v in obj.items() if k not in TIMINGS}
+
+
+# --- bad lines -------------------------------------------------------------------------------------------
+def test_bad_lines_become_error_lines_and_the_run_goes_on(engine4, images, tmp_path):
+    good = good_rows(6)
+    bad = {  # id -> (line, words the error must contain)
+        "no-file": ({"id": "no-file", "image": "missing.png", "prompt": "x"}, "does not exist"),
+        "broken": ({"id": "broken", "image": "broken.png", "prompt": "x"}, "truncated or corrupt"),
+        "notimg": ({"id": "notimg", "image": "notes.png", "prompt": "x"}, "not an image Pillow can read"),
+        "long": ({"id": "long", "prompt": "word " * 60}, "largest text prompt bucket (32)"),
+        "long-img": ({"id": "long-img", "image": "img0.png", "prompt": "word " * 60}, "image prompt bucket (48)"),
+        "temp": ({"id": "temp", "prompt": "x", "temperature": -0.5}, "temperature=-0.5 is invalid"),
+        "topp": ({"id": "topp", "prompt": "x", "top_p": 0}, "top_p=0 is invalid"),
+        "maxnew": ({"id": "maxnew", "prompt": "x", "max_new_tokens": 2.5}, "max_new_tokens=2.5 is invalid"),
+        "noprompt": ({"id": "noprompt", "image": "img1.png"}, "no \"prompt\""),
+        "imgtype": ({"id": "imgtype", "image": 3, "prompt": "x"}, "\"image\" must be"),
+        "history": ({"id": "history", "prompt": "x", "history": [["only a question"]]}, "history turn"),
+        "template": ({"id": "template", "prompt": "x", "template": "poem"}, "unknown prompt template"),
+    }
+    by_line = {  # malformed lines: keyed by line number
+        "{\"id\": \"torn\", \"prompt\": ": "not valid JSON",
+        "[1, 2]": "not a JSON object",
+        json.dumps({"prompt": "no id here"}): "has no \"id\"",
+        json.dumps({"id": True, "prompt": "bool id"}): "must be a string or an integer",
+        json.dumps({"id": "r1", "prompt": "again"}): f"repeats the id of line {len(bad) + 2}",
+    }
+    rows = [good[0], *[b[0] for b in bad.values()], good[1], *by_line, "", "   ", *good[2:],
+            {"id": 99, "prompt": "integer id", "answer": "kept for evaluation"}]
+    inp = write_jsonl(images / "mixed.jsonl", rows)
+    out = tmp_path / "sub" / "out.jsonl"
+    s = run_batch(engine4, inp, out, defaults={"max_new_tokens": 4})
+    lines = read_out(out)
+    assert len(lines) == len(rows) - 2  # blank lines are not lines
+    assert (s.ok, s.errors, s.skipped) == (7, len(bad) + len(by_line), 0)
+    assert s.unknown_fields == {"answer": 1}
+    keyed = {json.dumps(x["id"]) if "line" not in x else x["line"]: x for x in lines}
+    assert len(keyed) == len(lines)  # every input line exactly once
+    for id_, (_, words) in bad.items():
+        err = keyed[json.dumps(id_)]
+        assert set(err) == {"id", "error"} and words in err["error"], err
+        assert "\n" not in err["error"] and err["error"].endswith(".")
+    for n, words in enumerate(by_line.values(), start=len(bad) + 3):
+        assert words in keyed[n]["error"] and keyed[n]["line"] == n, (n, keyed[n])
+    for row in good + [{"id": 99, "prompt": "integer id"}]:
+        r = keyed[json.dumps(row["id"])]
+        assert list(r) == ["id", "text", "finish_reason", "prompt_tokens", "completion_tokens", "ttft_s", "total_s"]
+        limit = row.get("max_new_tokens", 4)  # the run's default applies where the line sets none
+        assert 1 <= r["completion_tokens"] <= limit and r["finish_reason"] in ("stop", "length")
+        assert (r["finish_reason"] == "length") == (r["completion_tokens"] == limit)
+        assert r["prompt_tokens"] > (6 if row.get("image") else 0) and 0 < r["ttft_s"] <= r["total_s"]
+
+
+# --- batching changes nothing --------------------------------------------------------------------------------
+def recorded(engine, monkeypatch):
+    """Capture the token ids of every request the batch run sends to `engine`, and the batch sizes."""
+    tokens, sizes = {}, []
+    generate = engine.generate
+
+    def spy(requests, on_text=None):
+        results = generate(requests, on_text)
+        sizes.append(len(requests))
+        for q, r in zip(requests, results):
+            tokens[q.prompt, q.params.max_new_tokens] = r.token_ids
+        return results
+    monkeypatch.setattr(engine, "generate", spy)
+    return tokens, sizes
+
+
+def test_batched_results_equal_unbatched_token_for_token(engine, engine4, images, tmp_path, monkeypatch):
+    assert (engine.batch, engine4.batch) == (1, 4)
+    inp = write_jsonl(images / "same.jsonl", good_rows(14))
+    tok1, sizes1 = recorded(engine, monkeypatch)
+    tok4, sizes4 = recorded(engine4, monkeypatch)
+    run_batch(engine, inp, tmp_path / "b1.jsonl")
+    run_batch(engine4, inp, tmp_path / "b4.jsonl")
+    assert set(sizes1) == {1} and max(sizes4) == 4 and len(sizes4) < 14  # really batched
+    assert tok1 == tok4 and len(tok1) == 14
+    assert any(len(t) >= 9 for t in tok1.values())  # rows of one batch stop at different steps
+    one = {x["id"]: strip(x) for x in read_out(tmp_path / "b1.jsonl")}
+    four = {x["id"]: strip(x) for x in read_out(tmp_path / "b4.jsonl")}
+    assert one == four
+
+
+# --- --ordered ---------------------------------------------------------------------------------------------------
+def test_ordered_output_follows_the_input_also_when_resumed(engine4, images, tmp_path):
+    rows = good_rows(13) + [{"id": "bad", "image": "missing.png", "prompt": "x"}] + good_rows(5, prefix="s")
+    inp = write_jsonl(images / "order.jsonl", rows)
+    ids = [r["id"] for r in rows]
+    run_batch(engine4, inp, tmp_path / "free.jsonl")
+    free = [x["id"] for x in read_out(tmp_path / "free.jsonl")]
+    assert sorted(free) == sorted(ids) and free != ids  # grouping by kind reorders completions
+    full = tmp_path / "ordered.jsonl"
+    run_batch(engine4, inp, full, ordered=True)
+    assert [x["id"] for x in read_out(full)] == ids
+    # resume an ordered run that stopped after 6 lines: the rest is appended in input order
+    head = b"".join(full.read_bytes().splitlines(keepends=True)[:6])
+    part = tmp_path / "part.jsonl"
+    part.write_bytes(head)
+    s = run_batch(engine4, inp, part, ordered=True)
+    assert s.skipped == 6 and part.read_bytes().startswith(head)
+    assert [strip(x) for x in read_out(part)] == [strip(x) for x in read_out(full)]
+
+
+def test_a_rare_kind_runs_partially_instead_of_waiting_for_the_end(engine4, images, tmp_path, monkeypatch):
+    rows = [{"id": "text", "prompt": "alone", "max_new_tokens": 2}]
+    rows += [{"id": f"im{i}", "image": f"img{i % 5}.png", "prompt": "q", "max_new_tokens": 2} for i in range(27)]
+    inp = write_jsonl(images / "rare.jsonl", rows)
+    kinds = []
+    generate = engine4.generate
+    monkeypatch.setattr(engine4, "generate", lambda reqs, on_text=None: kinds.append(
+        ("image" if reqs[0].image is not None else "text", len(reqs))) or generate(reqs, on_text))
+    run_batch(engine4, inp, tmp_path / "out.jsonl", ordered=True)
+    assert kinds.index(("text", 1)) == 4  # after 4 full image batches (4 * B lines later), not at the end
+    assert kinds.count(("image", 4)) == 6 and kinds[-1] == ("image", 3)
+    assert [x["id"] for x in read_out(tmp_path / "out.jsonl")] == [r["id"] for r in rows]
+
+
+# --- kill -9, torn line, resume ---------------------------------------------------------------------------------------
+def test_kill9_then_resume_keeps_every_line_exactly_once(engine4, tiny_bundle_b4, images, tmp_path):
+    rows = good_rows(24, max_new=(40, 25, 33, 12))
+    rows[17] = {"id": "r17", "image": "broken.png", "prompt": "x"}  # an error line survives a resume too
+    inp = write_jsonl(images / "long.jsonl", rows)
+    run_batch(engine4, inp, tmp_path / "reference.jsonl")
+    reference = {x["id"]: strip(x) for x in read_out(tmp_path / "reference.jsonl")}
+
+    out = tmp_path / "out.jsonl"
+    cmd = [str(CLI), "batch", str(tiny_bundle_b4), str(inp), str(out)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 60
+    while (not out.exists() or out.read_bytes().count(b"\n") < 2) and proc.poll() is None:
+        assert time.monotonic() < deadline, "the batch run wrote nothing for 60 s"
+        time.sleep(0.002)
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL, "the run finished before it could be killed: give it more work"
+    before = out.read_bytes()
+    done = before[:before.rfind(b"\n") + 1]  # the kill may itself have torn the last line
+    n_done = done.count(b"\n")
+    assert 2 <= n_done < len(rows)
+    with open(out, "ab") as f:
+        f.write(b'{"id": "r59", "text": "half a li')  # and a torn last line on top
+
+    resumed = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert resumed.returncode == 0, resumed.stderr
+    after = out.read_bytes()
+    assert after.startswith(done)  # finished lines untouched, byte for byte
+    lines = read_out(out)
+    assert sorted(x["id"] for x in lines) == sorted(r["id"] for r in rows)  # every id exactly once
+    assert {x["id"]: strip(x) for x in lines} == reference  # resumed lines as if never interrupted
+    err = resumed.stderr
+    assert f"resuming: {n_done} lines already in" in err and "cut a torn last line" in err
+    assert "\r" not in err and "line/s" not in err  # no progress bar in a pipe
+    r17_done = b'"id": "r17"' in done
+    assert f"batch: {len(rows) - n_done - (not r17_done)} ok, {int(not r17_done)} errors, {n_done} skipped" in err
+
+    again = subprocess.run(cmd, capture_output=True, text=True, timeout=120)  # nothing left: nothing changes
+    assert again.returncode == 0 and out.read_bytes() == after and f"{len(rows)} skipped" in again.stderr
+
+
+# --- the command line ---------------------------------------------------------------------------------------------
+def test_cli_defaults_summary_and_refusals(tiny_bundle, images, tmp_path):
+    from cogvlm2_lite.runtime.cli import main
+    inp = write_jsonl(tmp_path / "in.jsonl", [{"id": "a", "prompt": "hello"},
+                                              {"id": "b", "prompt": "hi there", "max_new_tokens": 5},
+                                              {"id": "c", "image": str(images / "img2.png"), "prompt": "what?"}])
+    out = tmp_path / "out.jsonl"
+    r = CliRunner().invoke(main, ["batch", str(tiny_bundle), str(inp), str(out), "--max-new-tokens", "2",
+                                  "--fsync-interval", "0"])
+    assert r.exit_code == 0, r.output
+    got = {x["id"]: x for x in read_out(out)}
+    for id_, limit in (("a", 2), ("b", 5), ("c", 2)):  # the flag is the default, a line's own value wins
+        assert got[id_]["completion_tokens"] <= limit
+        assert (got[id_]["finish_reason"] == "length") == (got[id_]["completion_tokens"] == limit)
+    assert "batch: 3 ok, 0 errors, 0 skipped" in r.stderr and "tokens/s" in r.stderr
+
+    def refused(args, words):
+        r = CliRunner().invoke(main, ["batch", str(tiny_bundle), *map(str, args)])
+        assert r.exit_code == 1 and words in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.output
+
+    refused([inp, inp], "are the same file")
+    garbage = tmp_path / "garbage.jsonl"
+    garbage.write_text("these are my notes\n")
+    refused([inp, garbage], "line 1 is not a batch result line")
+    with open(out, "a") as f:  # another run holds OUT
+        fcntl.flock(f, fcntl.LOCK_EX)
+        refused([inp, out], "another batch run is writing")
+    assert len(read_out(out)) == 3
