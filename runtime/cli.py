@@ -182,7 +182,8 @@ def relaunch_under_msrun(bundle_path) -> bool:
     if "MS_WORKER_NUM" in os.environ:  # we are a rank: send user output where the launcher reads it
         out = os.environ.get(OUTPUT_ENV)
         if out:
-            f = open(out if os.environ.get("RANK_ID", "0") == "0" else os.devnull, "w", buffering=1)
+            rank0 = os.environ.get("MS_ROLE") == "MS_WORKER" and os.environ.get("RANK_ID") == "0"  # not the scheduler
+            f = open(out if rank0 else os.devnull, "w", buffering=1)
             sys.stdout = f
             sys.stderr = f
         return False
