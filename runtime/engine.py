@@ -101,6 +101,7 @@ class Engine:
         self.cache = KVCache(kv["layers"], self.batch, kv["kv_heads"], kv["head_dim"], self.bundle.buckets["decode"],
                              kv["dtype"])
         self.timings = Timings()
+        self._pixels = None   # preprocessing buffer, allocated on first use
         self._cached = None   # (image key, token ids whose K/V are in the cache) for B = 1 prefix reuse
         self.reuse_prefix = True  # False: every request starts from prefill (batch files: results independent of order)
 
@@ -112,9 +113,15 @@ class Engine:
         return out
 
     def pixels(self, images) -> np.ndarray:
-        """Images (path, bytes, PIL) -> float32 [B, 3, S, S], padded with zeros to the bundle batch."""
+        """Images (path, bytes, PIL) -> float32 [B, 3, S, S], padded with zeros to the bundle batch.
+
+        Fills one buffer kept for the session (a fresh 21 MiB array per 1344 px image costs ~9 ms of
+        page faults): the result is valid until the next call."""
         s = self.pre["image_size"]
-        out = np.zeros((self.batch, 3, s, s), np.float32)
+        if self._pixels is None:
+            self._pixels = np.zeros((self.batch, 3, s, s), np.float32)
+        out = self._pixels
+        out[len(images):] = 0
         for i, img in enumerate(images):
             if isinstance(img, np.ndarray):  # already preprocessed (e.g. on a background thread)
                 if img.shape != (3, s, s):
