@@ -1,0 +1,103 @@
+"""Accuracy of a quantization scheme against the fp32 model, on held-out prompts.
+
+The quantized model is evaluated as the in-graph-dequantizing graphs compute it: every linear uses
+`q.astype(f32) * scale`, i.e. the fp32 cells run with fake-quantized weights (calib.quant.fake_quantize).
+
+Per position of the prompt's text (bos and every token after the image): top-1 agreement, cosine
+similarity of the logit vectors, KL(p_fp32 || p_quant); per prompt: whether the greedy continuation
+of `steps` tokens is identical (and the common prefix length); per linear: the relative output error
+||x (W - deq(q(W)))^T|| / ||x W^T|| on the held-out activations (which layer contributes most error).
+"""
+import numpy as np
+
+from .quant import fake_quantize, is_linear_weight, quantized_bytes
+from .stats import collect
+
+
+def _log_softmax(x):
+    x = x.astype(np.float64)
+    x = x - x.max(-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(-1, keepdims=True))
+
+
+def compare_logits(ref: np.ndarray, q: np.ndarray) -> dict:
+    """ref, q [N, V] -> per-position arrays of top-1 agreement, cosine, KL(ref || q)."""
+    a, b = ref.astype(np.float64), q.astype(np.float64)
+    cos = (a * b).sum(-1) / np.maximum(np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1), 1e-30)
+    lp, lq = _log_softmax(a), _log_softmax(b)
+    kl = (np.exp(lp) * (lp - lq)).sum(-1)
+    return {"top1": (a.argmax(-1) == b.argmax(-1)), "cosine": cos, "kl": np.maximum(kl, 0.0)}
+
+
+def accuracy_report(model, weights: dict, samples, scheme: str = "w8a16", steps: int = 8,
+                    stop_ids=()) -> dict:
+    qweights = fake_quantize(weights, scheme)
+    t_ref, t_q = model.tensors(weights), model.tensors(qweights)
+    n_img = model.cfg.num_image_tokens
+    per_pos = {"top1": [], "cosine": [], "kl": []}
+    greedy_match, prefix = [], []
+    for image, prompt in samples:
+        ref, ids, pos, e_ref = model.run(image, prompt, t_ref)
+        q, _, _, e_q = model.run(image, prompt, t_q)
+        keep = np.ones(len(ids), bool)
+        if image is not None:
+            keep[1:1 + n_img] = False
+        m = compare_logits(ref[keep], q[keep])
+        for k in per_pos:
+            per_pos[k].append(m[k])
+        if steps:
+            g_ref = model.greedy(ids, pos, e_ref, t_ref, steps, stop_ids)
+            g_q = model.greedy(ids, pos, e_q, t_q, steps, stop_ids)
+            greedy_match.append(g_ref == g_q)
+            n = 0
+            while n < min(len(g_ref), len(g_q)) and g_ref[n] == g_q[n]:
+                n += 1
+            prefix.append(n / max(len(g_ref), 1))
+    cat = {k: np.concatenate(v) for k, v in per_pos.items()}
+    out = {
+        "scheme": scheme, "prompts": len(samples), "positions": int(cat["top1"].size),
+        "top1_agreement": float(cat["top1"].mean()),
+        "cosine_mean": float(cat["cosine"].mean()), "cosine_min": float(cat["cosine"].min()),
+        "kl_mean": float(cat["kl"].mean()), "kl_max": float(cat["kl"].max()),
+    }
+    if steps:
+        out.update({"greedy_steps": steps, "greedy_sequence_match": float(np.mean(greedy_match)),
+                    "greedy_common_prefix": float(np.mean(prefix))})
+    out["layers"] = layer_errors(model, weights, qweights, samples)
+    out["bytes"] = quantized_bytes(weights, scheme)
+    return out
+
+
+def layer_errors(model, weights: dict, qweights: dict, samples) -> list[dict]:
+    """Per linear, over the fp32 model's own activations: relative output error of the quantized
+    weight alone (||x dW^T|| / ||x W^T||) and relative weight error; sorted worst first."""
+    num, den = {}, {}
+    w2 = {n: w.reshape(w.shape[0], -1).astype(np.float64) for n, w in weights.items() if is_linear_weight(n, w.shape)}
+    d2 = {n: w2[n] - qweights[n].reshape(w2[n].shape).astype(np.float64) for n in w2}
+
+    def err(name, x):
+        x = x.astype(np.float64)
+        num[name] = num.get(name, 0.0) + float(np.square(x @ d2[name].T).sum())
+        den[name] = den.get(name, 0.0) + float(np.square(x @ w2[name].T).sum())
+    collect(model, weights, samples, extra=err)
+    rows = [{"layer": n, "output_rel_err": float(np.sqrt(num[n] / max(den[n], 1e-300))),
+             "weight_rel_err": float(np.linalg.norm(d2[n]) / max(np.linalg.norm(w2[n]), 1e-300))}
+            for n in num]
+    return sorted(rows, key=lambda r: -r["output_rel_err"])
+
+
+def format_report(r: dict, top: int = 10) -> str:
+    lines = [f"scheme {r['scheme']}: {r['prompts']} held-out prompts, {r['positions']} positions",
+             f"  top-1 agreement   {r['top1_agreement']:.4f}",
+             f"  logit cosine      mean {r['cosine_mean']:.6f}  min {r['cosine_min']:.6f}",
+             f"  KL(fp32 || quant) mean {r['kl_mean']:.3e}  max {r['kl_max']:.3e}"]
+    if "greedy_steps" in r:
+        lines.append(f"  greedy {r['greedy_steps']} tokens: sequence match {r['greedy_sequence_match']:.3f}, "
+                     f"common prefix {r['greedy_common_prefix']:.3f}")
+    b = r["bytes"]
+    lines.append(f"  quantized matrices: {b['quantized_bytes']} bytes vs {b['reference_bytes']} in fp16 "
+                 f"({b['ratio']:.3f}x)")
+    lines.append(f"  per-layer relative output error (worst {min(top, len(r['layers']))} of {len(r['layers'])}):")
+    for row in r["layers"][:top]:
+        lines.append(f"    {row['output_rel_err']:.3e}  (weight {row['weight_rel_err']:.3e})  {row['layer']}")
+    return "\n".join(lines)
