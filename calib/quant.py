@@ -12,14 +12,7 @@ position/cls/boi/eoi embeddings) is left as it is.
 """
 import numpy as np
 
-QWEIGHT, SCALE = ".qweight", ".scale"
-# 2-D (or conv) weights that are NOT used as a linear's matrix: gathered or added
-NOT_LINEAR = ("embed_tokens", "position_embedding", "cls_embedding", ".boi", ".eoi")
-
-
-def is_linear_weight(name: str, shape) -> bool:
-    return (name.endswith(".weight") and len(shape) in (2, 4)
-            and not any(s in name for s in NOT_LINEAR))
+from cogvlm2_lite.graphs.quant import QWEIGHT, SCALE, is_linear_weight  # noqa: F401  (one rule for both)
 
 
 class W8A16:

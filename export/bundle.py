@@ -29,6 +29,8 @@ from tqdm import tqdm
 from cogvlm2_lite.graphs.config import CogVLM2Config
 from cogvlm2_lite.graphs.entry import NUMPY_NAMES
 from cogvlm2_lite.graphs.model import weight_specs
+from cogvlm2_lite.graphs.quant import SCHEMES as QUANT_SCHEMES
+from cogvlm2_lite.graphs.weights import WeightSpec
 from cogvlm2_lite.runtime.bundle import FORMAT_VERSION, sha256
 from cogvlm2_lite.runtime.errors import UserError
 
@@ -70,7 +72,18 @@ class Source:
         return full[index] if index else full
 
 
-def write_weights(source: Source, tp: int, dtype: str, staging: Path, bar) -> list[list[str]]:
+def bundle_tensors(spec, full: np.ndarray, quant: str | None):
+    """-> [(spec, array)] stored for one checkpoint tensor: itself, or its quantized pair."""
+    from cogvlm2_lite.graphs.quant import QWEIGHT, SCALE, is_linear_weight, scale_split
+    if quant is None or not is_linear_weight(spec.name, spec.shape):
+        return [(spec, full)]
+    from cogvlm2_lite.calib.quant import get_scheme
+    q, scale = get_scheme(quant).quantize(full)
+    return [(WeightSpec(spec.name + QWEIGHT, spec.shape, spec.split, "int8"), q),
+            (WeightSpec(spec.name + SCALE, (spec.shape[0],), scale_split(spec.split), "float32"), scale)]
+
+
+def write_weights(source: Source, tp: int, dtype: str, staging: Path, bar, quant: str | None = None) -> list[list[str]]:
     """One pass over the checkpoint: each tensor is read once, cut for every rank, cast, and
     streamed into rank{K}/weights-NNNNN.safetensors files. Peak memory is one full tensor plus
     the pending shard of each rank."""
@@ -85,13 +98,15 @@ def write_weights(source: Source, tp: int, dtype: str, staging: Path, bar) -> li
         pending[r], sizes[r] = {}, 0
     for spec in weight_specs(source.cfg):
         full = source.read(spec, ())
-        for r in range(tp):
-            parts = [full[index] for index in shard_index(spec, r, tp)]
-            a = parts[0] if len(parts) == 1 else np.concatenate(parts, axis=spec.split.dim)
-            pending[r][spec.name] = np.ascontiguousarray(a.astype(NP_DTYPES[dtype]))
-            sizes[r] += pending[r][spec.name].nbytes
-            if sizes[r] >= SHARD_BYTES:
-                flush(r)
+        for stored, tensor in bundle_tensors(spec, full, quant):
+            for r in range(tp):
+                parts = [tensor[index] for index in shard_index(stored, r, tp)]
+                a = parts[0] if len(parts) == 1 else np.concatenate(parts, axis=stored.split.dim)
+                a = a.astype(stored.dtype or NP_DTYPES[dtype])
+                pending[r][stored.name] = np.ascontiguousarray(a)
+                sizes[r] += pending[r][stored.name].nbytes
+                if sizes[r] >= SHARD_BYTES:
+                    flush(r)
         del full
         bar.update(1)
     for r in range(tp):
@@ -170,7 +185,7 @@ def build_manifest(plan: Plan, staging: Path, tokenizer_ranks: int, generation: 
             "inputs": [{"name": n, "shape": list(s), "dtype": d} for n, s, d in g.inputs],
             "outputs": [{"name": n, "shape": list(s), "dtype": d} for n, s, d in g.outputs]}
     vision_names = next(plan.graphs()).table.names
-    language_names = [s.name for s in weight_specs(cfg)][len(vision_names):]
+    language_names = [s.name for s in weight_specs(cfg, plan.quant)][len(vision_names):]
     stop_ids = list(dict.fromkeys(cfg.stop_ids() + list(np.atleast_1d(generation.get("eos_token_id", [])).tolist())))
     manifest = {
         "format": "cogvlm2-lite-bundle", "format_version": FORMAT_VERSION,
@@ -192,6 +207,9 @@ def build_manifest(plan: Plan, staging: Path, tokenizer_ranks: int, generation: 
                        "mean": list(IMAGE_MEAN), "std": list(IMAGE_STD)},
         "tools": tool_versions(plan.formats),
     }
+    if plan.quant:
+        manifest["quant"] = {"scheme": plan.quant, "weights": "int8, symmetric, per output channel",
+                             "scales": "float32", "dequantize": "in graph: qweight * scale"}
     files = sorted(p for p in staging.rglob("*") if p.is_file())
     manifest["files"] = {str(p.relative_to(staging)): {"bytes": p.stat().st_size, "sha256": sha256(p)} for p in files}
     return manifest
@@ -200,7 +218,7 @@ def build_manifest(plan: Plan, staging: Path, tokenizer_ranks: int, generation: 
 def export_bundle(out: Path, *, hf_dir: Path | None = None, random_init: CogVLM2Config | None = None,
                   tokenizer: Path | None = None, tp: int = 1, dtype: str = "fp32", batch: int = 1,
                   buckets: dict | None = None, force: bool = False, seed: int = 0, progress: bool = True,
-                  formats=("mindir",)) -> Path:
+                  formats=("mindir",), quant: str | None = None) -> Path:
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
         raise UserError(f"{out} already exists and is not empty: choose another folder or pass --force to replace it.")
@@ -209,6 +227,8 @@ def export_bundle(out: Path, *, hf_dir: Path | None = None, random_init: CogVLM2
     if batch < 1:
         raise UserError(f"--batch must be at least 1, not {batch}.")
     formats = check_formats(formats, tp, dtype)
+    if quant is not None and quant not in QUANT_SCHEMES:
+        raise UserError(f"--quant {quant}: choose one of {', '.join(QUANT_SCHEMES)}.")
     checkpoint = Checkpoint(hf_dir) if hf_dir is not None else None
     cfg = checkpoint.config if checkpoint else random_init
     check_tp(cfg, tp)
@@ -221,7 +241,7 @@ def export_bundle(out: Path, *, hf_dir: Path | None = None, random_init: CogVLM2
     tokenizer_ranks = check_tokenizer(Path(tokenizer), cfg)
     b = {**default_buckets(cfg), **(buckets or {})}
     check_buckets(cfg, b)
-    plan = Plan(cfg.to_hf(), dtype, tp, batch, b["text"], b["image"], b["decode"], formats)
+    plan = Plan(cfg.to_hf(), dtype, tp, batch, b["text"], b["image"], b["decode"], formats, quant)
     source = Source(checkpoint, cfg, seed)
 
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -232,7 +252,7 @@ def export_bundle(out: Path, *, hf_dir: Path | None = None, random_init: CogVLM2
         with tqdm(total=tp * n_graphs + n_weights, desc="export", unit="step", disable=not progress) as bar:
             trace_all_ranks(plan, staging, bar)
             bar.set_postfix_str("weights")
-            weight_files = write_weights(source, tp, dtype, staging, bar)
+            weight_files = write_weights(source, tp, dtype, staging, bar, quant)
         shutil.copyfile(tokenizer, staging / "tokenizer.model")
         for p in [staging, *staging.rglob("*")]:  # mkdtemp and ms.export create owner-only modes
             p.chmod(0o755 if p.is_dir() else 0o644)

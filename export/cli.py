@@ -39,8 +39,10 @@ def parse_buckets(text: str | None) -> dict:
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of --random-init weights.")
 @click.option("--format", "formats", default="mindir", show_default=True,
               help="Graph formats, comma-separated: mindir (MindSpore, tensor parallel), onnx (onnxruntime, tp 1).")
+@click.option("--quant", type=click.Choice(["w8a16"]), default=None,
+              help="Weight quantization: w8a16 = int8 weights per output channel, dequantized in the graphs.")
 @click.option("--force", is_flag=True, help="Replace an existing non-empty BUNDLE.")
-def export(paths, random_init, tokenizer, tp, dtype, batch, buckets, seed, force, formats):
+def export(paths, random_init, tokenizer, tp, dtype, batch, buckets, seed, force, formats, quant):
     """Trace fixed-shape vision/prefill/decode graphs and write a bundle."""
     if random_init is None and len(paths) != 2:
         raise UserError("give HF_DIR and BUNDLE (or --random-init PRESET and BUNDLE).")
@@ -58,5 +60,5 @@ def export(paths, random_init, tokenizer, tp, dtype, batch, buckets, seed, force
         raise UserError(f"{hf_dir} is not a folder: give the HF checkpoint folder.")
     out = export_bundle(Path(paths[-1]), hf_dir=hf_dir, random_init=cfg, tokenizer=tokenizer and Path(tokenizer),
                         tp=tp, dtype=dtype, batch=batch, buckets=parse_buckets(buckets), force=force, seed=seed,
-                        formats=formats)
+                        formats=formats, quant=quant)
     click.echo(f"wrote {out}")

@@ -16,7 +16,8 @@ from mindspore.common.initializer import Zero
 from cogvlm2_lite.graphs.config import CogVLM2Config
 from cogvlm2_lite.graphs.entry import DTYPES, DecodeGraph, PrefillGraph, VisionGraph
 
-MS_DTYPES = {"int32": ms.int32, "float32": ms.float32, "float16": ms.float16, "bfloat16": ms.bfloat16}
+MS_DTYPES = {"int32": ms.int32, "float32": ms.float32, "float16": ms.float16, "bfloat16": ms.bfloat16,
+             "int8": ms.int8}
 
 
 @dataclass
@@ -30,6 +31,7 @@ class Plan:
     image_buckets: list = field(default_factory=list)
     decode_buckets: list = field(default_factory=list)
     formats: list = field(default_factory=lambda: ["mindir"])   # graph file formats: mindir, onnx
+    quant: str | None = None    # weight quantization scheme (graphs/quant.py): None or "w8a16"
 
     @property
     def cfg(self) -> CogVLM2Config:
@@ -38,19 +40,21 @@ class Plan:
     def graphs(self):
         """The graph cells of one rank, in bundle order."""
         cfg = self.cfg
-        yield VisionGraph(cfg, self.batch, self.dtype, self.tp)
+        q = self.quant
+        yield VisionGraph(cfg, self.batch, self.dtype, self.tp, quant=q)
         for s in self.text_buckets:
-            yield PrefillGraph(cfg, s, self.batch, image=False, dtype=self.dtype, tp=self.tp)
+            yield PrefillGraph(cfg, s, self.batch, image=False, dtype=self.dtype, tp=self.tp, quant=q)
         for s in self.image_buckets:
-            yield PrefillGraph(cfg, s, self.batch, image=True, dtype=self.dtype, tp=self.tp)
+            yield PrefillGraph(cfg, s, self.batch, image=True, dtype=self.dtype, tp=self.tp, quant=q)
         for t in self.decode_buckets:
-            yield DecodeGraph(cfg, t, self.batch, self.dtype, self.tp)
+            yield DecodeGraph(cfg, t, self.batch, self.dtype, self.tp, quant=q)
 
 
 def example_inputs(graph, dtype: str, tp: int) -> list:
     """Shape-only placeholders: lazily initialised tensors are never allocated by tracing."""
     data = [(shape, MS_DTYPES[dt]) for _, shape, dt in graph.inputs]
-    weights = [(shape, DTYPES[dtype]) for shape in graph.table.local_shapes(tp)]
+    weights = [(shape, MS_DTYPES[s.dtype] if s.dtype else DTYPES[dtype])
+               for shape, s in zip(graph.table.local_shapes(tp), graph.table.specs)]
     return [ms.Tensor(shape=shape, dtype=dt, init=Zero()) for shape, dt in data + weights]
 
 

@@ -9,26 +9,41 @@ from mindspore import nn, ops
 from .config import CogVLM2Config
 from .language import LanguageModel
 from .layers import NEG_INF
+from .quant import dequantize, quantized_table
 from .vision import VisionModel
 
 DTYPES = {"fp32": ms.float32, "fp16": ms.float16, "bf16": ms.bfloat16}
 NUMPY_NAMES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 
 
+def _quantize(cell, table, dtype: str, quant):
+    """Weight inputs of `cell`: `table` as is, or (quant) its quantized transformation."""
+    cell.compute = DTYPES[dtype]
+    cell.dequant = None
+    if quant is None:
+        return table
+    qtable, cell.dequant = quantized_table(table, quant)
+    return qtable
+
+
+def _weights(cell, w):
+    return w if cell.dequant is None else dequantize(w, cell.dequant, cell.compute)
+
+
 class VisionGraph(nn.Cell):
     """pixel_values [B, 3, S, S] float32 -> image_embeds [B, n_image, hidden] (compute dtype)."""
 
-    def __init__(self, cfg: CogVLM2Config, batch: int, dtype: str = "fp32", tp: int = 1):
+    def __init__(self, cfg: CogVLM2Config, batch: int, dtype: str = "fp32", tp: int = 1, quant=None):
         super().__init__()
         self.name = "vision"
         self.model = VisionModel(cfg, tp)
-        self.table = self.model.table
+        self.table = _quantize(self, self.model.table, dtype, quant)
         s = cfg.vision.image_size
         self.inputs = [("pixel_values", (batch, 3, s, s), "float32")]
         self.outputs = [("image_embeds", (batch, cfg.num_image_tokens, cfg.hidden_size), NUMPY_NAMES[dtype])]
 
     def construct(self, *args):
-        return self.model(args[0], args[1:])
+        return self.model(args[0], _weights(self, args[1:]))
 
 
 class PrefillGraph(nn.Cell):
@@ -41,7 +56,7 @@ class PrefillGraph(nn.Cell):
     """
 
     def __init__(self, cfg: CogVLM2Config, seq_len: int, batch: int, image: bool, dtype: str = "fp32",
-                 tp: int = 1, all_logits: bool = False):
+                 tp: int = 1, all_logits: bool = False, quant=None):
         super().__init__()
         n = cfg.num_image_tokens
         if image and seq_len < n + 2:
@@ -49,7 +64,7 @@ class PrefillGraph(nn.Cell):
         self.name = f"prefill_{'image' if image else 'text'}_{seq_len}"
         self.image, self.all_logits, self.seq_len = image, all_logits, seq_len
         self.lm = LanguageModel(cfg, tp, vision_span=(1, n) if image else None)
-        self.table = self.lm.table
+        self.table = _quantize(self, self.lm.table, dtype, quant)
         kv = (cfg.num_hidden_layers, batch, cfg.num_multi_query_heads // tp, seq_len, cfg.head_dim)
         dt = NUMPY_NAMES[dtype]
         self.inputs = [("input_ids", (batch, seq_len), "int32")]
@@ -66,6 +81,7 @@ class PrefillGraph(nn.Cell):
             input_ids, positions, valid_len = args[0], args[1], args[2]
             image_embeds = None
             w = args[3:]
+        w = _weights(self, w)
         h = self.lm.embed_tokens(input_ids, image_embeds, w)
         h, k, v = self.lm(h, positions, causal_bias(self.seq_len, valid_len), w, None, None)
         if self.all_logits:
@@ -95,12 +111,13 @@ class DecodeGraph(nn.Cell):
     runtime's buffer, passed without copies) -> logits [B, V] float32, k_new, v_new [L, B, KV, 1, D].
     """
 
-    def __init__(self, cfg: CogVLM2Config, cache_len: int, batch: int, dtype: str = "fp32", tp: int = 1):
+    def __init__(self, cfg: CogVLM2Config, cache_len: int, batch: int, dtype: str = "fp32", tp: int = 1,
+                 quant=None):
         super().__init__()
         self.name = f"decode_{cache_len}"
         self.layers, self.cache_len = cfg.num_hidden_layers, cache_len
         self.lm = LanguageModel(cfg, tp)
-        self.table = self.lm.table
+        self.table = _quantize(self, self.lm.table, dtype, quant)
         dt = NUMPY_NAMES[dtype]
         cache = (batch, cfg.num_multi_query_heads // tp, cache_len, cfg.head_dim)
         new = (cfg.num_hidden_layers, batch, cfg.num_multi_query_heads // tp, 1, cfg.head_dim)
@@ -113,7 +130,7 @@ class DecodeGraph(nn.Cell):
     def construct(self, *args):
         token, position, write_index = args[0], args[1], args[2]
         n = self.layers
-        k_caches, v_caches, w = args[3:3 + n], args[3 + n:3 + 2 * n], args[3 + 2 * n:]
+        k_caches, v_caches, w = args[3:3 + n], args[3 + n:3 + 2 * n], _weights(self, args[3 + 2 * n:])
         b = token.shape[0]
         empty = ops.arange(0, self.cache_len, dtype=ms.int32).reshape(1, -1) >= write_index.reshape(-1, 1)
         bias = masked_bias(empty).reshape(b, 1, 1, -1)

@@ -46,6 +46,7 @@ class WeightSpec:
     name: str          # HF checkpoint key
     shape: tuple       # full (unsplit) shape, as in the checkpoint
     split: Split
+    dtype: str | None = None   # numpy dtype name of the graph input; None: the bundle's compute dtype
 
 
 class WeightTable:

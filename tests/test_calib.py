@@ -126,3 +126,47 @@ def test_quantized_tiny_model_stays_close_to_fp32(model, tiny_cfg, tiny_weights)
     assert r["kl_mean"] < 1e-2
     assert len(r["layers"]) == len([n for n, w in tiny_weights.items() if is_linear_weight(n, w.shape)])
     assert all(0 < row["output_rel_err"] < 0.05 for row in r["layers"])
+
+
+QUANT_BUCKETS = {"text": [16], "image": [24], "decode": [32]}
+
+
+@pytest.fixture(scope="module")
+def quant_bundle(tmp_path_factory, tiny_hf):
+    from cogvlm2_lite.export.bundle import export_bundle
+    return export_bundle(tmp_path_factory.mktemp("bundles") / "w8a16", hf_dir=tiny_hf, buckets=QUANT_BUCKETS,
+                         progress=False, formats=("mindir", "onnx"), quant="w8a16")
+
+
+def test_w8a16_bundle_stores_int8_and_its_graphs_dequantize_exactly(quant_bundle, tiny_cfg, tiny_weights):
+    """The exported graphs (both formats) compute the fp32 model with deq(q(W)) weights: their logits
+    match the eager cells run with fake-quantized weights; the bundle stores int8 + fp32 scales."""
+    from cogvlm2_lite.calib.eager import pynative
+    from cogvlm2_lite.graphs.entry import PrefillGraph
+    from cogvlm2_lite.runtime.backends import BACKENDS, load_rank_weights
+    from cogvlm2_lite.runtime.bundle import Bundle
+    import mindspore as ms
+    b = Bundle(quant_bundle, verify=True)
+    assert b.manifest["quant"]["scheme"] == "w8a16"
+    stored = load_rank_weights(b, 0)
+    linears = [n for n, w in tiny_weights.items() if is_linear_weight(n, w.shape)]
+    q = quantize_weights(tiny_weights)
+    for n in linears:
+        assert n not in stored and stored[n + ".qweight"].dtype == np.int8
+        np.testing.assert_array_equal(stored[n + ".qweight"], q[n + ".qweight"])
+        np.testing.assert_array_equal(stored[n + ".scale"], q[n + ".scale"])
+    qbytes = sum(stored[n + s].nbytes for n in linears for s in (".qweight", ".scale"))
+    assert qbytes <= 0.55 * sum(tiny_weights[n].size * 2 for n in linears)   # vs the same matrices in fp16
+
+    rng = np.random.default_rng(3)
+    ids = rng.integers(0, 768, (1, 16)).astype(np.int32)
+    pos = np.arange(16, dtype=np.int32)[None]
+    valid = np.array([13], np.int32)
+    fake = fake_quantize(tiny_weights)
+    g = PrefillGraph(tiny_cfg, 16, 1, image=False)
+    with pynative():
+        ref = g(ms.Tensor(ids), ms.Tensor(pos), ms.Tensor(valid), *[ms.Tensor(fake[n]) for n in g.table.names])
+    ref = ref[0].asnumpy()
+    for backend in ("mindspore", "onnxruntime"):
+        out = BACKENDS[backend](b, 0).run("prefill_text_16", [ids, pos, valid])[0]
+        np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-4, err_msg=backend)
