@@ -43,8 +43,8 @@ SHARD_BYTES = 256 << 20  # weight files are cut at 256 MiB: bounds the memory of
 IMAGE_MEAN = (0.48145466, 0.4578275, 0.40821073)
 IMAGE_STD = (0.26862954, 0.26130258, 0.27577711)
 NP_DTYPES = {"fp32": np.float32, "fp16": np.float16, "bf16": ml_dtypes.bfloat16}
-FORMATS = ("mindir", "onnx")
-GRAPH_SUFFIX = {"mindir": ".mindir", "onnx": ".onnx"}
+FORMATS = ("mindir", "onnx", "lite")
+GRAPH_SUFFIX = {"mindir": ".mindir", "onnx": ".onnx", "lite": ".lite.mindir"}
 
 
 def default_buckets(cfg: CogVLM2Config) -> dict:
@@ -143,7 +143,7 @@ def generation_defaults(folder: Path | None) -> dict:
 
 def tool_versions(formats=("mindir",)) -> dict:
     v = {"python": platform.python_version()}
-    for pkg in ("cogvlm2-lite", "mindspore", "numpy", "safetensors") + (("onnx",) if "onnx" in formats else ()):
+    for pkg in ("cogvlm2-lite", "mindspore", "numpy", "safetensors") + (("onnx",) if "onnx" in formats or "lite" in formats else ()):
         v[pkg] = metadata.version(pkg)
     return v
 
@@ -274,9 +274,12 @@ def check_formats(formats, tp: int, dtype: str) -> list:
     if unknown or not wanted:
         raise UserError(f"--format {','.join(formats) or '(empty)'}: choose one or more of {', '.join(FORMATS)}, "
                         "comma-separated (e.g. mindir,onnx).")
-    if "onnx" in wanted:
+    if "onnx" in wanted or "lite" in wanted:  # lite graphs are converted from the ONNX graphs
         from .onnx_export import check_onnx_plan
         check_onnx_plan(tp, dtype)
+    if "lite" in wanted:
+        from .lite_export import check_lite_plan
+        check_lite_plan()
     return [f for f in FORMATS if f in wanted]
 
 

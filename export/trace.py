@@ -66,9 +66,14 @@ def trace_rank(plan: Plan, out_dir: Path, on_graph=lambda name: None):
         inputs = example_inputs(graph, plan.dtype, plan.tp)
         if "mindir" in plan.formats:
             ms.export(graph, *inputs, file_name=str(out_dir / graph.name), file_format="MINDIR")
-        if "onnx" in plan.formats:
+        if "onnx" in plan.formats or "lite" in plan.formats:
             from .onnx_export import export_onnx  # imports onnx only when asked for
             export_onnx(graph, inputs, out_dir / f"{graph.name}.onnx")
+        if "lite" in plan.formats:  # MindSpore Lite's MindIR, converted from the ONNX graph
+            from .lite_export import SUFFIX, convert_to_lite
+            convert_to_lite(out_dir / f"{graph.name}.onnx", out_dir / f"{graph.name}{SUFFIX}")
+            if "onnx" not in plan.formats:
+                (out_dir / f"{graph.name}.onnx").unlink()
         on_graph(graph.name)
 
 

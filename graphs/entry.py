@@ -94,7 +94,7 @@ class PrefillGraph(nn.Cell):
 def causal_bias(s, anchor):
     """[S, S] additive mask computed at run time: tied to an input (`anchor`, an int32 tensor of values >= 0) so
     the compiler cannot fold it into a constant of S*S floats stored in the graph file."""
-    i = ops.arange(0, s, dtype=ms.int32) + ops.minimum(anchor[0], 0)
+    i = ops.arange(0, s, dtype=ms.int32) + ops.minimum(anchor, 0).sum().astype(ms.int32)  # not anchor[0]: see DecodeGraph
     future = i.reshape(1, -1) > i.reshape(-1, 1)
     return masked_bias(future)
 
@@ -136,4 +136,4 @@ class DecodeGraph(nn.Cell):
         bias = masked_bias(empty).reshape(b, 1, 1, -1)
         h = self.lm.embed_tokens(token, None, w)
         h, k, v = self.lm(h, position.reshape(b, 1), bias, w, k_caches, v_caches)
-        return self.lm.logits(h[:, 0], w), k, v
+        return self.lm.logits(h.reshape(b, -1), w), k, v  # not h[:, 0]: an ONNX Slice Lite 2.0 cannot run

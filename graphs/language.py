@@ -124,9 +124,9 @@ class LanguageModel(TensorParallel):
                 h, k, v = self.layers[i](h, cos, sin, bias, w, None, None)
             else:
                 h, k, v = self.layers[i](h, cos, sin, bias, w, k_caches[i], v_caches[i])
-            ks = ks + (k,)
-            vs = vs + (v,)
-        return rms_norm(h, w[self.norm], self.eps), ops.stack(ks), ops.stack(vs)
+            ks = ks + (ops.expand_dims(k, 0),)  # concat of [1, ...] slices, not ops.stack: stack exports to
+            vs = vs + (ops.expand_dims(v, 0),)  # ONNX as SequenceConstruct/ConcatFromSequence (no Lite 2.0)
+        return rms_norm(h, w[self.norm], self.eps), ops.concat(ks, 0), ops.concat(vs, 0)
 
     def logits(self, h, w):
         return self.gather_last(linear(h, w[self.lm_head])).astype(ms.float32)

@@ -67,13 +67,16 @@ class MindSporeBackend:
 
 
 from .onnx_backend import OnnxRuntimeBackend  # noqa: E402  (imports onnxruntime only when opened)
+from .lite_backend import LiteBackend, lite_available  # noqa: E402  (starts MindSpore Lite only when opened)
 
-BACKENDS = {"mindspore": MindSporeBackend, "onnxruntime": OnnxRuntimeBackend}
+BACKENDS = {"mindspore": MindSporeBackend, "onnxruntime": OnnxRuntimeBackend, "lite": LiteBackend}
 
 
 def installed(name: str) -> bool:
     """Whether the package a backend needs can be imported here."""
     from importlib.util import find_spec
+    if name == "lite":
+        return lite_available()
     try:
         return find_spec({"mindspore": "mindspore", "onnxruntime": "onnxruntime"}[name]) is not None
     except (ImportError, ValueError):  # blocked or half-imported module
@@ -83,7 +86,7 @@ def installed(name: str) -> bool:
 def usable_backends(bundle: Bundle) -> list[str]:
     """The backends that can run this bundle here: its graph format is present, the package installed."""
     return [n for n, b in BACKENDS.items() if b.format in bundle.formats and installed(n)
-            and (n != "onnxruntime" or bundle.tp == 1)]
+            and (n == "mindspore" or bundle.tp == 1)]
 
 
 def open_backend(bundle: Bundle, name: str = "auto", rank: int = 0, **kw):
