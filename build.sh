@@ -19,6 +19,20 @@ setup() {
         rm -f "$VENV"/.installed-*
         touch "$stamp"
     fi
+    setup_lite
+}
+
+# MindSpore Lite for the `lite` backend: PyPI's only mindspore-lite (2.0.0) is built for CPython 3.7, so it
+# lives in its own venv that the runtime talks to through a worker process (runtime/lite_worker.py).
+setup_lite() {
+    local py37="${LITE_PYTHON37:-$(command -v python3.7 || echo "$HOME/.pyenv/versions/3.7.16/bin/python")}"
+    if [ -f .venv-lite/.installed-mslite-2.0.0 ]; then return; fi
+    if [ ! -x "$py37" ]; then
+        echo "note: no CPython 3.7 ($py37): the lite backend and its tests are skipped" >&2; return
+    fi
+    [ -x .venv-lite/bin/python ] || "$py37" -m venv .venv-lite
+    .venv-lite/bin/python -m pip install -q "mindspore-lite==2.0.0" "numpy==1.21.6"
+    touch .venv-lite/.installed-mslite-2.0.0
 }
 
 cmd="${1:-help}"

@@ -38,7 +38,8 @@ def parse_buckets(text: str | None) -> dict:
 @click.option("--buckets", default=None, help="e.g. 'text=128,512;image=2432,4096;decode=512,2048,4096'.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of --random-init weights.")
 @click.option("--format", "formats", default="mindir", show_default=True,
-              help="Graph formats, comma-separated: mindir (MindSpore, tensor parallel), onnx (onnxruntime, tp 1).")
+              help="Graph formats, comma-separated: mindir (MindSpore, tensor parallel), onnx (onnxruntime, tp 1), "
+                   "lite (MindSpore Lite, converted from ONNX; tp 1).")
 @click.option("--quant", type=click.Choice(["w8a16"]), default=None,
               help="Weight quantization: w8a16 = int8 weights per output channel, dequantized in the graphs.")
 @click.option("--force", is_flag=True, help="Replace an existing non-empty BUNDLE.")

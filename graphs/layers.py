@@ -124,7 +124,8 @@ def rope_cos_sin(positions, head_dim, theta):
     inv_freq = ms.Tensor([theta ** (-i / head_dim) for i in range(0, head_dim, 2)], ms.float32)
     freqs = positions.astype(ms.float32).expand_dims(-1) * inv_freq
     emb = ops.concat((freqs, freqs), -1)
-    return ops.cos(emb), ops.sin(emb)
+    half = ops.sin(emb * 0.5)  # cos x = 1 - 2 sin^2(x/2): MindSpore Lite 2.0's Cos is off by up to 1.6e-3, its Sin
+    return 1 - 2 * half * half, ops.sin(emb)  # is exact (x/2 is exact in fp32, so nothing is lost)
 
 
 def apply_rope(x, cos, sin):

@@ -91,10 +91,10 @@ def usable_backends(bundle: Bundle) -> list[str]:
 
 def open_backend(bundle: Bundle, name: str = "auto", rank: int = 0, **kw):
     """name 'auto': onnxruntime when the bundle has ONNX graphs and onnxruntime is installed (the faster
-    CPU path), else mindspore."""
+    CPU path), else mindspore, else lite (a lite-only bundle with MindSpore Lite available)."""
     if name == "auto":
         usable = usable_backends(bundle)
-        name = "onnxruntime" if "onnxruntime" in usable else "mindspore"
+        name = next((n for n in ("onnxruntime", "mindspore", "lite") if n in usable), "mindspore")
     if name not in BACKENDS:
         raise UserError(f"backend {name!r} is not available: choose one of {', '.join(BACKENDS)}.")
     return BACKENDS[name](bundle, rank, **kw)

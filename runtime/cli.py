@@ -60,7 +60,8 @@ def sampling_options(f):
         click.option("--template", type=click.Choice(["chat", "vqa", "base"]), default=None,
                      help="Prompt template (default: the bundle's)."),
         click.option("--backend", default="auto", show_default=True,
-                     help="auto (onnxruntime if the bundle has ONNX graphs, else mindspore), mindspore, onnxruntime."),
+                     help="auto (onnxruntime if the bundle has ONNX graphs, else mindspore, else lite), "
+                          "mindspore, onnxruntime, lite."),
         click.option("--verify", is_flag=True, help="Hash every bundle file (weights too) before loading."),
     ]
     for option in reversed(options):
