@@ -94,7 +94,7 @@ class PrefillGraph(nn.Cell):
 def causal_bias(s, anchor):
     """[S, S] additive mask computed at run time: tied to an input (`anchor`, an int32 tensor of values >= 0) so
     the compiler cannot fold it into a constant of S*S floats stored in the graph file."""
-    i = ops.arange(0, s, dtype=ms.int32) + ops.minimum(anchor, 0).sum().astype(ms.int32)  # not anchor[0]: see DecodeGraph
+    i = ops.arange(0, s, dtype=ms.int32) + ops.minimum(anchor, 0).sum().astype(ms.int32)  # not anchor[0] (Lite)
     future = i.reshape(1, -1) > i.reshape(-1, 1)
     return masked_bias(future)
 
