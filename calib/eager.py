@@ -60,7 +60,7 @@ def pynative():
 class EagerModel:
     """Vision tower + full-sequence prefill with logits at every position, run op by op."""
 
-    def __init__(self, cfg, tokenizer_path, preprocess_cfg: dict):
+    def __init__(self, cfg, tokenizer_path, preprocess_cfg: dict, quant: str | None = None):
         import mindspore as ms
         try:
             ms.set_device("CPU")
@@ -71,7 +71,8 @@ class EagerModel:
         self.cfg = cfg
         self.tok = Tokenizer(tokenizer_path)
         self.pre = preprocess_cfg
-        self.vision = VisionGraph(cfg, 1)
+        self.quant = quant  # a graphs/quant.py scheme: the cells then take the stored (quantized) tensors
+        self.vision = VisionGraph(cfg, 1, quant=quant)
         self._prefill = {}
 
     def tensors(self, weights: dict) -> dict:
@@ -100,7 +101,7 @@ class EagerModel:
         s = len(ids)
         key = (s, embeds is not None)
         if key not in self._prefill:
-            self._prefill[key] = PrefillGraph(self.cfg, s, 1, image=embeds is not None, all_logits=True)
+            self._prefill[key] = PrefillGraph(self.cfg, s, 1, image=embeds is not None, all_logits=True, quant=self.quant)
         g = self._prefill[key]
         data = [ms.Tensor(np.asarray([ids], np.int32))]
         if embeds is not None:

@@ -1,16 +1,19 @@
 """Accuracy of a quantization scheme against the fp32 model, on held-out prompts.
 
-The quantized model is evaluated as the in-graph-dequantizing graphs compute it: every linear uses
-`q.astype(f32) * scale`, i.e. the fp32 cells run with fake-quantized weights (calib.quant.fake_quantize).
+The quantized model is the exported graphs' own cells (graphs/quant.py) run eagerly on the stored
+tensors the export would write (calib.quant.Quantizer): what a quantized bundle computes.
 
 Per position of the prompt's text (bos and every token after the image): top-1 agreement, cosine
 similarity of the logit vectors, KL(p_fp32 || p_quant); per prompt: whether the greedy continuation
 of `steps` tokens is identical (and the common prefix length); per linear: the relative output error
-||x (W - deq(q(W)))^T|| / ||x W^T|| on the held-out activations (which layer contributes most error).
+||y_quant - x W^T|| / ||x W^T|| on the fp32 model's held-out activations, y_quant the stored form's
+arithmetic (calib.quant.reference_linear: activation quantization included for w8a8).
 """
 import numpy as np
 
-from .quant import fake_quantize, is_linear_weight, quantized_bytes
+from cogvlm2_lite.graphs.weights import REPLICATED, WeightSpec
+
+from .quant import dequantize, is_linear_weight, kind_of, quantized_bytes, reference_linear
 from .stats import collect
 
 
@@ -29,16 +32,16 @@ def compare_logits(ref: np.ndarray, q: np.ndarray) -> dict:
     return {"top1": (a.argmax(-1) == b.argmax(-1)), "cosine": cos, "kl": np.maximum(kl, 0.0)}
 
 
-def accuracy_report(model, weights: dict, samples, scheme: str = "w8a16", steps: int = 8,
-                    stop_ids=()) -> dict:
-    qweights = fake_quantize(weights, scheme)
-    t_ref, t_q = model.tensors(weights), model.tensors(qweights)
+def accuracy_report(model, qmodel, weights: dict, samples, quantizer, steps: int = 8, stop_ids=()) -> dict:
+    """model / qmodel: calib.eager.EagerModel without / with quantizer.scheme."""
+    qweights = quantizer.quantize(weights)
+    t_ref, t_q = model.tensors(weights), qmodel.tensors(qweights)
     n_img = model.cfg.num_image_tokens
     per_pos = {"top1": [], "cosine": [], "kl": []}
     greedy_match, prefix = [], []
     for image, prompt in samples:
         ref, ids, pos, e_ref = model.run(image, prompt, t_ref)
-        q, _, _, e_q = model.run(image, prompt, t_q)
+        q, _, _, e_q = qmodel.run(image, prompt, t_q)
         keep = np.ones(len(ids), bool)
         if image is not None:
             keep[1:1 + n_img] = False
@@ -47,7 +50,7 @@ def accuracy_report(model, weights: dict, samples, scheme: str = "w8a16", steps:
             per_pos[k].append(m[k])
         if steps:
             g_ref = model.greedy(ids, pos, e_ref, t_ref, steps, stop_ids)
-            g_q = model.greedy(ids, pos, e_q, t_q, steps, stop_ids)
+            g_q = qmodel.greedy(ids, pos, e_q, t_q, steps, stop_ids)
             greedy_match.append(g_ref == g_q)
             n = 0
             while n < min(len(g_ref), len(g_q)) and g_ref[n] == g_q[n]:
@@ -55,7 +58,7 @@ def accuracy_report(model, weights: dict, samples, scheme: str = "w8a16", steps:
             prefix.append(n / max(len(g_ref), 1))
     cat = {k: np.concatenate(v) for k, v in per_pos.items()}
     out = {
-        "scheme": scheme, "prompts": len(samples), "positions": int(cat["top1"].size),
+        "scheme": quantizer.scheme, "prompts": len(samples), "positions": int(cat["top1"].size),
         "top1_agreement": float(cat["top1"].mean()),
         "cosine_mean": float(cat["cosine"].mean()), "cosine_min": float(cat["cosine"].min()),
         "kl_mean": float(cat["kl"].mean()), "kl_max": float(cat["kl"].max()),
@@ -63,25 +66,27 @@ def accuracy_report(model, weights: dict, samples, scheme: str = "w8a16", steps:
     if steps:
         out.update({"greedy_steps": steps, "greedy_sequence_match": float(np.mean(greedy_match)),
                     "greedy_common_prefix": float(np.mean(prefix))})
-    out["layers"] = layer_errors(model, weights, qweights, samples)
-    out["bytes"] = quantized_bytes(weights, scheme)
+    out["layers"] = layer_errors(model, weights, qweights, samples, quantizer.scheme)
+    out["bytes"] = quantized_bytes(weights, quantizer)
     return out
 
 
-def layer_errors(model, weights: dict, qweights: dict, samples) -> list[dict]:
-    """Per linear, over the fp32 model's own activations: relative output error of the quantized
-    weight alone (||x dW^T|| / ||x W^T||) and relative weight error; sorted worst first."""
+def layer_errors(model, weights: dict, qweights: dict, samples, scheme: str) -> list[dict]:
+    """Per linear, over the fp32 model's own activations: relative output error of its quantized form
+    alone and relative weight error; sorted worst first."""
     num, den = {}, {}
     w2 = {n: w.reshape(w.shape[0], -1).astype(np.float64) for n, w in weights.items() if is_linear_weight(n, w.shape)}
-    d2 = {n: w2[n] - qweights[n].reshape(w2[n].shape).astype(np.float64) for n in w2}
+    kinds = {n: kind_of(WeightSpec(n, weights[n].shape, REPLICATED), scheme) for n in w2}
 
     def err(name, x):
         x = x.astype(np.float64)
-        num[name] = num.get(name, 0.0) + float(np.square(x @ d2[name].T).sum())
-        den[name] = den.get(name, 0.0) + float(np.square(x @ w2[name].T).sum())
+        ref = x @ w2[name].T
+        num[name] = num.get(name, 0.0) + float(np.square(reference_linear(x, qweights, name, kinds[name]) - ref).sum())
+        den[name] = den.get(name, 0.0) + float(np.square(ref).sum())
     collect(model, weights, samples, extra=err)
-    rows = [{"layer": n, "output_rel_err": float(np.sqrt(num[n] / max(den[n], 1e-300))),
-             "weight_rel_err": float(np.linalg.norm(d2[n]) / max(np.linalg.norm(w2[n]), 1e-300))}
+    rows = [{"layer": n, "form": kinds[n], "output_rel_err": float(np.sqrt(num[n] / max(den[n], 1e-300))),
+             "weight_rel_err": float(np.linalg.norm(w2[n] - dequantize(qweights, n, kinds[n]).reshape(w2[n].shape))
+                                     / max(np.linalg.norm(w2[n]), 1e-300))}
             for n in num]
     return sorted(rows, key=lambda r: -r["output_rel_err"])
 
@@ -99,5 +104,5 @@ def format_report(r: dict, top: int = 10) -> str:
                  f"({b['ratio']:.3f}x)")
     lines.append(f"  per-layer relative output error (worst {min(top, len(r['layers']))} of {len(r['layers'])}):")
     for row in r["layers"][:top]:
-        lines.append(f"    {row['output_rel_err']:.3e}  (weight {row['weight_rel_err']:.3e})  {row['layer']}")
+        lines.append(f"    {row['output_rel_err']:.3e}  (weight {row['weight_rel_err']:.3e}, {row['form']})  {row['layer']}")
     return "\n".join(lines)

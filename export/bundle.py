@@ -23,13 +23,15 @@ from pathlib import Path
 
 import ml_dtypes
 import numpy as np
-from safetensors.numpy import save_file
+from safetensors import safe_open
+from safetensors.numpy import load_file, save_file
 from tqdm import tqdm
 
+from cogvlm2_lite.calib.stats import STATS_FILE
 from cogvlm2_lite.graphs.config import CogVLM2Config
 from cogvlm2_lite.graphs.entry import NUMPY_NAMES
 from cogvlm2_lite.graphs.model import weight_specs
-from cogvlm2_lite.graphs.quant import SCHEMES as QUANT_SCHEMES
+from cogvlm2_lite.graphs.quant import GROUP, SCHEMES as QUANT_SCHEMES, kind_of
 from cogvlm2_lite.graphs.weights import WeightSpec
 from cogvlm2_lite.runtime.bundle import FORMAT_VERSION, sha256
 from cogvlm2_lite.runtime.errors import UserError
@@ -72,18 +74,7 @@ class Source:
         return full[index] if index else full
 
 
-def bundle_tensors(spec, full: np.ndarray, quant: str | None):
-    """-> [(spec, array)] stored for one checkpoint tensor: itself, or its quantized pair."""
-    from cogvlm2_lite.graphs.quant import QWEIGHT, SCALE, is_linear_weight, scale_split
-    if quant is None or not is_linear_weight(spec.name, spec.shape):
-        return [(spec, full)]
-    from cogvlm2_lite.calib.quant import get_scheme
-    q, scale = get_scheme(quant).quantize(full)
-    return [(WeightSpec(spec.name + QWEIGHT, spec.shape, spec.split, "int8"), q),
-            (WeightSpec(spec.name + SCALE, (spec.shape[0],), scale_split(spec.split), "float32"), scale)]
-
-
-def write_weights(source: Source, tp: int, dtype: str, staging: Path, bar, quant: str | None = None) -> list[list[str]]:
+def write_weights(source: Source, tp: int, dtype: str, staging: Path, bar, quantizer=None) -> list[list[str]]:
     """One pass over the checkpoint: each tensor is read once, cut for every rank, cast, and
     streamed into rank{K}/weights-NNNNN.safetensors files. Peak memory is one full tensor plus
     the pending shard of each rank."""
@@ -98,7 +89,7 @@ def write_weights(source: Source, tp: int, dtype: str, staging: Path, bar, quant
         pending[r], sizes[r] = {}, 0
     for spec in weight_specs(source.cfg):
         full = source.read(spec, ())
-        for stored, tensor in bundle_tensors(spec, full, quant):
+        for stored, tensor in (quantizer.tensors(spec, full) if quantizer else [(spec, full)]):
             for r in range(tp):
                 parts = [tensor[index] for index in shard_index(stored, r, tp)]
                 a = parts[0] if len(parts) == 1 else np.concatenate(parts, axis=stored.split.dim)
@@ -173,7 +164,43 @@ def trace_all_ranks(plan: Plan, staging: Path, bar):
     bar.update(n_graphs * plan.tp)
 
 
-def build_manifest(plan: Plan, staging: Path, tokenizer_ranks: int, generation: dict, weight_files: list) -> dict:
+QUANT_FORMS = {
+    "int8": "NAME.qweight int8 [out, in] + NAME.scale fp32 [out]: symmetric per output channel, dequantized in graph",
+    "int4": f"NAME.qweight uint8 [out, in/2] (4-bit codes q+8, low nibble first) + NAME.scale fp32 [out, in/{GROUP}]: "
+            "symmetric per group, dequantized in graph (onnxruntime: MatMulNBits)",
+    "int8x8": "NAME.qweight int8 [in, out] + NAME.scale fp32 [out] + NAME.smooth fp32 [in]: SmoothQuant, activations "
+              "x*smooth quantized per token to int8 at run time, integer matmul (onnxruntime: MatMulInteger)",
+}
+
+
+PRIMARY_FORM = {"w8a16": "int8", "w8a8": "int8x8", "w4a16": "int4"}  # the others are fallbacks (convolutions...)
+
+
+def quant_manifest(cfg: CogVLM2Config, quantizer) -> dict:
+    """What each stored form means and which weights use it: the runtime and a reader need nothing else."""
+    kinds = {}
+    for spec in weight_specs(cfg):
+        kind = kind_of(spec, quantizer.scheme, quantizer.tp)
+        if kind is not None:
+            kinds.setdefault(kind, []).append(spec.name)
+    main = PRIMARY_FORM[quantizer.scheme]
+    out = {"scheme": quantizer.scheme,
+           "forms": {k: {"layout": QUANT_FORMS[k], "weights": len(v), **({} if k == main else {"names": v})}
+                     for k, v in kinds.items()}}
+    if "int4" in kinds:
+        out["group_size"] = GROUP
+    if quantizer.scheme == "w8a8":
+        out["smooth_alpha"] = quantizer.alpha
+    return out
+
+
+def stats_metadata(path: Path) -> dict:
+    with safe_open(str(path), "numpy") as f:
+        return {k: json.loads(v) for k, v in (f.metadata() or {}).items()}
+
+
+def build_manifest(plan: Plan, staging: Path, tokenizer_ranks: int, generation: dict, weight_files: list,
+                   quantizer=None) -> dict:
     cfg = plan.cfg
     graphs = {}
     for g in plan.graphs():
@@ -185,7 +212,7 @@ def build_manifest(plan: Plan, staging: Path, tokenizer_ranks: int, generation: 
             "inputs": [{"name": n, "shape": list(s), "dtype": d} for n, s, d in g.inputs],
             "outputs": [{"name": n, "shape": list(s), "dtype": d} for n, s, d in g.outputs]}
     vision_names = next(plan.graphs()).table.names
-    language_names = [s.name for s in weight_specs(cfg, plan.quant)][len(vision_names):]
+    language_names = [s.name for s in weight_specs(cfg, plan.quant, plan.tp)][len(vision_names):]
     stop_ids = list(dict.fromkeys(cfg.stop_ids() + list(np.atleast_1d(generation.get("eos_token_id", [])).tolist())))
     manifest = {
         "format": "cogvlm2-lite-bundle", "format_version": FORMAT_VERSION,
@@ -207,9 +234,10 @@ def build_manifest(plan: Plan, staging: Path, tokenizer_ranks: int, generation: 
                        "mean": list(IMAGE_MEAN), "std": list(IMAGE_STD)},
         "tools": tool_versions(plan.formats),
     }
-    if plan.quant:
-        manifest["quant"] = {"scheme": plan.quant, "weights": "int8, symmetric, per output channel",
-                             "scales": "float32", "dequantize": "in graph: qweight * scale"}
+    if quantizer is not None:
+        manifest["quant"] = quant_manifest(cfg, quantizer)
+        if quantizer.stats:
+            manifest["calibration"] = {"file": STATS_FILE, **stats_metadata(staging / STATS_FILE)}
     files = sorted(p for p in staging.rglob("*") if p.is_file())
     manifest["files"] = {str(p.relative_to(staging)): {"bytes": p.stat().st_size, "sha256": sha256(p)} for p in files}
     return manifest
@@ -218,7 +246,8 @@ def build_manifest(plan: Plan, staging: Path, tokenizer_ranks: int, generation: 
 def export_bundle(out: Path, *, hf_dir: Path | None = None, random_init: CogVLM2Config | None = None,
                   tokenizer: Path | None = None, tp: int = 1, dtype: str = "fp32", batch: int = 1,
                   buckets: dict | None = None, force: bool = False, seed: int = 0, progress: bool = True,
-                  formats=("mindir",), quant: str | None = None) -> Path:
+                  formats=("mindir",), quant: str | None = None, calib_stats: Path | None = None,
+                  smooth_alpha: float = 0.5) -> Path:
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
         raise UserError(f"{out} already exists and is not empty: choose another folder or pass --force to replace it.")
@@ -227,8 +256,7 @@ def export_bundle(out: Path, *, hf_dir: Path | None = None, random_init: CogVLM2
     if batch < 1:
         raise UserError(f"--batch must be at least 1, not {batch}.")
     formats = check_formats(formats, tp, dtype)
-    if quant is not None and quant not in QUANT_SCHEMES:
-        raise UserError(f"--quant {quant}: choose one of {', '.join(QUANT_SCHEMES)}.")
+    quantizer = make_quantizer(quant, tp, calib_stats, smooth_alpha)
     checkpoint = Checkpoint(hf_dir) if hf_dir is not None else None
     cfg = checkpoint.config if checkpoint else random_init
     check_tp(cfg, tp)
@@ -252,17 +280,42 @@ def export_bundle(out: Path, *, hf_dir: Path | None = None, random_init: CogVLM2
         with tqdm(total=tp * n_graphs + n_weights, desc="export", unit="step", disable=not progress) as bar:
             trace_all_ranks(plan, staging, bar)
             bar.set_postfix_str("weights")
-            weight_files = write_weights(source, tp, dtype, staging, bar, quant)
+            weight_files = write_weights(source, tp, dtype, staging, bar, quantizer)
         shutil.copyfile(tokenizer, staging / "tokenizer.model")
+        if quantizer is not None and quantizer.stats:  # the quantized bundle carries what it was made from
+            shutil.copyfile(calib_stats, staging / STATS_FILE)
         for p in [staging, *staging.rglob("*")]:  # mkdtemp and ms.export create owner-only modes
             p.chmod(0o755 if p.is_dir() else 0o644)
-        manifest = build_manifest(plan, staging, tokenizer_ranks, generation_defaults(hf_dir), weight_files)
+        manifest = build_manifest(plan, staging, tokenizer_ranks, generation_defaults(hf_dir), weight_files, quantizer)
         (staging / "manifest.json").write_text(json.dumps(manifest, indent=1))
         _replace(staging, out)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return out
+
+
+def make_quantizer(quant: str | None, tp: int, calib_stats: Path | None, alpha: float):
+    """The scheme's Quantizer (None: no quantization), refusing what cannot be made before any work."""
+    from cogvlm2_lite.calib.quant import Quantizer
+    if quant is None:
+        if calib_stats is not None:
+            raise UserError("--calib-stats is only used with --quant.")
+        return None
+    if quant not in QUANT_SCHEMES:
+        raise UserError(f"--quant {quant}: choose one of {', '.join(QUANT_SCHEMES)}.")
+    if quant == "w8a8" and calib_stats is None:
+        raise UserError("--quant w8a8 needs activation statistics: run `cogvlm2-lite calibrate FP32_BUNDLE` and pass "
+                        "--calib-stats FP32_BUNDLE/calib_stats.safetensors.")
+    if not 0.0 <= alpha <= 1.0:
+        raise UserError(f"--smooth-alpha must be within 0..1, not {alpha}.")
+    stats = None
+    if calib_stats is not None:
+        try:
+            stats = load_file(str(calib_stats))
+        except Exception as e:  # OSError, or safetensors' own error for a bad header
+            raise UserError(f"{calib_stats} is not a calibration statistics file ({e}).") from None
+    return Quantizer(quant, tp, stats, alpha)
 
 
 def check_formats(formats, tp: int, dtype: str) -> list:

@@ -5,6 +5,7 @@ from pathlib import Path
 import click
 
 from cogvlm2_lite.graphs.config import ConfigError, CogVLM2Config, preset
+from cogvlm2_lite.graphs.quant import SCHEMES as QUANT_SCHEMES
 from cogvlm2_lite.runtime.errors import UserError
 
 from .bundle import export_bundle
@@ -40,10 +41,16 @@ def parse_buckets(text: str | None) -> dict:
 @click.option("--format", "formats", default="mindir", show_default=True,
               help="Graph formats, comma-separated: mindir (MindSpore, tensor parallel), onnx (onnxruntime, tp 1), "
                    "lite (MindSpore Lite, converted from ONNX; tp 1).")
-@click.option("--quant", type=click.Choice(["w8a16"]), default=None,
-              help="Weight quantization: w8a16 = int8 weights per output channel, dequantized in the graphs.")
+@click.option("--quant", type=click.Choice(list(QUANT_SCHEMES)), default=None,
+              help="w8a16: int8 weights per output channel; w8a8: SmoothQuant int8 weights and activations (needs "
+                   "--calib-stats); w4a16: 4-bit weights in groups of 32.")
+@click.option("--calib-stats", type=click.Path(dir_okay=False, exists=True), default=None,
+              help="calib_stats.safetensors written by `cogvlm2-lite calibrate` on the fp32 bundle.")
+@click.option("--smooth-alpha", type=float, default=0.5, show_default=True,
+              help="w8a8: how much activation range migrates into the weights (0: none, 1: all).")
 @click.option("--force", is_flag=True, help="Replace an existing non-empty BUNDLE.")
-def export(paths, random_init, tokenizer, tp, dtype, batch, buckets, seed, force, formats, quant):
+def export(paths, random_init, tokenizer, tp, dtype, batch, buckets, seed, force, formats, quant, calib_stats,
+           smooth_alpha):
     """Trace fixed-shape vision/prefill/decode graphs and write a bundle."""
     if random_init is None and len(paths) != 2:
         raise UserError("give HF_DIR and BUNDLE (or --random-init PRESET and BUNDLE).")
@@ -61,5 +68,6 @@ def export(paths, random_init, tokenizer, tp, dtype, batch, buckets, seed, force
         raise UserError(f"{hf_dir} is not a folder: give the HF checkpoint folder.")
     out = export_bundle(Path(paths[-1]), hf_dir=hf_dir, random_init=cfg, tokenizer=tokenizer and Path(tokenizer),
                         tp=tp, dtype=dtype, batch=batch, buckets=parse_buckets(buckets), force=force, seed=seed,
-                        formats=formats, quant=quant)
+                        formats=formats, quant=quant, calib_stats=calib_stats and Path(calib_stats),
+                        smooth_alpha=smooth_alpha)
     click.echo(f"wrote {out}")

@@ -16,7 +16,7 @@ from mindspore.common.initializer import Zero
 from cogvlm2_lite.graphs.config import CogVLM2Config
 from cogvlm2_lite.graphs.entry import DTYPES, DecodeGraph, PrefillGraph, VisionGraph
 
-MS_DTYPES = {"int32": ms.int32, "float32": ms.float32, "float16": ms.float16, "bfloat16": ms.bfloat16,
+MS_DTYPES = {"int32": ms.int32, "uint8": ms.uint8, "float32": ms.float32, "float16": ms.float16, "bfloat16": ms.bfloat16,
              "int8": ms.int8}
 
 
@@ -31,7 +31,7 @@ class Plan:
     image_buckets: list = field(default_factory=list)
     decode_buckets: list = field(default_factory=list)
     formats: list = field(default_factory=lambda: ["mindir"])   # graph file formats: mindir, onnx
-    quant: str | None = None    # weight quantization scheme (graphs/quant.py): None or "w8a16"
+    quant: str | None = None    # weight quantization scheme (graphs/quant.py SCHEMES) or None
 
     @property
     def cfg(self) -> CogVLM2Config:
@@ -74,6 +74,9 @@ def trace_rank(plan: Plan, out_dir: Path, on_graph=lambda name: None):
             convert_to_lite(out_dir / f"{graph.name}.onnx", out_dir / f"{graph.name}{SUFFIX}")
             if "onnx" not in plan.formats:
                 (out_dir / f"{graph.name}.onnx").unlink()
+        if "onnx" in plan.formats and plan.quant:  # after Lite: it has no onnxruntime contrib ops
+            from .onnx_quant import rewrite_file
+            rewrite_file(out_dir / f"{graph.name}.onnx", int4=plan.dtype == "fp32")
         on_graph(graph.name)
 
 

@@ -16,13 +16,13 @@ DTYPES = {"fp32": ms.float32, "fp16": ms.float16, "bf16": ms.bfloat16}
 NUMPY_NAMES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 
 
-def _quantize(cell, table, dtype: str, quant):
+def _quantize(cell, table, dtype: str, quant, tp: int):
     """Weight inputs of `cell`: `table` as is, or (quant) its quantized transformation."""
     cell.compute = DTYPES[dtype]
     cell.dequant = None
     if quant is None:
         return table
-    qtable, cell.dequant = quantized_table(table, quant)
+    qtable, cell.dequant = quantized_table(table, quant, tp)
     return qtable
 
 
@@ -37,7 +37,7 @@ class VisionGraph(nn.Cell):
         super().__init__()
         self.name = "vision"
         self.model = VisionModel(cfg, tp)
-        self.table = _quantize(self, self.model.table, dtype, quant)
+        self.table = _quantize(self, self.model.table, dtype, quant, tp)
         s = cfg.vision.image_size
         self.inputs = [("pixel_values", (batch, 3, s, s), "float32")]
         self.outputs = [("image_embeds", (batch, cfg.num_image_tokens, cfg.hidden_size), NUMPY_NAMES[dtype])]
@@ -64,7 +64,7 @@ class PrefillGraph(nn.Cell):
         self.name = f"prefill_{'image' if image else 'text'}_{seq_len}"
         self.image, self.all_logits, self.seq_len = image, all_logits, seq_len
         self.lm = LanguageModel(cfg, tp, vision_span=(1, n) if image else None)
-        self.table = _quantize(self, self.lm.table, dtype, quant)
+        self.table = _quantize(self, self.lm.table, dtype, quant, tp)
         kv = (cfg.num_hidden_layers, batch, cfg.num_multi_query_heads // tp, seq_len, cfg.head_dim)
         dt = NUMPY_NAMES[dtype]
         self.inputs = [("input_ids", (batch, seq_len), "int32")]
@@ -117,7 +117,7 @@ class DecodeGraph(nn.Cell):
         self.name = f"decode_{cache_len}"
         self.layers, self.cache_len = cfg.num_hidden_layers, cache_len
         self.lm = LanguageModel(cfg, tp)
-        self.table = _quantize(self, self.lm.table, dtype, quant)
+        self.table = _quantize(self, self.lm.table, dtype, quant, tp)
         dt = NUMPY_NAMES[dtype]
         cache = (batch, cfg.num_multi_query_heads // tp, cache_len, cfg.head_dim)
         new = (cfg.num_hidden_layers, batch, cfg.num_multi_query_heads // tp, 1, cfg.head_dim)

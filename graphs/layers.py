@@ -7,6 +7,7 @@ and softmax in fp32 whatever the matmul dtype (as the release's MindFormers grap
 import mindspore as ms
 from mindspore import nn, ops
 
+from .quant import int8_linear
 from .weights import COLUMN, ROW, WeightTable
 
 _matmul_t = ops.MatMul(transpose_b=True)
@@ -16,7 +17,10 @@ NEG_INF = -1e9  # additive mask value: finite so fully-masked rows never produce
 
 
 def linear(x, w, b=None):
-    """PyTorch Linear on the last axis; w is [out, in] as stored in the checkpoint."""
+    """PyTorch Linear on the last axis; w is [out, in] as stored in the checkpoint, or a w8a8
+    (qweight, scale, smooth) triple (quant.py)."""
+    if isinstance(w, tuple):
+        return int8_linear(x, w[0], w[1], w[2], b)
     lead = x.shape[:-1]
     y = _matmul_t(x.reshape(-1, x.shape[-1]), w)
     if b is not None:

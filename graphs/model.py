@@ -5,11 +5,11 @@ from .vision import VisionModel
 from .weights import WeightSpec
 
 
-def weight_specs(cfg: CogVLM2Config, quant: str | None = None) -> list[WeightSpec]:
+def weight_specs(cfg: CogVLM2Config, quant: str | None = None, tp: int = 1) -> list[WeightSpec]:
     """Every tensor of a CogVLM2 checkpoint we use, with its full shape and tensor-parallel split;
-    with `quant`, the bundle's tensors instead (linear weights as NAME.qweight + NAME.scale)."""
+    with `quant`, the bundle's tensors instead (graphs/quant.py: NAME.qweight, NAME.scale, ...)."""
     tables = [VisionModel(cfg).table, LanguageModel(cfg).table]
     if quant is not None:
         from .quant import quantized_table
-        tables = [quantized_table(t, quant)[0] for t in tables]
+        tables = [quantized_table(t, quant, tp)[0] for t in tables]
     return tables[0].specs + tables[1].specs

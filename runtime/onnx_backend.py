@@ -6,10 +6,20 @@ one upload on CUDA), then bound into each graph's IOBinding once. Per call only 
 are bound, straight from the numpy buffers (the KV-cache views included: no copies), and the
 outputs are written by onnxruntime into freshly allocated numpy arrays that are returned as they are.
 
+Quantized bundles: a weight is bound as the graph declares it (MatMulNBits wants the 4-bit codes as
+[N, blocks, bytes]: a reshape, no copy). onnxruntime's integer and n-bit matmuls are only fast on
+weights it has pre-packed at load, which it does for initializers, not for inputs: so in the decode
+graphs (the memory-bound loop) the quantized matmul weights are turned into initializers that
+point into the rank's safetensors file, and handed over with `add_initializer` (onnxruntime uses our
+array, then packs its own copy: one packed copy per decode graph). Prefill and vision keep them as
+inputs: with many rows per call, packing on the fly costs little.
+
 Nothing here imports MindSpore: `pip install onnxruntime` (or onnxruntime-gpu) is enough to run an
 onnx bundle.
 """
+import json
 import os
+import struct
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +28,7 @@ from .bundle import Bundle
 from .errors import UserError
 
 NP_DTYPES = {"int32": np.int32, "float32": np.float32, "float16": np.float16}
+PACKED_OPS = {"MatMulInteger": (1,), "MatMulNBits": (1, 2)}  # op -> the weight operands onnxruntime pre-packs
 
 
 def physical_cores() -> int:
@@ -76,37 +87,83 @@ class OnnxRuntimeBackend:
 
         from .backends import load_rank_weights
         self._arrays = load_rank_weights(bundle, rank)  # the one resident copy (CPU OrtValues alias it)
-        weights = {n: ort.OrtValue.ortvalue_from_numpy(a, self.device, 0) for n, a in self._arrays.items()}
-        if self.device == "cuda":
-            self._arrays = None  # uploaded: the host copy is no longer needed
+        self._values = {}
+        self._offsets = {}
+        for f in bundle.weight_files(rank):
+            self._offsets.update({n: (f.name, o) for n, o in safetensors_offsets(f).items()})
 
+        self.spinning = spinning
+        self._graphs = {}
+        for name in bundle.graph_names:
+            info = bundle.graph(name)
+            path = bundle.rank_dir(rank) / info.files["onnx"]
+            try:
+                session = self._session(path, providers, prepack=name.startswith("decode"))
+            except Exception as e:  # onnxruntime raises its own exception types for damaged models
+                raise UserError(f"graph file {path} cannot be loaded by onnxruntime {ort.__version__} "
+                                f"({str(e).splitlines()[0]}): export the bundle again.") from None
+            binding = session.io_binding()
+            data = [(d["name"], NP_DTYPES[d["dtype"]], tuple(d["shape"])) for d in info.inputs]
+            declared = {i.name: tuple(i.shape) for i in session.get_inputs()}
+            weights = set(bundle.weight_names(info.weights))
+            if not ({n for n, _, _ in data} <= set(declared) <= {n for n, _, _ in data} | weights):
+                raise UserError(f"graph file {path} does not take the inputs the manifest lists: export the bundle "
+                                "again.")
+            for n in weights & set(declared):
+                binding.bind_ortvalue_input(n, self._value(n, declared[n]))
+            outputs = [(d["name"], NP_DTYPES[d["dtype"]], tuple(d["shape"])) for d in info.outputs]
+            self._graphs[name] = (session, binding, data, outputs)
+
+        if self.device == "cuda":
+            self._arrays = self._values = None  # uploaded: the host copies are no longer needed
+
+    def _value(self, name: str, shape: tuple):
+        """The weight as an OrtValue of the shape a graph declares (a view of the one array)."""
+        if (name, shape) not in self._values:
+            a = self._arrays[name]
+            self._values[name, shape] = self._ort.OrtValue.ortvalue_from_numpy(
+                a.reshape(shape) if a.shape != shape else a, self.device, 0)
+        return self._values[name, shape]
+
+    def _options(self):
+        ort = self._ort
         options = ort.SessionOptions()
         options.intra_op_num_threads = self.threads
         options.inter_op_num_threads = 1
         options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.log_severity_level = 3
-        options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
-        self._graphs = {}
-        for name in bundle.graph_names:
-            info = bundle.graph(name)
-            path = bundle.rank_dir(rank) / info.files["onnx"]
-            try:
-                session = ort.InferenceSession(str(path), options, providers=providers)
-            except Exception as e:  # onnxruntime raises its own exception types for damaged models
-                raise UserError(f"graph file {path} cannot be loaded by onnxruntime {ort.__version__} "
-                                f"({str(e).splitlines()[0]}): export the bundle again.") from None
-            binding = session.io_binding()
-            data = [(d["name"], NP_DTYPES[d["dtype"]], tuple(d["shape"])) for d in info.inputs]
-            declared = {i.name for i in session.get_inputs()}
-            expected = {n for n, _, _ in data} | set(bundle.weight_names(info.weights))
-            if declared != expected:
-                raise UserError(f"graph file {path} does not take the inputs the manifest lists: export the bundle "
-                                "again.")
-            for n in bundle.weight_names(info.weights):
-                binding.bind_ortvalue_input(n, weights[n])
-            outputs = [(d["name"], NP_DTYPES[d["dtype"]], tuple(d["shape"])) for d in info.outputs]
-            self._graphs[name] = (session, binding, data, outputs)
+        options.add_session_config_entry("session.intra_op.allow_spinning", "1" if self.spinning else "0")
+        return options
+
+    def _session(self, path: Path, providers, prepack: bool):
+        """An InferenceSession of `path`; with `prepack`, the quantized matmul weights become shared
+        initializers that onnxruntime packs once (module docstring)."""
+        options = self._options()
+        if not prepack or self.device != "cpu":
+            return self._ort.InferenceSession(str(path), options, providers=providers)
+        import onnx
+        model = onnx.load(str(path))
+        g = model.graph
+        packed = {n.input[i] for n in g.node if n.op_type in PACKED_OPS for i in PACKED_OPS[n.op_type]}
+        inputs = [i for i in g.input if i.name in packed]
+        if not inputs:
+            return self._ort.InferenceSession(str(path), options, providers=providers)
+        from onnx.helper import tensor_dtype_to_np_dtype
+        options.add_session_config_entry("session.model_external_initializers_file_folder_path", str(path.parent))
+        for i in inputs:
+            t = i.type.tensor_type
+            shape = tuple(d.dim_value for d in t.shape.dim)
+            file, (start, end) = self._offsets[i.name]
+            init = onnx.TensorProto(name=i.name, data_type=t.elem_type, dims=shape,
+                                    data_location=onnx.TensorProto.EXTERNAL)
+            for k, v in (("location", file), ("offset", str(start)), ("length", str(end - start))):
+                init.external_data.add(key=k, value=v)
+            assert np.dtype(tensor_dtype_to_np_dtype(t.elem_type)) == self._arrays[i.name].dtype
+            g.initializer.append(init)
+            g.input.remove(i)
+            options.add_initializer(i.name, self._value(i.name, shape))
+        return self._ort.InferenceSession(model.SerializeToString(), options, providers=providers)
 
     def run(self, name: str, inputs: list[np.ndarray]) -> list[np.ndarray]:
         session, binding, data, outputs = self._graphs[name]
@@ -127,3 +184,13 @@ class OnnxRuntimeBackend:
         session.run_with_iobinding(binding)
         del keep
         return results
+
+
+def safetensors_offsets(path: Path) -> dict[str, tuple[int, int]]:
+    """{tensor name: (first byte, end byte)} in a safetensors file: 8-byte header length, JSON header,
+    then the data, each tensor's `data_offsets` relative to its start (the format's specification)."""
+    with open(path, "rb") as f:
+        n = struct.unpack("<Q", f.read(8))[0]
+        header = json.loads(f.read(n))
+    return {k: (8 + n + v["data_offsets"][0], 8 + n + v["data_offsets"][1])
+            for k, v in header.items() if k != "__metadata__"}
