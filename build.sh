@@ -49,6 +49,6 @@ case "$cmd" in
     setup) setup ;;
     test)  setup; exec "$VENV/bin/python" -m pytest -q "$@" ;;
     demo)  setup; exec "$VENV/bin/cogvlm2-lite" demo "$@" ;;
-    bench) setup; exec "$VENV/bin/cogvlm2-lite" bench-suite "$@" ;;
+    bench) setup; "$VENV/bin/cogvlm2-lite" bench-suite "$@" && exec "$VENV/bin/cogvlm2-lite" quant-bench --suite ;;
     *) echo "usage: ./build.sh {setup|test|demo|bench} [args...]"; exit 2 ;;
 esac

@@ -70,19 +70,23 @@ def format_table(r: dict) -> str:
 @click.option("--seed", type=int, default=HELDOUT_SEED, show_default=True, help="Sample stream (default: held-out).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object (with the mistakes) instead of a table.")
 @click.option("--show-mistakes", type=int, default=0, help="List up to this many wrong answers after the table.")
-def demo_eval(bundle, n, seed, as_json, show_mistakes):
+@click.option("--backend", default="auto", show_default=True, help="mindspore, onnxruntime, lite or auto.")
+def demo_eval(bundle, n, seed, as_json, show_mistakes, backend):
     """Exact-match accuracy on the demo task's held-out split, greedy, through the runtime."""
     if bundle is None:
         from .embedded import ensure_bundle
         bundle = ensure_bundle(log=lambda m: click.echo(m, err=True))
     from tqdm import tqdm
+
+    from cogvlm2_lite.runtime.engine import Engine
+    engine = Engine(bundle, backend)
     with tqdm(total=n, desc="demo-eval", unit="sample", disable=as_json, file=click.get_text_stream("stderr"),
               leave=False) as bar:
-        r = evaluate(bundle, n, seed, on_sample=lambda i, ok: bar.update(1))
+        r = evaluate(bundle, n, seed, engine, on_sample=lambda i, ok: bar.update(1))
     if as_json:
         click.echo(json.dumps(r, indent=1))
         return
-    click.echo(f"bundle {r['bundle']}: {n} samples of seed {seed}, greedy, {r['seconds']:.1f}s")
+    click.echo(f"bundle {r['bundle']} ({engine.backend.name}): {n} samples of seed {seed}, greedy, {r['seconds']:.1f}s")
     click.echo(format_table(r))
     for m in r["mistakes"][:show_mistakes]:
         click.echo(f"  #{m['index']} {m['question']!r}: expected {m['answer']!r}, got {m['output']!r}")

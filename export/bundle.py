@@ -257,6 +257,10 @@ def export_bundle(out: Path, *, hf_dir: Path | None = None, random_init: CogVLM2
         raise UserError(f"--batch must be at least 1, not {batch}.")
     formats = check_formats(formats, tp, dtype)
     quantizer = make_quantizer(quant, tp, calib_stats, smooth_alpha)
+    if quantizer is not None and "lite" in formats:
+        raise UserError("--quant cannot be combined with --format lite: MindSpore Lite 2.0's CPU Cast cannot read int8 "
+                        "(measured), so its graphs could not dequantize; quantized bundles run on mindspore and "
+                        "onnxruntime. For Lite on Ascend, quantize with Lite's own converter (see README).")
     checkpoint = Checkpoint(hf_dir) if hf_dir is not None else None
     cfg = checkpoint.config if checkpoint else random_init
     check_tp(cfg, tp)

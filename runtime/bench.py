@@ -1133,7 +1133,7 @@ SUITE_PRESETS = {
 }
 
 
-def _source_hash() -> str:
+def source_hash() -> str:
     """Hash of the model and exporter code: a cached bundle is reused only while they are unchanged."""
     from importlib.util import find_spec
     h = hashlib.sha256()
@@ -1148,7 +1148,7 @@ def _source_hash() -> str:
     return h.hexdigest()[:16]
 
 
-def _cogvlm2_cli():
+def cogvlm2_cli():
     return [sys.executable, "-c", "import sys; from cogvlm2_lite.runtime.cli import main; sys.exit(main())"]
 
 
@@ -1156,9 +1156,9 @@ def ensure_bundle(preset: str, folder: Path, tokenizer: Path, log) -> Path:
     """Export `preset` with random weights into folder/<preset> unless an up-to-date one is there."""
     from .bundle import Bundle
     out = folder / preset
-    help_text = subprocess.run(_cogvlm2_cli() + ["export", "--help"], capture_output=True, text=True).stdout
+    help_text = subprocess.run(cogvlm2_cli() + ["export", "--help"], capture_output=True, text=True).stdout
     formats = "mindir,onnx" if "--format" in help_text else None
-    key = json.dumps({"preset": preset, "buckets": SUITE_PRESETS[preset], "formats": formats, "src": _source_hash()})
+    key = json.dumps({"preset": preset, "buckets": SUITE_PRESETS[preset], "formats": formats, "src": source_hash()})
     stamp = out / ".bench-key"
     if stamp.is_file() and stamp.read_text() == key:
         try:
@@ -1167,7 +1167,7 @@ def ensure_bundle(preset: str, folder: Path, tokenizer: Path, log) -> Path:
         except UserError:
             pass
     log(f"exporting the {preset} preset (random weights) into {out}...")
-    cmd = _cogvlm2_cli() + ["export", "--random-init", preset, "--tokenizer", str(tokenizer), str(out), "--force"]
+    cmd = cogvlm2_cli() + ["export", "--random-init", preset, "--tokenizer", str(tokenizer), str(out), "--force"]
     if SUITE_PRESETS[preset]:
         cmd += ["--buckets", SUITE_PRESETS[preset]]
     if formats:

@@ -156,6 +156,14 @@ def inspect(bundle, verify):
                f"@ {cfg['vision_config']['image_size']} px")
     click.echo(f"buckets: {json.dumps(m['buckets'])}")
     click.echo(f"weights per rank: {b.weight_bytes(0) / 2**20:.1f} MiB; files ok{' (all hashed)' if verify else ''}")
+    q = m.get("quant")
+    if q:
+        forms = ", ".join(f"{k} x{v['weights']}" for k, v in q["forms"].items())
+        extra = "".join(f", {k} {q[k]}" for k in ("group_size", "smooth_alpha") if k in q)
+        click.echo(f"quantized: {q['scheme']} ({forms}{extra})")
+    if "calibration" in m:
+        c = m["calibration"]
+        click.echo(f"calibration statistics: {c['file']} ({c.get('samples', '?')} samples)")
 
 
 def tokens_per_s(r) -> float:
