@@ -3,7 +3,7 @@ bundles against their fp32 bundle, measured in one process, the bundles taking t
 (so machine noise falls on all of them alike). Decode is the memory-bound loop quantization is for.
 
 `quant-bench --suite` (what `./build.sh bench` runs after the bench suite): calibrate the bench
-preset's fp32 bundle, export its w8a8 and w4a16 bundles (cached while the code is unchanged), and
+preset's fp32 bundle, export its w8a8, w4a16 and w4a8 bundles (cached while the code is unchanged), and
 compare the three.
 """
 import json
@@ -82,7 +82,7 @@ def format_report(r: dict) -> str:
     return "\n".join(lines)
 
 
-SUITE_SCHEMES = ("w8a8", "w4a16")
+SUITE_SCHEMES = ("w8a8", "w4a16", "w4a8")
 
 
 def suite_bundles(folder: Path, log) -> list[Path]:
@@ -113,7 +113,7 @@ def suite_bundles(folder: Path, log) -> list[Path]:
 
 @click.command("quant-bench")
 @click.argument("bundles", nargs=-1, type=click.Path(file_okay=False, exists=True))
-@click.option("--suite", is_flag=True, help="Export and compare the bench preset's fp32, w8a8 and w4a16 bundles.")
+@click.option("--suite", is_flag=True, help="Export and compare the bench preset's fp32, w8a8, w4a16 and w4a8 bundles.")
 @click.option("--bundles-dir", default="bundles", show_default=True, help="--suite: where bundles are cached.")
 @click.option("--backend", default="onnxruntime", show_default=True, help="mindspore or onnxruntime.")
 @click.option("--steps", type=int, default=16, show_default=True, help="Timed decode steps per bucket and bundle.")

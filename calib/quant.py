@@ -67,7 +67,7 @@ class Quantizer:
             arrays = [w]
         elif kind == "int8":
             arrays = list(quantize_rows(w))
-        elif kind == "int4":
+        elif kind in ("int4", "int4x8"):
             arrays = list(quantize_groups4(w))
         else:
             s = smoothing(w, self.stats.get(spec.name), self.alpha)
@@ -89,7 +89,7 @@ def dequantize(stored: dict, name: str, kind: str) -> np.ndarray:
     q, scale = stored[name + ".qweight"], stored[name + ".scale"]
     if kind == "int8":
         return (q.reshape(q.shape[0], -1).astype(np.float32) * scale[:, None]).reshape(q.shape)
-    if kind == "int4":
+    if kind in ("int4", "int4x8"):
         codes = unpack4(q).astype(np.float32)
         g = codes.shape[1] // scale.shape[1]
         return (codes.reshape(codes.shape[0], -1, g) * scale[:, :, None]).reshape(codes.shape)
@@ -99,8 +99,14 @@ def dequantize(stored: dict, name: str, kind: str) -> np.ndarray:
 def reference_linear(x: np.ndarray, stored: dict, name: str, kind: str) -> np.ndarray:
     """x [N, in] -> [N, out] as the graphs compute the stored form (float64; no bias)."""
     x = np.asarray(x, np.float64)
+    w = dequantize(stored, name, kind).reshape(stored[name + ".scale"].shape[0], -1).astype(np.float64)
+    if kind == "int4x8":
+        blocks = x.reshape(x.shape[0], -1, GROUP)
+        amax = np.abs(blocks).max(-1, keepdims=True)
+        xq = np.clip(np.floor(blocks * (127 / np.maximum(amax, 1e-30)) + 0.5), -127, 127)
+        return (xq * amax / 127).reshape(x.shape) @ w.T
     if kind != "int8x8":
-        return x @ dequantize(stored, name, kind).reshape(stored[name + ".scale"].shape[0], -1).T.astype(np.float64)
+        return x @ w.T
     xs = x * stored[name + ".smooth"].astype(np.float64)
     step = np.maximum(np.abs(xs).max(-1, keepdims=True), 1e-30) / 127
     xq = np.clip(np.floor(xs / step + 0.5), -127, 127)

@@ -168,12 +168,14 @@ QUANT_FORMS = {
     "int8": "NAME.qweight int8 [out, in] + NAME.scale fp32 [out]: symmetric per output channel, dequantized in graph",
     "int4": f"NAME.qweight uint8 [out, in/2] (4-bit codes q+8, low nibble first) + NAME.scale fp32 [out, in/{GROUP}]: "
             "symmetric per group, dequantized in graph (onnxruntime: MatMulNBits)",
+    "int4x8": "int4's tensors; activations quantized to int8 per group of a token at run time "
+              "(onnxruntime: MatMulNBits, accuracy_level 4)",
     "int8x8": "NAME.qweight int8 [in, out] + NAME.scale fp32 [out] + NAME.smooth fp32 [in]: SmoothQuant, activations "
               "x*smooth quantized per token to int8 at run time, integer matmul (onnxruntime: MatMulInteger)",
 }
 
 
-PRIMARY_FORM = {"w8a16": "int8", "w8a8": "int8x8", "w4a16": "int4"}  # the others are fallbacks (convolutions...)
+PRIMARY_FORM = {"w8a16": "int8", "w8a8": "int8x8", "w4a16": "int4", "w4a8": "int4x8"}  # the others are fallbacks (convolutions...)
 
 
 def quant_manifest(cfg: CogVLM2Config, quantizer) -> dict:
@@ -187,7 +189,7 @@ def quant_manifest(cfg: CogVLM2Config, quantizer) -> dict:
     out = {"scheme": quantizer.scheme,
            "forms": {k: {"layout": QUANT_FORMS[k], "weights": len(v), **({} if k == main else {"names": v})}
                      for k, v in kinds.items()}}
-    if "int4" in kinds:
+    if "int4" in kinds or "int4x8" in kinds:
         out["group_size"] = GROUP
     if quantizer.scheme == "w8a8":
         out["smooth_alpha"] = quantizer.alpha

@@ -43,7 +43,7 @@ def parse_buckets(text: str | None) -> dict:
                    "lite (MindSpore Lite, converted from ONNX; tp 1).")
 @click.option("--quant", type=click.Choice(list(QUANT_SCHEMES)), default=None,
               help="w8a16: int8 weights per output channel; w8a8: SmoothQuant int8 weights and activations (needs "
-                   "--calib-stats); w4a16: 4-bit weights in groups of 32.")
+                   "--calib-stats); w4a16: 4-bit weights in groups of 32; w4a8: those, with int8 activations per group.")
 @click.option("--calib-stats", type=click.Path(dir_okay=False, exists=True), default=None,
               help="calib_stats.safetensors written by `cogvlm2-lite calibrate` on the fp32 bundle.")
 @click.option("--smooth-alpha", type=float, default=0.5, show_default=True,

@@ -8,6 +8,9 @@ spelled in float (graphs/quant.py). This pass swaps each quantized matmul for on
   int4    Gemm(x, dequantize(W.qweight, W.scale)^T)  ->  MatMulNBits(x, W.qweight, W.scale)
           (com.microsoft, bits 4, block GROUP, zero point 8, fp32 accuracy): W.qweight is declared
           [N, K/GROUP, GROUP/2] and W.scale [N * K/GROUP], the same bytes as the bundle stores.
+  int4x8  Gemm(blockquant(x), dequantize(...)^T)   ->  MatMulNBits(x, ..., accuracy_level 4): the
+          kernel quantizes x per block of GROUP itself (the block view of x is the Reshape whose
+          output an Abs reads: the start of graphs/quant.int4x8_linear).
 
 Everything else (the int8 weight-only form, the activation scaling around the matmul) stays as
 exported; nodes left without consumers are removed. Lite converts the graph before this pass.
@@ -44,13 +47,36 @@ def _is_plain_matmul(node) -> bool:
                                          and a.get("alpha", 1.0) == 1.0))
 
 
+BLOCK_QUANT_OPS = {"Reshape", "Mul", "Clip", "Floor", "Add", "Div", "Max", "ReduceMax", "Abs", "Identity"}
+
+
+def _block_quantized_source(a, producer, readers):
+    """x if the tensor `a` is int4x8_linear's block-quantized x (the input of the Reshape an Abs
+    reads), else None."""
+    seen, todo = set(), [a]
+    while todo:
+        t = todo.pop()
+        node = producer.get(t)
+        if t in seen or node is None or node.op_type not in BLOCK_QUANT_OPS:
+            continue
+        seen.add(t)
+        if node.op_type == "Reshape" and any(r.op_type == "Abs" for r in readers.get(t, ())):
+            return node.input[0]
+        todo.extend(i for i in node.input if i)
+    return None
+
+
 def rewrite_quantized_matmuls(model: onnx.ModelProto, int4: bool = True) -> dict:
     """Rewrite `model` in place; -> {"MatMulInteger": n, "MatMulNBits": n}. `int4`: also int4 (fp32 graphs)."""
     g = model.graph
     producer = {o: n for n in g.node for o in n.output}
+    readers = {}
+    for n in g.node:
+        for i in n.input:
+            readers.setdefault(i, []).append(n)
     inputs = {i.name: i for i in g.input}
     qweights = {n for n, i in inputs.items() if n.endswith(QWEIGHT)}
-    out, counts = [], {"MatMulInteger": 0, "MatMulNBits": 0}
+    out, counts, shapes = [], {"MatMulInteger": 0, "MatMulNBits": 0}, {}
     zp = "quant_zero_point_128"
     for node in g.node:
         if not _is_plain_matmul(node):
@@ -77,14 +103,22 @@ def rewrite_quantized_matmuls(model: onnx.ModelProto, int4: bool = True) -> dict
             k, blocks = 2 * half, 2 * half // GROUP
             qw.type.CopyFrom(helper.make_tensor_type_proto(TensorProto.UINT8, [n_out, blocks, GROUP // 2]))
             sc.type.CopyFrom(helper.make_tensor_type_proto(TensorProto.FLOAT, [n_out * blocks]))
-            out.append(helper.make_node("MatMulNBits", [a, qw.name, sc.name], [y], domain="com.microsoft",
-                                        K=k, N=n_out, bits=4, block_size=GROUP, accuracy_level=0))
+            x = _block_quantized_source(a, producer, readers)
+            if x:  # the exporter may have merged the reshapes of x: view it as [rows, K] again
+                rows = f"quant_rows_{k}"
+                if rows not in shapes:
+                    shapes[rows] = numpy_helper.from_array(np.array([-1, k], np.int64), rows)
+                out.append(helper.make_node("Reshape", [x, rows], [f"{y}_rows"]))
+            out.append(helper.make_node("MatMulNBits", [f"{y}_rows" if x else a, qw.name, sc.name], [y],
+                                        domain="com.microsoft", K=k, N=n_out, bits=4, block_size=GROUP,
+                                        accuracy_level=4 if x else 0))
             counts["MatMulNBits"] += 1
             continue
         out.append(node)
     if counts["MatMulInteger"]:
         g.initializer.extend([numpy_helper.from_array(np.array(128, np.uint8), zp),
                               numpy_helper.from_array(np.array(128, np.float32), "quant_128f")])
+    g.initializer.extend(shapes.values())
     del g.node[:]
     g.node.extend(_live(out, {o.name for o in g.output}))
     if counts["MatMulNBits"] and not any(o.domain == "com.microsoft" for o in model.opset_import):

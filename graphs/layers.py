@@ -7,7 +7,7 @@ and softmax in fp32 whatever the matmul dtype (as the release's MindFormers grap
 import mindspore as ms
 from mindspore import nn, ops
 
-from .quant import int8_linear
+from .quant import int4x8_linear, int8_linear
 from .weights import COLUMN, ROW, WeightTable
 
 _matmul_t = ops.MatMul(transpose_b=True)
@@ -17,10 +17,11 @@ NEG_INF = -1e9  # additive mask value: finite so fully-masked rows never produce
 
 
 def linear(x, w, b=None):
-    """PyTorch Linear on the last axis; w is [out, in] as stored in the checkpoint, or a w8a8
-    (qweight, scale, smooth) triple (quant.py)."""
+    """PyTorch Linear on the last axis; w is [out, in] as stored in the checkpoint, or quantized
+    inputs that quantize the activations too (quant.py): (qweight, scale, smooth) for w8a8,
+    (qweight, scale) for w4a8."""
     if isinstance(w, tuple):
-        return int8_linear(x, w[0], w[1], w[2], b)
+        return int8_linear(x, w[0], w[1], w[2], b) if len(w) == 3 else int4x8_linear(x, w[0], w[1], b)
     lead = x.shape[:-1]
     y = _matmul_t(x.reshape(-1, x.shape[-1]), w)
     if b is not None:

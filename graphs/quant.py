@@ -11,9 +11,12 @@ A linear weight NAME [out, in] is stored in one of three forms (kinds):
   int8x8  NAME.qweight int8 [in, out] (transposed: integer GEMMs take B as [K, N]), NAME.scale fp32
           [out], NAME.smooth fp32 [in]: SmoothQuant. The graph multiplies the activations by `smooth`,
           quantizes them per token (symmetric int8, at run time) and multiplies integers.
+  int4x8  int4's tensors; the activations are quantized to int8 per GROUP inputs of a token at run
+          time (llama.cpp's Q4_0 x Q8_0): what onnxruntime's MatMulNBits computes with accuracy_level 4.
 
-A scheme picks a kind per weight: w8a16 -> int8; w8a8 -> int8x8; w4a16 -> int4 where each rank's
-input width is a multiple of GROUP. Convolutions, and weights a scheme cannot take, fall back to int8.
+A scheme picks a kind per weight: w8a16 -> int8; w8a8 -> int8x8; w4a16 / w4a8 -> int4 / int4x8 where
+each rank's input width is a multiple of GROUP. Convolutions, and weights a scheme cannot take, fall
+back to int8.
 """
 from dataclasses import replace
 
@@ -23,10 +26,12 @@ from mindspore import ops
 from .weights import REPLICATED, Split, WeightSpec, WeightTable
 
 QWEIGHT, SCALE, SMOOTH = ".qweight", ".scale", ".smooth"
-SCHEMES = ("w8a16", "w8a8", "w4a16")
+SCHEMES = ("w8a16", "w8a8", "w4a16", "w4a8")
 GROUP = 32                 # int4 group size (inputs per scale)
 NOT_LINEAR = ("embed_tokens", "position_embedding", "cls_embedding", ".boi", ".eoi")
 _matmul = ops.MatMul()
+_matmul_t = ops.MatMul(transpose_b=True)
+_QMAX = ms.Tensor(127.0, ms.float32)
 
 
 def is_linear_weight(name: str, shape) -> bool:
@@ -45,7 +50,9 @@ def kind_of(spec: WeightSpec, scheme: str, tp: int = 1) -> str | None:
     if scheme == "w8a8":
         return "int8x8"
     k = spec.shape[1] // (tp if spec.split.dim == 1 else 1)
-    return "int4" if k % GROUP == 0 else "int8"
+    if k % GROUP:
+        return "int8"
+    return "int4" if scheme == "w4a16" else "int4x8"
 
 
 def _transposed(split: Split) -> Split:
@@ -68,7 +75,7 @@ def stored_specs(spec: WeightSpec, kind: str | None) -> list[WeightSpec]:
     if kind == "int8":
         return [replace(spec, name=spec.name + QWEIGHT, dtype="int8"),
                 WeightSpec(spec.name + SCALE, (out,), _per_output(spec.split), "float32")]
-    if kind == "int4":
+    if kind in ("int4", "int4x8"):
         return [WeightSpec(spec.name + QWEIGHT, (out, inp // 2), spec.split, "uint8"),
                 WeightSpec(spec.name + SCALE, (out, inp // GROUP), spec.split, "float32")]
     return [WeightSpec(spec.name + QWEIGHT, (inp, out), _transposed(spec.split), "int8"),
@@ -99,7 +106,8 @@ def unpack_int4(packed):
 
 def dequantize(w, plan, dtype):
     """The graph's weight inputs `w` -> the tuple the blocks read: float weights for kept, int8 and
-    int4 tensors; (qweight, scale, smooth) for int8x8 linears (see `linear`)."""
+    int4 tensors; (qweight, scale, smooth) for int8x8 and (qweight, scale) for int4x8 linears, which
+    `layers.linear` hands to int8_linear / int4x8_linear."""
     out = ()
     for kind, i, rank in plan:
         if kind is None:
@@ -108,14 +116,20 @@ def dequantize(w, plan, dtype):
             scale = w[i + 1].reshape((-1,) + (1,) * (rank - 1))
             out = out + (ops.cast(w[i], dtype) * ops.cast(scale, dtype),)
         elif kind == "int4":
-            codes = unpack_int4(w[i])
-            n, k = codes.shape
-            groups = w[i + 1].shape[1]
-            deq = codes.reshape(n, groups, k // groups) * w[i + 1].reshape(n, groups, 1)
-            out = out + (ops.cast(deq.reshape(n, k), dtype),)
+            out = out + (ops.cast(dequantize_int4(w[i], w[i + 1]), dtype),)
+        elif kind == "int4x8":
+            out = out + ((w[i], w[i + 1]),)
         else:
             out = out + ((w[i], w[i + 1], w[i + 2]),)
     return out
+
+
+def dequantize_int4(packed, scale):
+    """uint8 [out, in/2] + fp32 [out, in/GROUP] -> fp32 [out, in]."""
+    codes = unpack_int4(packed)
+    n, k = codes.shape
+    groups = scale.shape[1]
+    return (codes.reshape(n, groups, k // groups) * scale.reshape(n, groups, 1)).reshape(n, k)
 
 
 def int8_linear(x, qweight_t, scale, smooth, b=None):
@@ -131,6 +145,27 @@ def int8_linear(x, qweight_t, scale, smooth, b=None):
     step = ops.maximum(ops.abs(xs).max(-1, keepdims=True), 1e-30) * (1 / 127)
     xq = ops.clamp(ops.floor(xs / step + 0.5), -127.0, 127.0)
     y = _matmul(xq, ops.cast(qweight_t, ms.float32)) * step * scale
+    if b is not None:
+        y = y + b.astype(ms.float32)
+    return y.astype(x.dtype).reshape(lead + (scale.shape[0],))
+
+
+def int4x8_linear(x, packed, scale, b=None):
+    """4-bit weights x int8 activations: x [.., in] -> [.., out] in x's dtype.
+
+    Per GROUP inputs of a token: xq = round(x * (127 / amax)) (exactly onnxruntime's MLAS quantizer:
+    one reciprocal of amax, then a product; rounding half up here, half to even there: a difference
+    only on exact .5 ties), multiplied back by amax / 127; then the float product with the dequantized
+    weights, which equals MatMulNBits' per-block integer dot products scaled by both block scales.
+    """
+    lead, k = x.shape[:-1], x.shape[-1]
+    x2 = x.reshape(-1, k).astype(ms.float32)
+    blocks = x2.reshape(x2.shape[0], k // GROUP, GROUP)
+    amax = ops.abs(blocks).max(-1, keepdims=True)
+    inverse = ops.div(_QMAX, ops.maximum(amax, 1e-30))  # a Div, not `127 / t` (Reciprocal: no ONNX export)
+    xq = ops.clamp(ops.floor(blocks * inverse + 0.5), -127.0, 127.0)
+    xdq = (xq * (amax * (1 / 127))).reshape(x2.shape)
+    y = _matmul_t(xdq, dequantize_int4(packed, scale))
     if b is not None:
         y = y + b.astype(ms.float32)
     return y.astype(x.dtype).reshape(lead + (scale.shape[0],))

@@ -12,7 +12,8 @@ weights it has pre-packed at load, which it does for initializers, not for input
 graphs (the memory-bound loop) the quantized matmul weights are turned into initializers that
 point into the rank's safetensors file, and handed over with `add_initializer` (onnxruntime uses our
 array, then packs its own copy: one packed copy per decode graph). Prefill and vision keep them as
-inputs: with many rows per call, packing on the fly costs little.
+inputs: with many rows per call, packing on the fly costs little. Except w4a8: MatMulNBits only
+quantizes the activations (accuracy_level 4) on weights it has packed, so there every graph packs.
 
 Nothing here imports MindSpore: `pip install onnxruntime` (or onnxruntime-gpu) is enough to run an
 onnx bundle.
@@ -94,11 +95,14 @@ class OnnxRuntimeBackend:
 
         self.spinning = spinning
         self._graphs = {}
+        forms = (bundle.manifest.get("quant") or {}).get("forms", {})
+        self.quantized = bool(forms)
+        every_graph = "int4x8" in forms  # MatMulNBits quantizes activations only with pre-packed weights
         for name in bundle.graph_names:
             info = bundle.graph(name)
             path = bundle.rank_dir(rank) / info.files["onnx"]
             try:
-                session = self._session(path, providers, prepack=name.startswith("decode"))
+                session = self._session(path, providers, prepack=name.startswith("decode") or every_graph)
             except Exception as e:  # onnxruntime raises its own exception types for damaged models
                 raise UserError(f"graph file {path} cannot be loaded by onnxruntime {ort.__version__} "
                                 f"({str(e).splitlines()[0]}): export the bundle again.") from None
@@ -140,7 +144,7 @@ class OnnxRuntimeBackend:
         """An InferenceSession of `path`; with `prepack`, the quantized matmul weights become shared
         initializers that onnxruntime packs once (module docstring)."""
         options = self._options()
-        if not prepack or self.device != "cpu":
+        if not prepack or not self.quantized or self.device != "cpu":
             return self._ort.InferenceSession(str(path), options, providers=providers)
         import onnx
         model = onnx.load(str(path))

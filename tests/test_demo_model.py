@@ -77,7 +77,7 @@ def test_demo_bad_image_is_a_user_error(tmp_path, monkeypatch):
     assert result.output.strip().startswith("error:") and len(result.output.strip().splitlines()) == 1
 
 
-@pytest.mark.parametrize("scheme", ["w8a8", "w4a16"])
+@pytest.mark.parametrize("scheme", ["w8a8", "w4a16", "w4a8"])
 def test_quantized_demo_model_keeps_its_accuracy(scheme, cache, monkeypatch, tmp_path):
     """Issue 10's target on the trained model: the demo task's exact match quantized stays within
     2 answers in 100 of fp32 on the same held-out samples, run by onnxruntime's integer / 4-bit
