@@ -9,6 +9,7 @@ the generated text, stripped, equals the answer exactly.
 from __future__ import annotations
 
 import json
+import sys
 import time
 
 import click
@@ -80,7 +81,7 @@ def demo_eval(bundle, n, seed, as_json, show_mistakes, backend):
 
     from cogvlm2_lite.runtime.engine import Engine
     engine = Engine(bundle, backend)
-    with tqdm(total=n, desc="demo-eval", unit="sample", disable=as_json, file=click.get_text_stream("stderr"),
+    with tqdm(total=n, desc="demo-eval", unit="sample", disable=as_json, file=sys.stderr,
               leave=False) as bar:
         r = evaluate(bundle, n, seed, engine, on_sample=lambda i, ok: bar.update(1))
     if as_json:

@@ -140,32 +140,36 @@ def int8_linear(x, qweight_t, scale, smooth, b=None):
     y = (xq @ qweight_t) * step * scale (+ b). The integer product is computed in fp32 here, exact
     while the sums stay below 2^24; onnxruntime runs it as MatMulInteger (export/onnx_quant.py).
     """
-    lead, k = x.shape[:-1], x.shape[-1]
-    xs = x.reshape(-1, k).astype(ms.float32) * smooth
+    xs = _rows(x) * smooth
     step = ops.maximum(ops.abs(xs).max(-1, keepdims=True), 1e-30) * (1 / 127)
     xq = ops.clamp(ops.floor(xs / step + 0.5), -127.0, 127.0)
-    y = _matmul(xq, ops.cast(qweight_t, ms.float32)) * step * scale
-    if b is not None:
-        y = y + b.astype(ms.float32)
-    return y.astype(x.dtype).reshape(lead + (scale.shape[0],))
+    return _unrows(_matmul(xq, ops.cast(qweight_t, ms.float32)) * step * scale, b, x)
 
 
 def int4x8_linear(x, packed, scale, b=None):
     """4-bit weights x int8 activations: x [.., in] -> [.., out] in x's dtype.
 
-    Per GROUP inputs of a token: xq = round(x * (127 / amax)) (exactly onnxruntime's MLAS quantizer:
-    one reciprocal of amax, then a product; rounding half up here, half to even there: a difference
-    only on exact .5 ties), multiplied back by amax / 127; then the float product with the dequantized
-    weights, which equals MatMulNBits' per-block integer dot products scaled by both block scales.
+    Per GROUP inputs of a token: xq = round(x * (127 / amax)) (onnxruntime's MLAS quantizer: 127 / amax
+    once, then a product; rounding half up here, half to even there: a difference only on exact .5
+    ties), multiplied back by amax / 127; then the float product with the dequantized weights, which
+    equals MatMulNBits' per-block integer dot products scaled by both block scales.
     """
-    lead, k = x.shape[:-1], x.shape[-1]
-    x2 = x.reshape(-1, k).astype(ms.float32)
-    blocks = x2.reshape(x2.shape[0], k // GROUP, GROUP)
+    x2 = _rows(x)
+    blocks = x2.reshape(x2.shape[0], -1, GROUP)
     amax = ops.abs(blocks).max(-1, keepdims=True)
     inverse = ops.div(_QMAX, ops.maximum(amax, 1e-30))  # a Div, not `127 / t` (Reciprocal: no ONNX export)
     xq = ops.clamp(ops.floor(blocks * inverse + 0.5), -127.0, 127.0)
     xdq = (xq * (amax * (1 / 127))).reshape(x2.shape)
-    y = _matmul_t(xdq, dequantize_int4(packed, scale))
+    return _unrows(_matmul_t(xdq, dequantize_int4(packed, scale)), b, x)
+
+
+def _rows(x):
+    """[.., in] -> [rows, in] float32: the quantized linears compute in fp32 whatever the dtype."""
+    return x.reshape(-1, x.shape[-1]).astype(ms.float32)
+
+
+def _unrows(y, b, x):
+    """[rows, out] fp32 (+ bias) -> [.., out] in x's dtype."""
     if b is not None:
         y = y + b.astype(ms.float32)
-    return y.astype(x.dtype).reshape(lead + (scale.shape[0],))
+    return y.astype(x.dtype).reshape(x.shape[:-1] + (y.shape[-1],))
