@@ -45,11 +45,13 @@ def measure(paths, backend: str, steps: int, warmup: int, log) -> dict:
                     key=lambda g: int(g.split("_")[1]))
     if not decode:
         raise UserError("the bundles share no decode bucket: export them with the same --buckets decode=...")
-    loaded = []
+    from cogvlm2_lite.runtime.bench import rss_bytes
+    loaded, resident = [], []
     for b in bundles:
-        t = time.perf_counter()
+        t, before = time.perf_counter(), rss_bytes()
         loaded.append(BACKENDS[backend](b, 0))
-        log(f"loaded {b.path} ({backend}) in {time.perf_counter() - t:.1f} s")
+        resident.append(rss_bytes() - before)  # weights + packed copies + sessions
+        log(f"loaded {b.path} ({backend}) in {time.perf_counter() - t:.1f} s, +{resident[-1] / 2**20:.0f} MiB resident")
     rng = np.random.default_rng(0)
     rows = []
     for g in decode:
@@ -67,7 +69,8 @@ def measure(paths, backend: str, steps: int, warmup: int, log) -> dict:
                          "graph": g, "decode_ms": med[k] * 1e3, "decode_ms_min": min(times[k]) * 1e3,
                          "speedup_vs_first": med[0] / med[k]})
     sizes = [{"bundle": str(b.path), "weight_bytes": weight_bytes(b),
-              "bytes_vs_first": weight_bytes(b) / weight_bytes(bundles[0])} for b in bundles]
+              "bytes_vs_first": weight_bytes(b) / weight_bytes(bundles[0]), "load_rss_bytes": resident[k]}
+             for k, b in enumerate(bundles)]
     return {"backend": backend, "steps": steps, "decode": rows, "weights": sizes}
 
 
@@ -76,9 +79,10 @@ def format_report(r: dict) -> str:
     for row in r["decode"]:
         lines.append(f"  {row['graph']:12s} {row['quant']:8s} {row['decode_ms']:8.2f} ms/token   "
                      f"{row['speedup_vs_first']:5.2f}x   {row['bundle']}")
-    lines.append("weight bytes:")
+    lines.append("weight files, and resident memory added by loading the bundle (packed copies included):")
     for s in r["weights"]:
-        lines.append(f"  {s['weight_bytes'] / 1e6:10.1f} MB  {s['bytes_vs_first']:.3f}x   {s['bundle']}")
+        lines.append(f"  {s['weight_bytes'] / 1e6:10.1f} MB  {s['bytes_vs_first']:.3f}x   "
+                     f"loaded +{s['load_rss_bytes'] / 1e6:7.1f} MB   {s['bundle']}")
     return "\n".join(lines)
 
 
