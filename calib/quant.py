@@ -14,6 +14,15 @@ from cogvlm2_lite.graphs.quant import GROUP, SCHEMES, is_linear_weight, kind_of,
 from cogvlm2_lite.graphs.weights import REPLICATED, WeightSpec
 
 
+CHUNK_ROWS = 4096   # rows quantized at a time: float temporaries stay small for the 19B's 2 GB lm_head
+
+
+def by_rows(fn, w: np.ndarray, *args) -> tuple:
+    """fn(rows, *args) -> arrays with one leading row each, applied chunk by chunk and joined."""
+    parts = [fn(w[i:i + CHUNK_ROWS], *args) for i in range(0, w.shape[0], CHUNK_ROWS)]
+    return tuple(np.concatenate(p) for p in zip(*parts))
+
+
 def quantize_rows(w: np.ndarray, qmax: int = 127) -> tuple[np.ndarray, np.ndarray]:
     """Symmetric per-row (output channel) int8: -> (q int8 like w, scale fp32 [rows])."""
     w2 = np.asarray(w, np.float32).reshape(w.shape[0], -1)
@@ -45,7 +54,8 @@ def smoothing(w: np.ndarray, act_absmax: np.ndarray | None, alpha: float) -> np.
     """SmoothQuant per-input-channel factors s (>0); all ones without statistics."""
     if act_absmax is None:
         return np.ones(w.shape[1], np.float32)
-    wmax = np.abs(np.asarray(w, np.float32)).max(axis=0).astype(np.float64)
+    wmax = np.max([np.abs(np.asarray(w[i:i + CHUNK_ROWS], np.float32)).max(axis=0)
+                   for i in range(0, w.shape[0], CHUNK_ROWS)], axis=0).astype(np.float64)
     amax = np.asarray(act_absmax, np.float64)
     ok = (wmax > 0) & (amax > 0)
     s = np.ones_like(amax)
@@ -66,12 +76,12 @@ class Quantizer:
         if kind is None:
             arrays = [w]
         elif kind == "int8":
-            arrays = list(quantize_rows(w))
+            arrays = list(by_rows(quantize_rows, w))
         elif kind in ("int4", "int4x8"):
-            arrays = list(quantize_groups4(w))
+            arrays = list(by_rows(quantize_groups4, w))
         else:
             s = smoothing(w, self.stats.get(spec.name), self.alpha)
-            q, scale = quantize_rows(np.asarray(w, np.float32) * s[None, :])
+            q, scale = by_rows(lambda rows: quantize_rows(np.asarray(rows, np.float32) * s[None, :]), w)
             arrays = [np.ascontiguousarray(q.T), scale, (1 / s).astype(np.float32)]
         return list(zip(stored_specs(spec, kind), arrays))
 

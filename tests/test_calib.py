@@ -138,6 +138,23 @@ def test_stored_forms_agree_between_graphs_and_quantizer(scheme, tiny_weights):
         assert kinds["lm_head.weight"] == four
 
 
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_quantizing_in_row_chunks_is_bit_identical(scheme, monkeypatch):
+    """Export quantizes big tensors a few thousand rows at a time (bounded memory for the 19B's
+    lm_head): the result must not depend on where the chunks fall."""
+    import cogvlm2_lite.calib.quant as cq
+    rng = np.random.default_rng(7)
+    w = _spread_weights(rng, 37, 2 * GROUP)
+    spec = WeightSpec("model.layers.0.mlp.language_mlp.down_proj.weight", w.shape, REPLICATED)
+    qz = Quantizer(scheme, stats={spec.name: np.abs(rng.standard_normal(2 * GROUP)).astype(np.float32)})
+    whole = qz.tensors(spec, w)
+    monkeypatch.setattr(cq, "CHUNK_ROWS", 5)   # 8 chunks, the last one short
+    chunked = qz.tensors(spec, w)
+    for (s1, a1), (s2, a2) in zip(whole, chunked):
+        assert s1 == s2 and a1.dtype == a2.dtype
+        np.testing.assert_array_equal(a1, a2)
+
+
 def test_quantized_bytes_against_fp16():
     """The 8-bit schemes store <= 0.55x of fp16 and 4 bits 0.31x (codes + fp32 scales + smoothing),
     checked against sizes computed by hand."""
