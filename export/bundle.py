@@ -266,6 +266,8 @@ def export_bundle(out: Path, *, hf_dir: Path | None = None, random_init: CogVLM2
     checkpoint = Checkpoint(hf_dir) if hf_dir is not None else None
     cfg = checkpoint.config if checkpoint else random_init
     check_tp(cfg, tp)
+    if quantizer is not None and quantizer.stats:
+        check_stats(cfg, quantizer.stats, calib_stats)
     if checkpoint:
         checkpoint.validate()
     tokenizer = tokenizer or (hf_dir / "tokenizer.model" if hf_dir else None)
@@ -322,6 +324,18 @@ def make_quantizer(quant: str | None, tp: int, calib_stats: Path | None, alpha: 
         except Exception as e:  # OSError, or safetensors' own error for a bad header
             raise UserError(f"{calib_stats} is not a calibration statistics file ({e}).") from None
     return Quantizer(quant, tp, stats, alpha)
+
+
+def check_stats(cfg: CogVLM2Config, stats: dict, path: Path):
+    """Statistics must be this model's: per-input-channel vectors of its linear layers."""
+    widths = {spec.name: int(np.prod(spec.shape[1:])) for spec in weight_specs(cfg)}
+    known = [n for n in stats if n in widths]
+    if not known:
+        raise UserError(f"{path} names none of this model's linear layers: it holds the statistics of another model.")
+    for n in known:
+        if stats[n].shape != (widths[n],):
+            raise UserError(f"{path}: the statistics of {n} have shape {list(stats[n].shape)}, but the layer takes "
+                            f"{widths[n]} inputs: they belong to another model.")
 
 
 def check_formats(formats, tp: int, dtype: str) -> list:

@@ -336,11 +336,22 @@ def test_quantized_bundle_stores_the_quantizer_output_and_its_graphs_compute_it(
                 np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4, err_msg=f"{backend} {scheme}")
 
 
-def test_w8a8_export_refuses_without_statistics(tiny_hf, tmp_path):
+def test_w8a8_export_refuses_without_this_models_statistics(tiny_hf, tmp_path):
+    from safetensors.numpy import save_file
+
     from cogvlm2_lite.export.bundle import export_bundle
     from cogvlm2_lite.runtime.errors import UserError
+    kw = dict(hf_dir=tiny_hf, buckets=QUANT_BUCKETS, progress=False, quant="w8a8")
     with pytest.raises(UserError, match="needs activation statistics"):
-        export_bundle(tmp_path / "x", hf_dir=tiny_hf, buckets=QUANT_BUCKETS, progress=False, quant="w8a8")
+        export_bundle(tmp_path / "x", **kw)
+    other = tmp_path / "other.safetensors"
+    save_file({"encoder.fc.weight": np.ones(8, np.float32)}, str(other))
+    with pytest.raises(UserError, match="names none of this model's linear layers"):
+        export_bundle(tmp_path / "x", calib_stats=other, **kw)
+    wider = tmp_path / "wider.safetensors"   # the same names, another model's widths
+    save_file({"lm_head.weight": np.ones(1024, np.float32)}, str(wider))
+    with pytest.raises(UserError, match="belong to another model"):
+        export_bundle(tmp_path / "x", calib_stats=wider, **kw)
     assert not (tmp_path / "x").exists()
 
 
