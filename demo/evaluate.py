@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import sys
 import time
+from pathlib import Path
 
 import click
 
@@ -65,29 +66,49 @@ def format_table(r: dict) -> str:
     return "\n".join(lines)
 
 
+def format_comparison(results: list) -> str:
+    """Accuracy per question type, one column per bundle (e.g. fp32 against its quantized bundles)."""
+    names = [Path(r["bundle"]).name[:12] for r in results]
+    lines = [f"{'question type':<14}" + "".join(f"{n:>13}" for n in names)]
+    for q in [q for q, v in results[0]["per_type"].items() if v["total"]] + ["overall"]:
+        accs = [(r["overall"] if q == "overall" else r["per_type"][q])["accuracy"] for r in results]
+        lines.append(f"{q:<14}" + "".join(f"{100 * a:>12.1f}%" for a in accs))
+    base = results[0]["overall"]["correct"]
+    lines.append(f"{'vs first':<14}" + "".join(f"{r['overall']['correct'] - base:>+13d}" for r in results))
+    return "\n".join(lines)
+
+
 @click.command("demo-eval")
-@click.argument("bundle", required=False, type=click.Path(file_okay=False))
+@click.argument("bundles", nargs=-1, type=click.Path(file_okay=False))
 @click.option("-n", "n", type=int, default=500, show_default=True, help="Number of held-out samples.")
 @click.option("--seed", type=int, default=HELDOUT_SEED, show_default=True, help="Sample stream (default: held-out).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object (with the mistakes) instead of a table.")
 @click.option("--show-mistakes", type=int, default=0, help="List up to this many wrong answers after the table.")
 @click.option("--backend", default="auto", show_default=True, help="mindspore, onnxruntime, lite or auto.")
-def demo_eval(bundle, n, seed, as_json, show_mistakes, backend):
-    """Exact-match accuracy on the demo task's held-out split, greedy, through the runtime."""
-    if bundle is None:
+def demo_eval(bundles, n, seed, as_json, show_mistakes, backend):
+    """Exact-match accuracy on the demo task's held-out split, greedy, through the runtime; several
+    BUNDLES (e.g. fp32 and its quantized exports) are compared on the same samples."""
+    if not bundles:
         from .embedded import ensure_bundle
-        bundle = ensure_bundle(log=lambda m: click.echo(m, err=True))
+        bundles = [ensure_bundle(log=lambda m: click.echo(m, err=True))]
     from tqdm import tqdm
 
     from cogvlm2_lite.runtime.engine import Engine
-    engine = Engine(bundle, backend)
-    with tqdm(total=n, desc="demo-eval", unit="sample", disable=as_json, file=sys.stderr,
-              leave=False) as bar:
-        r = evaluate(bundle, n, seed, engine, on_sample=lambda i, ok: bar.update(1))
+    results = []
+    for bundle in bundles:
+        engine = Engine(bundle, backend)
+        with tqdm(total=n, desc="demo-eval", unit="sample", disable=as_json, file=sys.stderr,
+                  leave=False) as bar:
+            r = evaluate(bundle, n, seed, engine, on_sample=lambda i, ok: bar.update(1))
+        results.append(r)
+        if not as_json:
+            click.echo(f"bundle {r['bundle']} ({engine.backend.name}): {n} samples of seed {seed}, greedy, "
+                       f"{r['seconds']:.1f}s")
+            if len(bundles) == 1:
+                click.echo(format_table(r))
+            for m in r["mistakes"][:show_mistakes]:
+                click.echo(f"  #{m['index']} {m['question']!r}: expected {m['answer']!r}, got {m['output']!r}")
     if as_json:
-        click.echo(json.dumps(r, indent=1))
-        return
-    click.echo(f"bundle {r['bundle']} ({engine.backend.name}): {n} samples of seed {seed}, greedy, {r['seconds']:.1f}s")
-    click.echo(format_table(r))
-    for m in r["mistakes"][:show_mistakes]:
-        click.echo(f"  #{m['index']} {m['question']!r}: expected {m['answer']!r}, got {m['output']!r}")
+        click.echo(json.dumps(results[0] if len(results) == 1 else results, indent=1))
+    elif len(results) > 1:
+        click.echo(format_comparison(results))

@@ -110,3 +110,14 @@ def test_quantized_demo_model_keeps_its_accuracy(scheme, cache, fp32_first_100, 
                         quant=scheme, calib_stats=stats)
     q = evaluate(out, 100, engine=Engine(out, "onnxruntime"))
     assert q["overall"]["correct"] >= fp32["overall"]["correct"] - 2, (fp32["overall"], q["overall"], q["mistakes"])
+
+
+def test_demo_eval_compares_bundles_on_the_same_samples(cache, monkeypatch):
+    monkeypatch.setenv(CACHE_ENV, str(cache))
+    b = str(bundle_path())
+    result = CliRunner().invoke(demo_eval, [b, b, "-n", "5", "--json"], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    first, second = json.loads(result.stdout)
+    assert first["overall"] == second["overall"] and first["overall"]["total"] == 5
+    table = CliRunner().invoke(demo_eval, [b, b, "-n", "5"], catch_exceptions=False).stdout
+    assert table.splitlines()[-1].split() == ["vs", "first", "+0", "+0"]
