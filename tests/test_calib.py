@@ -380,3 +380,31 @@ def test_w8a8_tp2_under_msrun_stays_close_to_tp1(tiny_hf, calib_stats, engine, t
         rel = np.abs(got[name] - want).max() / np.abs(want).max()
         noise = np.abs(fp32[name] - want).max() / np.abs(want).max()
         assert rel <= 0.03 and rel <= 1.5 * noise, (name, rel, noise)
+
+
+def test_w4a16_tp2_under_msrun_equals_tp1(tiny_cfg, tmp_path):
+    """4-bit codes and their group scales are cut with the weights: with an MLP width whose per-rank
+    slices stay multiples of the group (128 -> 64 per rank), tp 2 picks the same forms as tp 1 and,
+    with no activation quantization, computes the same numbers (<= 1e-5, as the fp32 tp test)."""
+    import json
+
+    from test_export import prompt, run_tp2_logits
+
+    from cogvlm2_lite.export.bundle import export_bundle
+    from cogvlm2_lite.export.hf_checkpoint import write_checkpoint
+    from cogvlm2_lite.runtime.engine import Engine
+    hf = write_checkpoint(tmp_path / "hf", tiny_cfg.replace(intermediate_size=128), seed=2)
+    shutil.copyfile(DEMO_TOKENIZER, hf / "tokenizer.model")
+    kw = dict(hf_dir=hf, buckets=QUANT_BUCKETS, progress=False, quant="w4a16")
+    b1, b2 = export_bundle(tmp_path / "tp1", **kw), export_bundle(tmp_path / "tp2", tp=2, **kw)
+    forms = [json.loads((b / "manifest.json").read_text())["quant"]["forms"] for b in (b1, b2)]
+    assert forms[0] == forms[1] and forms[0]["int4"]["weights"] >= 11
+    tp1 = Engine(b1)
+    got = run_tp2_logits(b2, tmp_path / "tp2.npz")
+    ids, pos = prompt(tp1, "count to ten", image=False)
+    first = tp1.prefill([ids], None, [pos])
+    second = tp1.decode([int(np.argmax(first[0]))], [pos[-1] + 1])
+    embeds = tp1.image_embeddings(np.full((1, 3, 56, 56), 0.25, np.float32))
+    assert np.abs(got["prefill"] - first).max() <= 1e-5
+    assert np.abs(got["decode"] - second).max() <= 1e-5
+    assert np.abs(got["embeds"] - embeds).max() <= 1e-5
