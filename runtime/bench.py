@@ -124,6 +124,18 @@ def is_vision_expert(name: str) -> bool:
     return "vision_expert" in name or "vision_mlp" in name
 
 
+def logical_matrix(name: str, dtype: str, shape: tuple, table: dict) -> list | None:
+    """[out, in] of the linear a stored tensor holds (quantized forms: manifest `quant`), else None."""
+    if name.endswith((".scale", ".smooth")) or len(shape) != 2:
+        return None
+    if not name.endswith(".qweight"):
+        return list(shape)
+    if dtype == "U8":                                        # 4-bit codes, two per byte
+        return [shape[0], 2 * shape[1]]
+    base = name[:-len(".qweight")]
+    return [shape[1], shape[0]] if base + ".smooth" in table else list(shape)   # w8a8 stores [in, out]
+
+
 def model_costs(bundle) -> dict:
     """Bytes one decode step reads and FLOPs of each prefill bucket, for the rank-0 graphs."""
     m = bundle.manifest
@@ -139,15 +151,16 @@ def model_costs(bundle) -> dict:
             weight_bytes += b * nbytes // shape[0]          # one row per sequence
             continue
         weight_bytes += nbytes
-        if len(shape) == 2:
-            gemv_shapes.append(list(shape))
-            if name != "lm_head.weight":
-                layer_params += shape[0] * shape[1]
+        matrix = logical_matrix(name, dtype, shape, table)
+        if matrix:
+            gemv_shapes.append(matrix)
+            if not name.startswith("lm_head."):
+                layer_params += matrix[0] * matrix[1]
     itemsize = np.dtype({"float32": np.float32, "float16": np.float16}.get(kv["dtype"], np.float16)).itemsize
     kv_bytes = {str(t): 2 * kv["layers"] * b * kv["kv_heads"] * t * kv["head_dim"] * itemsize
                 for t in bundle.buckets["decode"]}
     hidden, vocab, layers = cfg["hidden_size"], cfg["vocab_size"], cfg["num_hidden_layers"]
-    lm_head = table["lm_head.weight"][1]
+    lm_head = (vocab // m["tp"], hidden)
 
     def prefill_flops(s):  # every slot of the bucket is computed (padding included), lm_head on the last token
         return 2 * b * s * layer_params + layers * 4 * b * s * s * hidden + 2 * b * lm_head[0] * lm_head[1]
