@@ -408,3 +408,15 @@ def test_w4a16_tp2_under_msrun_equals_tp1(tiny_cfg, tmp_path):
     assert np.abs(got["prefill"] - first).max() <= 1e-5
     assert np.abs(got["decode"] - second).max() <= 1e-5
     assert np.abs(got["embeds"] - embeds).max() <= 1e-5
+
+
+def test_bench_sees_the_matrices_behind_the_stored_forms(quant_bundle, tiny_bundle):
+    """The bench's decode roofline reads a quantized bundle's own bytes, and its GEMV probe the same
+    [out, in] matrices as the fp32 bundle's (w8a8 stores [in, out], 4-bit two codes per byte)."""
+    from cogvlm2_lite.runtime.bench import model_costs
+    from cogvlm2_lite.runtime.bundle import Bundle
+    scheme, path = quant_bundle
+    q, f = model_costs(Bundle(path)), model_costs(Bundle(tiny_bundle))
+    assert sorted(q["gemv_shapes"]) == sorted(f["gemv_shapes"])
+    assert q["decode_weight_bytes"] < 0.5 * f["decode_weight_bytes"]
+    assert q["prefill_flops"]["prefill_text"]["16"] == f["prefill_flops"]["prefill_text"]["16"]
