@@ -363,22 +363,17 @@ def test_w8a8_tp2_under_msrun_stays_close_to_tp1(tiny_hf, calib_stats, engine, t
     the outputs less than quantizing did (measured, as max |diff| / max |output|: prefill 1.8% vs
     3.5% w8a8-vs-fp32, decode 1.6% vs 2.5%, vision 1.2% vs 1.3%); with margin, <= 1.5x that and <= 3%.
     A wrongly cut scale or smoothing vector would be off by the size of the output itself."""
-    from test_export import prompt, run_tp2_logits
+    from test_export import probe_logits, run_tp2_logits
 
     from cogvlm2_lite.export.bundle import export_bundle
     from cogvlm2_lite.runtime.engine import Engine
     kw = dict(hf_dir=tiny_hf, buckets=QUANT_BUCKETS, progress=False, quant="w8a8", calib_stats=calib_stats)
-    tp1 = Engine(export_bundle(tmp_path / "tp1", **kw))
+    want = probe_logits(Engine(export_bundle(tmp_path / "tp1", **kw)))
     got = run_tp2_logits(export_bundle(tmp_path / "tp2", tp=2, **kw), tmp_path / "tp2.npz")
-    ids, pos = prompt(tp1, "count to ten", image=False)
-    first = tp1.prefill([ids], None, [pos])
-    second = tp1.decode([int(np.argmax(first[0]))], [pos[-1] + 1])
-    embeds = tp1.image_embeddings(np.full((1, 3, 56, 56), 0.25, np.float32))
-    fp32 = {"prefill": engine.prefill([ids], None, [pos]), "decode": engine.decode([int(np.argmax(first[0]))], [pos[-1] + 1]),
-            "embeds": engine.image_embeddings(np.full((1, 3, 56, 56), 0.25, np.float32))}
-    for name, want in (("prefill", first), ("decode", second), ("embeds", embeds)):
-        rel = np.abs(got[name] - want).max() / np.abs(want).max()
-        noise = np.abs(fp32[name] - want).max() / np.abs(want).max()
+    fp32 = probe_logits(engine)
+    for name in want:
+        scale = np.abs(want[name]).max()
+        rel, noise = np.abs(got[name] - want[name]).max() / scale, np.abs(fp32[name] - want[name]).max() / scale
         assert rel <= 0.03 and rel <= 1.5 * noise, (name, rel, noise)
 
 
@@ -388,7 +383,7 @@ def test_w4a16_tp2_under_msrun_equals_tp1(tiny_cfg, tmp_path):
     with no activation quantization, computes the same numbers (<= 1e-5, as the fp32 tp test)."""
     import json
 
-    from test_export import prompt, run_tp2_logits
+    from test_export import probe_logits, run_tp2_logits
 
     from cogvlm2_lite.export.bundle import export_bundle
     from cogvlm2_lite.export.hf_checkpoint import write_checkpoint
@@ -399,15 +394,9 @@ def test_w4a16_tp2_under_msrun_equals_tp1(tiny_cfg, tmp_path):
     b1, b2 = export_bundle(tmp_path / "tp1", **kw), export_bundle(tmp_path / "tp2", tp=2, **kw)
     forms = [json.loads((b / "manifest.json").read_text())["quant"]["forms"] for b in (b1, b2)]
     assert forms[0] == forms[1] and forms[0]["int4"]["weights"] >= 11
-    tp1 = Engine(b1)
-    got = run_tp2_logits(b2, tmp_path / "tp2.npz")
-    ids, pos = prompt(tp1, "count to ten", image=False)
-    first = tp1.prefill([ids], None, [pos])
-    second = tp1.decode([int(np.argmax(first[0]))], [pos[-1] + 1])
-    embeds = tp1.image_embeddings(np.full((1, 3, 56, 56), 0.25, np.float32))
-    assert np.abs(got["prefill"] - first).max() <= 1e-5
-    assert np.abs(got["decode"] - second).max() <= 1e-5
-    assert np.abs(got["embeds"] - embeds).max() <= 1e-5
+    got, want = run_tp2_logits(b2, tmp_path / "tp2.npz"), probe_logits(Engine(b1))
+    for name in want:
+        assert np.abs(got[name] - want[name]).max() <= 1e-5, name
 
 
 def test_bench_sees_the_matrices_behind_the_stored_forms(quant_bundle, tiny_bundle):

@@ -118,18 +118,21 @@ if e.rank == 0:
     return np.load(out)
 
 
+def probe_logits(engine) -> dict:
+    """What run_tp2_logits' script computes, here with a tp 1 engine."""
+    ids, pos = prompt(engine, "count to ten", image=False)
+    first = engine.prefill([ids], None, [pos])
+    return {"prefill": first, "decode": engine.decode([int(np.argmax(first[0]))], [pos[-1] + 1]),
+            "embeds": engine.image_embeddings(np.full((1, 3, 56, 56), 0.25, np.float32))}
+
+
 def test_tp2_bundle_under_msrun_matches_tp1(tiny_bundle_tp2, engine, tmp_path):
     m = json.loads((tiny_bundle_tp2 / "manifest.json").read_text())
     assert m["tp"] == 2 and [r["dir"] for r in m["ranks"]] == ["rank0", "rank1"]
     assert m["kv_cache"]["kv_heads"] == 1
-    got = run_tp2_logits(tiny_bundle_tp2, tmp_path / "tp2.npz")
-    ids, pos = prompt(engine, "count to ten", image=False)
-    first = engine.prefill([ids], None, [pos])
-    second = engine.decode([int(np.argmax(first[0]))], [pos[-1] + 1])
-    embeds = engine.image_embeddings(np.full((1, 3, 56, 56), 0.25, np.float32))
-    assert np.abs(got["prefill"] - first).max() <= 1e-5
-    assert np.abs(got["decode"] - second).max() <= 1e-5
-    assert np.abs(got["embeds"] - embeds).max() <= 1e-5
+    got, want = run_tp2_logits(tiny_bundle_tp2, tmp_path / "tp2.npz"), probe_logits(engine)
+    for name in want:
+        assert np.abs(got[name] - want[name]).max() <= 1e-5, name
 
 
 def test_flipped_byte_is_detected(tiny_bundle, tmp_path):
