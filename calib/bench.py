@@ -33,10 +33,6 @@ def decode_inputs(bundle, name: str, rng) -> list:
     return out
 
 
-def weight_bytes(bundle) -> int:
-    return sum(f.stat().st_size for f in bundle.weight_files(0))
-
-
 def measure(paths, backend: str, steps: int, warmup: int, log) -> dict:
     from cogvlm2_lite.runtime.backends import BACKENDS
     from cogvlm2_lite.runtime.bundle import Bundle
@@ -68,8 +64,8 @@ def measure(paths, backend: str, steps: int, warmup: int, log) -> dict:
             rows.append({"bundle": str(b.path), "quant": (b.manifest.get("quant") or {}).get("scheme", b.manifest["dtype"]),
                          "graph": g, "decode_ms": med[k] * 1e3, "decode_ms_min": min(times[k]) * 1e3,
                          "speedup_vs_first": med[0] / med[k]})
-    sizes = [{"bundle": str(b.path), "weight_bytes": weight_bytes(b),
-              "bytes_vs_first": weight_bytes(b) / weight_bytes(bundles[0]), "load_rss_bytes": resident[k]}
+    sizes = [{"bundle": str(b.path), "weight_bytes": b.weight_bytes(0),
+              "bytes_vs_first": b.weight_bytes(0) / bundles[0].weight_bytes(0), "load_rss_bytes": resident[k]}
              for k, b in enumerate(bundles)]
     return {"backend": backend, "steps": steps, "decode": rows, "weights": sizes}
 

@@ -32,7 +32,6 @@ from cogvlm2_lite.graphs.config import CogVLM2Config
 from cogvlm2_lite.graphs.entry import NUMPY_NAMES
 from cogvlm2_lite.graphs.model import weight_specs
 from cogvlm2_lite.graphs.quant import GROUP, SCHEMES as QUANT_SCHEMES, kind_of
-from cogvlm2_lite.graphs.weights import WeightSpec
 from cogvlm2_lite.runtime.bundle import FORMAT_VERSION, sha256
 from cogvlm2_lite.runtime.errors import UserError
 

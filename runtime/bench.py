@@ -26,7 +26,6 @@ import json
 import math
 import os
 import resource
-import struct
 import subprocess
 import sys
 import tempfile
@@ -108,15 +107,12 @@ def test_photo(width=1024, height=768, seed=0) -> bytes:
 # --- what the bundle must read and compute (from its manifest and safetensors headers) --------------
 def tensor_table(bundle, rank: int = 0) -> dict:
     """name -> (dtype, shape, bytes), read from the safetensors headers only (no weights loaded)."""
+    from .bundle import safetensors_header
     table = {}
     for path in bundle.weight_files(rank):
-        with open(path, "rb") as f:
-            n = struct.unpack("<Q", f.read(8))[0]
-            header = json.loads(f.read(n))
-        for name, info in header.items():
-            if name != "__metadata__":
-                a, b = info["data_offsets"]
-                table[name] = (info["dtype"], tuple(info["shape"]), b - a)
+        for name, info in safetensors_header(path).items():
+            a, b = info["data_offsets"]
+            table[name] = (info["dtype"], tuple(info["shape"]), b - a)
     return table
 
 

@@ -7,6 +7,7 @@ cost minutes.
 """
 import hashlib
 import json
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -98,6 +99,17 @@ class Bundle:
     def weight_bytes(self, rank: int = 0) -> int:
         files = self.manifest["files"]
         return sum(files[str(p.relative_to(self.path))]["bytes"] for p in self.weight_files(rank))
+
+
+def safetensors_header(path: Path) -> dict:
+    """{tensor name: {"dtype", "shape", "data_offsets"}} of a safetensors file, the offsets made
+    absolute in the file (8-byte header length, JSON header, then the data: the format's
+    specification). Reads the header only."""
+    with open(path, "rb") as f:
+        n = struct.unpack("<Q", f.read(8))[0]
+        header = json.loads(f.read(n))
+    return {k: {**v, "data_offsets": [8 + n + v["data_offsets"][0], 8 + n + v["data_offsets"][1]]}
+            for k, v in header.items() if k != "__metadata__"}
 
 
 def sha256(path: Path) -> str:

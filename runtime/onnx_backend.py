@@ -18,14 +18,12 @@ quantizes the activations (accuracy_level 4) on weights it has packed, so there 
 Nothing here imports MindSpore: `pip install onnxruntime` (or onnxruntime-gpu) is enough to run an
 onnx bundle.
 """
-import json
 import os
-import struct
 from pathlib import Path
 
 import numpy as np
 
-from .bundle import Bundle
+from .bundle import Bundle, safetensors_header
 from .errors import UserError
 
 NP_DTYPES = {"int32": np.int32, "float32": np.float32, "float16": np.float16}
@@ -89,20 +87,21 @@ class OnnxRuntimeBackend:
         from .backends import load_rank_weights
         self._arrays = load_rank_weights(bundle, rank)  # the one resident copy (CPU OrtValues alias it)
         self._values = {}
-        self._offsets = {}
-        for f in bundle.weight_files(rank):
-            self._offsets.update({n: (f.name, o) for n, o in safetensors_offsets(f).items()})
+        forms = (bundle.manifest.get("quant") or {}).get("forms", {})
+        self._offsets = {}  # where each weight lies in its file: the initializers of pre-packed graphs point there
+        if forms and self.device == "cpu":
+            for f in bundle.weight_files(rank):
+                self._offsets.update({n: (f.name, h["data_offsets"]) for n, h in safetensors_header(f).items()})
+        every_graph = "int4x8" in forms  # MatMulNBits quantizes activations only with pre-packed weights
 
         self.spinning = spinning
         self._graphs = {}
-        forms = (bundle.manifest.get("quant") or {}).get("forms", {})
-        self.quantized = bool(forms)
-        every_graph = "int4x8" in forms  # MatMulNBits quantizes activations only with pre-packed weights
         for name in bundle.graph_names:
             info = bundle.graph(name)
             path = bundle.rank_dir(rank) / info.files["onnx"]
             try:
-                session = self._session(path, providers, prepack=name.startswith("decode") or every_graph)
+                session = self._session(path, providers, prepack=bool(self._offsets) and (
+                    name.startswith("decode") or every_graph))
             except Exception as e:  # onnxruntime raises its own exception types for damaged models
                 raise UserError(f"graph file {path} cannot be loaded by onnxruntime {ort.__version__} "
                                 f"({str(e).splitlines()[0]}): export the bundle again.") from None
@@ -144,7 +143,7 @@ class OnnxRuntimeBackend:
         """An InferenceSession of `path`; with `prepack`, the quantized matmul weights become shared
         initializers that onnxruntime packs once (module docstring)."""
         options = self._options()
-        if not prepack or not self.quantized or self.device != "cpu":
+        if not prepack:
             return self._ort.InferenceSession(str(path), options, providers=providers)
         import onnx
         model = onnx.load(str(path))
@@ -187,12 +186,3 @@ class OnnxRuntimeBackend:
         del keep
         return results
 
-
-def safetensors_offsets(path: Path) -> dict[str, tuple[int, int]]:
-    """{tensor name: (first byte, end byte)} in a safetensors file: 8-byte header length, JSON header,
-    then the data, each tensor's `data_offsets` relative to its start (the format's specification)."""
-    with open(path, "rb") as f:
-        n = struct.unpack("<Q", f.read(8))[0]
-        header = json.loads(f.read(n))
-    return {k: (8 + n + v["data_offsets"][0], 8 + n + v["data_offsets"][1])
-            for k, v in header.items() if k != "__metadata__"}
