@@ -32,6 +32,13 @@ def tiny_weights(tiny_hf):
     return {name: np.asarray(ckpt.read(name), np.float32) for name in ckpt.weight_map}
 
 
+def prompt(engine, text, image):
+    """Token ids and position ids of a chat prompt, with the image placeholders when `image`."""
+    from cogvlm2_lite.runtime.tokenizer import position_ids
+    ids, types = engine.tokenizer.build_inputs(text, (), "chat", engine.n_image if image else 0)
+    return ids, position_ids(types)
+
+
 def _export(tmp_path_factory, hf, name, **kw):
     from cogvlm2_lite.export.bundle import export_bundle
     return export_bundle(tmp_path_factory.mktemp("bundles") / name, hf_dir=hf, buckets=BUCKETS, progress=False, **kw)

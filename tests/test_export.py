@@ -21,15 +21,8 @@ from cogvlm2_lite.graphs.model import weight_specs
 from cogvlm2_lite.runtime.bundle import Bundle
 from cogvlm2_lite.runtime.cli import main
 from cogvlm2_lite.runtime.errors import UserError
-from cogvlm2_lite.runtime.tokenizer import position_ids
 
-from conftest import BUCKETS, DEMO_TOKENIZER
-
-
-def prompt(engine, text, image):
-    n = engine.n_image if image else 0
-    ids, types = engine.tokenizer.build_inputs(text, (), "chat", n)
-    return ids, position_ids(types)
+from conftest import BUCKETS, DEMO_TOKENIZER, prompt
 
 
 def test_manifest_describes_everything(tiny_bundle, tiny_cfg):
@@ -100,7 +93,7 @@ def run_tp2_logits(bundle, out):
 import numpy as np, sys
 sys.path.insert(0, {str(Path(__file__).parent)!r})
 from cogvlm2_lite.runtime.engine import Engine
-from test_export import prompt
+from conftest import prompt
 e = Engine({str(bundle)!r})
 ids, pos = prompt(e, "count to ten", image=False)
 first = e.prefill([ids], None, [pos])

@@ -12,9 +12,8 @@ from cogvlm2_lite.runtime.engine import Engine, Request
 from cogvlm2_lite.runtime.errors import UserError
 from cogvlm2_lite.runtime.lite_backend import lite_available
 from cogvlm2_lite.runtime.sampling import SamplingParams
-from cogvlm2_lite.runtime.tokenizer import position_ids
 
-from conftest import BUCKETS
+from conftest import BUCKETS, prompt
 
 TOL = 1e-4
 
@@ -35,11 +34,6 @@ def engines(tiny_bundle, lite_bundle):
     return Engine(tiny_bundle, backend="mindspore"), Engine(lite_bundle, backend="lite")
 
 
-def _prompt(engine, text, image):
-    ids, types = engine.tokenizer.build_inputs(text, (), "chat", engine.n_image if image is not None else 0)
-    return ids, position_ids(types)
-
-
 def test_manifest_lists_lite_graphs(lite_bundle, tiny_bundle):
     m = json.loads((lite_bundle / "manifest.json").read_text())
     mindir = json.loads((tiny_bundle / "manifest.json").read_text())
@@ -57,7 +51,7 @@ def _parity(engines, photo):
     emb = [e.image_embeddings(pixels) for e in engines]
     diffs = {"vision": float(np.abs(emb[0] - emb[1]).max())}
     for image in (photo, None):
-        ids, pos = _prompt(ms_engine, "what is in the picture?", image)
+        ids, pos = prompt(ms_engine, "what is in the picture?", image)
         logits = [e.prefill([ids], emb[0] if image is not None else None, [pos]) for e in engines]
         diffs[f"prefill_{'image' if image else 'text'}"] = float(np.abs(logits[0] - logits[1]).max())
         n = len(ids)

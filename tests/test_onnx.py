@@ -3,7 +3,6 @@ cannot carry is refused in one sentence; the onnxruntime backend needs no MindSp
 import json
 import subprocess
 import sys
-from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -17,9 +16,8 @@ from cogvlm2_lite.runtime.cli import main
 from cogvlm2_lite.runtime.engine import Engine, Request
 from cogvlm2_lite.runtime.errors import UserError
 from cogvlm2_lite.runtime.sampling import SamplingParams
-from cogvlm2_lite.runtime.tokenizer import position_ids
 
-from conftest import BUCKETS, DEMO_TOKENIZER
+from conftest import BUCKETS, DEMO_TOKENIZER, prompt
 
 TOL = 1e-4
 
@@ -35,11 +33,6 @@ def onnx_bundle(tmp_path_factory, tiny_hf):
 @pytest.fixture(scope="session")
 def engines(tiny_bundle, onnx_bundle):
     return Engine(tiny_bundle, backend="mindspore"), Engine(onnx_bundle, backend="onnxruntime")
-
-
-def _prompt(engine, text, image):
-    ids, types = engine.tokenizer.build_inputs(text, (), "chat", engine.n_image if image is not None else 0)
-    return ids, position_ids(types)
 
 
 def test_manifest_lists_onnx_graphs_and_they_pass_the_checker(onnx_bundle, tiny_bundle):
@@ -72,7 +65,7 @@ def test_vision_prefill_and_decode_match_mindir(engines, photo):
     emb = [e.image_embeddings(pixels) for e in engines]
     assert np.abs(emb[0] - emb[1]).max() <= TOL
     for image in (photo, None):
-        ids, pos = _prompt(ms_engine, "what is in the picture?", image)
+        ids, pos = prompt(ms_engine, "what is in the picture?", image)
         logits = [e.prefill([ids], emb[0] if image is not None else None, [pos]) for e in engines]
         assert np.abs(logits[0] - logits[1]).max() <= TOL
         L = ms_engine.cache.layers
@@ -128,7 +121,7 @@ def test_run_cli_with_backend_flag(onnx_bundle, photo):
 def test_inputs_are_checked_and_views_are_read_in_place(engines):
     _, ort_engine = engines
     be = ort_engine.backend
-    ids, pos = _prompt(ort_engine, "hi", None)
+    ids, pos = prompt(ort_engine, "hi", None)
     ort_engine.prefill([ids], None, [pos])
     kc, vc = ort_engine.cache.views()
     base = [np.array([[5]], np.int32), np.array([len(ids)], np.int32), ort_engine.cache.lengths.copy()]
