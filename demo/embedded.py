@@ -20,7 +20,7 @@ SAMPLE_INDEX = 22  # held-out sample 22: "a green triangle, a purple square and 
 MODEL_FILES = ("config.json", "generation_config.json", "model.safetensors", "tokenizer.model")
 CACHE_ENV = "COGVLM2_LITE_CACHE"
 # prompts of the task are <= 31 tokens with the image; 128 = the model's context
-BUCKETS = {"text": [128], "image": [32, 128], "decode": [64, 128]}
+BUCKETS = {"chunk": [16, 64], "decode": [64, 128]}
 
 
 def cache_root() -> Path:

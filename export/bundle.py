@@ -49,15 +49,17 @@ GRAPH_SUFFIX = {"mindir": ".mindir", "onnx": ".onnx", "lite": ".lite.mindir"}
 
 
 def default_buckets(cfg: CogVLM2Config) -> dict:
-    """Sequence buckets sensible for the model: the 19B gets text 128/512/2048, image 2432/4096/8192,
-    decode 512/2048/3072/4096/8192; small configs get the same list clipped to their context."""
+    """Buckets sensible for the model: prefill chunks of 16/64/256 tokens (a prompt of n tokens costs
+    about n tokens of compute, padding only in its last chunk); decode over caches of 512/2048/3072/
+    4096/8192 slots for the 19B (3072: an image prompt and ~640 new tokens). Small configs get the
+    same lists clipped to their context."""
     m, n = cfg.max_position_embeddings, cfg.num_image_tokens
 
-    def clip(sizes, least=1):
-        return sorted({min(max(s, least), m) for s in sizes})
+    def clip(sizes):
+        return sorted({min(s, m) for s in sizes})
     first_image = -(-(n + 126) // 128) * 128
-    return {"text": clip((128, 512, 2048)), "image": clip((first_image, 4096, 8192), n + 2),
-            "decode": clip((512, 2048, first_image + 640, 4096, 8192))}
+    decode = clip((512, 2048, first_image + 640, 4096, 8192))
+    return {"chunk": sorted({c for c in (16, 64, 256) if c < max(decode)}), "decode": decode}
 
 
 class Source:
@@ -219,8 +221,7 @@ def build_manifest(plan: Plan, staging: Path, tokenizer_ranks: int, generation: 
         "format": "cogvlm2-lite-bundle", "format_version": FORMAT_VERSION,
         "model": cfg.to_hf(), "dtype": plan.dtype, "compute_dtype": NUMPY_NAMES[plan.dtype],
         "tp": plan.tp, "batch": plan.batch, "formats": list(plan.formats),
-        "buckets": {"prefill_text": plan.text_buckets, "prefill_image": plan.image_buckets,
-                    "decode": plan.decode_buckets},
+        "buckets": {"chunk": plan.chunk_buckets, "decode": plan.decode_buckets},
         "graphs": graphs,
         "weights": {"vision": vision_names, "language": language_names},
         "kv_cache": {"layers": cfg.num_hidden_layers, "kv_heads": cfg.num_multi_query_heads // plan.tp,
@@ -276,7 +277,7 @@ def export_bundle(out: Path, *, hf_dir: Path | None = None, random_init: CogVLM2
     tokenizer_ranks = check_tokenizer(Path(tokenizer), cfg)
     b = {**default_buckets(cfg), **(buckets or {})}
     check_buckets(cfg, b)
-    plan = Plan(cfg.to_hf(), dtype, tp, batch, b["text"], b["image"], b["decode"], formats, quant)
+    plan = Plan(cfg.to_hf(), dtype, tp, batch, b["chunk"], b["decode"], formats, quant)
     source = Source(checkpoint, cfg, seed)
 
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -356,21 +357,20 @@ def check_formats(formats, tp: int, dtype: str) -> list:
 
 
 def check_buckets(cfg: CogVLM2Config, b: dict):
+    """Every size within the model's reach; the largest cache holds an image prompt and a token."""
     n, m = cfg.num_image_tokens, cfg.max_position_embeddings
-    if not b["decode"]:
-        raise UserError("at least one decode bucket is needed.")
-    for kind in ("text", "image", "decode"):
+    for kind in ("chunk", "decode"):
+        if not b[kind]:
+            raise UserError(f"at least one {kind} bucket is needed (--buckets '{kind}=...').")
         for s in b[kind]:
             if s < 1 or s > 4 * m:
                 raise UserError(f"{kind} bucket {s} is outside 1..{4 * m}.")
-    for s in b["image"]:
-        if s < n + 2:
-            raise UserError(f"image bucket {s} cannot hold the {n} image tokens plus bos and a question: "
-                            f"use at least {n + 2}.")
     top = max(b["decode"])
-    for s in b["text"] + b["image"]:
-        if s > top:
-            raise UserError(f"prefill bucket {s} is longer than the largest decode bucket {top}: its cache would not fit.")
+    if top < n + 2:
+        raise UserError(f"the largest decode bucket ({top}) cannot hold an image prompt (bos and {n} image tokens) and "
+                        f"one new token: use at least {n + 2}.")
+    if min(b["chunk"]) >= top:
+        raise UserError(f"chunk buckets {b['chunk']} must be shorter than the largest decode bucket ({top}).")
 
 
 def _replace(staging: Path, out: Path):

@@ -12,18 +12,22 @@ from .bundle import export_bundle
 
 
 def parse_buckets(text: str | None) -> dict:
-    """'text=128,512;image=2432;decode=512,4096' -> {'text': [128, 512], ...}"""
+    """'chunk=16,64;decode=512,4096' -> {'chunk': [16, 64], 'decode': [512, 4096]}"""
     if not text:
         return {}
     out = {}
     try:
         for part in text.split(";"):
             kind, sizes = part.split("=")
-            if kind.strip() not in ("text", "image", "decode"):
+            kind = kind.strip()
+            if kind in ("text", "image"):
+                raise UserError(f"--buckets {kind}=...: whole-prompt buckets were replaced by prefill chunks; "
+                                "give 'chunk=16,64,256;decode=512,4096'.")
+            if kind not in ("chunk", "decode"):
                 raise ValueError
-            out[kind.strip()] = sorted({int(s) for s in sizes.split(",") if s.strip()})
+            out[kind] = sorted({int(s) for s in sizes.split(",") if s.strip()})
     except ValueError:
-        raise UserError(f"--buckets {text!r} is not of the form 'text=128,512;image=2432;decode=512,4096'.") from None
+        raise UserError(f"--buckets {text!r} is not of the form 'chunk=16,64,256;decode=512,4096'.") from None
     return out
 
 
@@ -36,7 +40,7 @@ def parse_buckets(text: str | None) -> dict:
 @click.option("--tp", type=int, default=1, show_default=True, help="Tensor-parallel ranks (1, 2, 4, 8).")
 @click.option("--dtype", type=click.Choice(["fp32", "fp16", "bf16"]), default="fp32", show_default=True)
 @click.option("--batch", type=int, default=1, show_default=True, help="Batch size B the graphs are traced for.")
-@click.option("--buckets", default=None, help="e.g. 'text=128,512;image=2432,4096;decode=512,2048,4096'.")
+@click.option("--buckets", default=None, help="Prefill chunk sizes and decode cache lengths, e.g. 'chunk=16,64,256;decode=512,2048,4096'.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of --random-init weights.")
 @click.option("--format", "formats", default="mindir", show_default=True,
               help="Graph formats, comma-separated: mindir (MindSpore, tensor parallel), onnx (onnxruntime, tp 1), "
@@ -51,7 +55,7 @@ def parse_buckets(text: str | None) -> dict:
 @click.option("--force", is_flag=True, help="Replace an existing non-empty BUNDLE.")
 def export(paths, random_init, tokenizer, tp, dtype, batch, buckets, seed, force, formats, quant, calib_stats,
            smooth_alpha):
-    """Trace fixed-shape vision/prefill/decode graphs and write a bundle."""
+    """Trace fixed-shape vision, prefill-chunk and decode graphs and write a bundle."""
     if random_init is None and len(paths) != 2:
         raise UserError("give HF_DIR and BUNDLE (or --random-init PRESET and BUNDLE).")
     if random_init is not None and len(paths) != 1:

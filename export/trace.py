@@ -14,7 +14,7 @@ import mindspore as ms
 from mindspore.common.initializer import Zero
 
 from cogvlm2_lite.graphs.config import CogVLM2Config
-from cogvlm2_lite.graphs.entry import DTYPES, DecodeGraph, PrefillGraph, VisionGraph
+from cogvlm2_lite.graphs.entry import DTYPES, ExtendGraph, VisionGraph, image_prefix_graph
 
 MS_DTYPES = {"int32": ms.int32, "uint8": ms.uint8, "float32": ms.float32, "float16": ms.float16, "bfloat16": ms.bfloat16,
              "int8": ms.int8}
@@ -27,9 +27,8 @@ class Plan:
     dtype: str = "fp32"
     tp: int = 1
     batch: int = 1
-    text_buckets: list = field(default_factory=list)
-    image_buckets: list = field(default_factory=list)
-    decode_buckets: list = field(default_factory=list)
+    chunk_buckets: list = field(default_factory=list)   # prefill chunk sizes C (extend_<C>_<T>)
+    decode_buckets: list = field(default_factory=list)  # cache lengths T
     formats: list = field(default_factory=lambda: ["mindir"])   # graph file formats: mindir, onnx
     quant: str | None = None    # weight quantization scheme (graphs/quant.py SCHEMES) or None
 
@@ -41,13 +40,13 @@ class Plan:
         """The graph cells of one rank, in bundle order."""
         cfg = self.cfg
         q = self.quant
-        yield VisionGraph(cfg, self.batch, self.dtype, self.tp, quant=q)
-        for s in self.text_buckets:
-            yield PrefillGraph(cfg, s, self.batch, image=False, dtype=self.dtype, tp=self.tp, quant=q)
-        for s in self.image_buckets:
-            yield PrefillGraph(cfg, s, self.batch, image=True, dtype=self.dtype, tp=self.tp, quant=q)
+        yield VisionGraph(cfg, 1, self.dtype, self.tp, quant=q)  # images arrive one request at a time
+        yield image_prefix_graph(cfg, self.dtype, self.tp, quant=q)
         for t in self.decode_buckets:
-            yield DecodeGraph(cfg, t, self.batch, self.dtype, self.tp, quant=q)
+            for c in self.chunk_buckets:
+                if c < t:
+                    yield ExtendGraph(cfg, c, t, 1, self.dtype, self.tp, quant=q)  # one row's prompt chunk
+            yield ExtendGraph(cfg, 1, t, self.batch, self.dtype, self.tp, quant=q)  # every row's next token
 
 
 def example_inputs(graph, dtype: str, tp: int) -> list:

@@ -1,4 +1,9 @@
-"""The fixed-shape entry points that export traces: vision, prefill_<S>, decode_<T>.
+"""The fixed-shape entry points that export traces: vision, prefill_image, extend_<C>_<T>, decode_<T>.
+
+A prompt is prefilled in chunks against the cache: the image section (bos, boi, patches, eoi) is
+one fixed-size chunk of its own (`prefill_image`, the only graph that routes tokens to the vision
+expert), the text after it goes through `extend_<C>_<T>` chunks of C tokens over a cache bucket
+of T slots, and decode is the C = 1 member of that family (`decode_<T>`), batched over B rows.
 
 Each takes its data inputs first, then its weights (the `table` order). `inputs`/`outputs` describe
 the data tensors (name, shape, dtype) for the manifest; shapes are per rank.
@@ -59,8 +64,8 @@ class PrefillGraph(nn.Cell):
                  tp: int = 1, all_logits: bool = False, quant=None):
         super().__init__()
         n = cfg.num_image_tokens
-        if image and seq_len < n + 2:
-            raise ValueError(f"an image prefill bucket needs at least {n + 2} tokens, not {seq_len}")
+        if image and seq_len < n + 1:
+            raise ValueError(f"an image prompt needs at least {n + 1} tokens (bos and the image), not {seq_len}")
         self.name = f"prefill_{'image' if image else 'text'}_{seq_len}"
         self.image, self.all_logits, self.seq_len = image, all_logits, seq_len
         self.lm = LanguageModel(cfg, tp, vision_span=(1, n) if image else None)
@@ -103,37 +108,58 @@ def masked_bias(masked):
     return masked.astype(ms.float32) * NEG_INF  # arithmetic, not select: no shape-only constants
 
 
-class DecodeGraph(nn.Cell):
-    """One new token per row against a cache bucket of T slots.
+def image_prefix_graph(cfg: CogVLM2Config, dtype: str = "fp32", tp: int = 1, quant=None) -> PrefillGraph:
+    """The image section of every image prompt as one chunk of its own, batch 1: bos + the
+    num_image_tokens image slots (boi, patches, eoi) -> logits of eoi, K/V of its n + 1 slots."""
+    g = PrefillGraph(cfg, cfg.num_image_tokens + 1, 1, image=True, dtype=dtype, tp=tp, quant=quant)
+    g.name = "prefill_image"
+    return g
 
-    token [B, 1], position [B] (RoPE position), write_index [B] (cache slots already filled),
-    k_0..k_{L-1}, v_0..v_{L-1} each [B, KV, T, D] (one input per layer: contiguous views of the
-    runtime's buffer, passed without copies) -> logits [B, V] float32, k_new, v_new [L, B, KV, 1, D].
+
+class ExtendGraph(nn.Cell):
+    """C new tokens per row against a cache bucket of T slots (chunked prefill; decode when C = 1).
+
+    C > 1 ("extend_<C>_<T>"): tokens [B, C], positions [B, C] (RoPE), write_index [B] (slots
+    already filled), valid_len [B] (real tokens among the C; the rest is padding at the end).
+    C = 1 ("decode_<T>"): token [B, 1], position [B], write_index [B].
+    Both also take k_0..k_{L-1}, v_0..v_{L-1}, each [B, KV, T, D] (one input per layer: contiguous
+    views of the runtime's buffer, passed without copies) -> logits of each row's last valid token
+    [B, V] float32, k_new, v_new [L, B, KV, C, D] (the runtime stores the first valid_len).
+    Text only: the vision expert runs only in `prefill_image`.
     """
 
-    def __init__(self, cfg: CogVLM2Config, cache_len: int, batch: int, dtype: str = "fp32", tp: int = 1,
+    def __init__(self, cfg: CogVLM2Config, chunk: int, cache_len: int, batch: int, dtype: str = "fp32", tp: int = 1,
                  quant=None):
         super().__init__()
-        self.name = f"decode_{cache_len}"
-        self.layers, self.cache_len = cfg.num_hidden_layers, cache_len
+        self.name = f"decode_{cache_len}" if chunk == 1 else f"extend_{chunk}_{cache_len}"
+        self.chunk, self.layers, self.cache_len = chunk, cfg.num_hidden_layers, cache_len
         self.lm = LanguageModel(cfg, tp)
         self.table = _quantize(self, self.lm.table, dtype, quant, tp)
         dt = NUMPY_NAMES[dtype]
         cache = (batch, cfg.num_multi_query_heads // tp, cache_len, cfg.head_dim)
-        new = (cfg.num_hidden_layers, batch, cfg.num_multi_query_heads // tp, 1, cfg.head_dim)
-        self.inputs = [("token", (batch, 1), "int32"), ("position", (batch,), "int32"),
-                       ("write_index", (batch,), "int32")]
+        new = (cfg.num_hidden_layers, batch, cfg.num_multi_query_heads // tp, chunk, cfg.head_dim)
+        if chunk == 1:
+            self.inputs = [("token", (batch, 1), "int32"), ("position", (batch,), "int32"),
+                           ("write_index", (batch,), "int32")]
+        else:
+            self.inputs = [("tokens", (batch, chunk), "int32"), ("positions", (batch, chunk), "int32"),
+                           ("write_index", (batch,), "int32"), ("valid_len", (batch,), "int32")]
         self.inputs += [(f"k_{i}", cache, dt) for i in range(self.layers)]
         self.inputs += [(f"v_{i}", cache, dt) for i in range(self.layers)]
         self.outputs = [("logits", (batch, cfg.vocab_size), "float32"), ("k_new", new, dt), ("v_new", new, dt)]
 
     def construct(self, *args):
-        token, position, write_index = args[0], args[1], args[2]
-        n = self.layers
-        k_caches, v_caches, w = args[3:3 + n], args[3 + n:3 + 2 * n], _weights(self, args[3 + 2 * n:])
-        b = token.shape[0]
+        n, c = self.layers, self.chunk
+        d = 3 if c == 1 else 4
+        tokens, positions, write_index = args[0], args[1], args[2]
+        k_caches, v_caches, w = args[d:d + n], args[d + n:d + 2 * n], _weights(self, args[d + 2 * n:])
+        b = tokens.shape[0]
         empty = ops.arange(0, self.cache_len, dtype=ms.int32).reshape(1, -1) >= write_index.reshape(-1, 1)
-        bias = masked_bias(empty).reshape(b, 1, 1, -1)
-        h = self.lm.embed_tokens(token, None, w)
-        h, k, v = self.lm(h, position.reshape(b, 1), bias, w, k_caches, v_caches)
-        return self.lm.logits(h.reshape(b, -1), w), k, v  # not h[:, 0]: an ONNX Slice Lite 2.0 cannot run
+        h = self.lm.embed_tokens(tokens, None, w)
+        if c == 1:
+            h, k, v = self.lm(h, positions.reshape(b, 1), masked_bias(empty), w, k_caches, v_caches)
+            return self.lm.logits(h.reshape(b, -1), w), k, v  # not h[:, 0]: an ONNX Slice Lite 2.0 cannot run
+        valid_len = args[3]
+        h, k, v = self.lm(h, positions, masked_bias(empty), w, k_caches, v_caches, causal_bias(c, valid_len))
+        last = ops.arange(0, b, dtype=ms.int32) * c + valid_len - 1
+        return self.lm.logits(ops.gather(h.reshape(b * c, -1), last, 0), w), k, v

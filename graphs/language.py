@@ -37,7 +37,7 @@ class ExpertAttention(TensorParallel):
         self.lang_dense = table.add(f"{prefix}.language_expert_dense.weight", (h, h), ROW)
         self.vis_dense = table.add(f"{prefix}.vision_expert_dense.weight", (h, h), ROW)
 
-    def construct(self, x, cos, sin, bias, w, k_cache, v_cache):
+    def construct(self, x, cos, sin, bias, w, k_cache, v_cache, new_bias):
         if self.span is None:
             qkv = linear(x, w[self.lang_qkv])
         else:
@@ -51,7 +51,7 @@ class ExpertAttention(TensorParallel):
         if k_cache is None:
             o = attention(q, k, v, bias)
         else:
-            o = cached_attention(q, k_cache, v_cache, bias, k, v)
+            o = cached_attention(q, k_cache, v_cache, bias, k, v, new_bias)
         if self.span is None:
             out = linear(o, w[self.lang_dense])
         else:
@@ -85,8 +85,8 @@ class DecoderLayer(nn.Cell):
         self.ln_post = table.add(f"{prefix}.post_attention_layernorm.weight", h)
         self.mlp = ExpertMLP(table, f"{prefix}.mlp", cfg, tp, span)
 
-    def construct(self, h, cos, sin, bias, w, k_cache, v_cache):
-        a, k, v = self.attn(rms_norm(h, w[self.ln_in], self.eps), cos, sin, bias, w, k_cache, v_cache)
+    def construct(self, h, cos, sin, bias, w, k_cache, v_cache, new_bias):
+        a, k, v = self.attn(rms_norm(h, w[self.ln_in], self.eps), cos, sin, bias, w, k_cache, v_cache, new_bias)
         h = h + a
         return h + self.mlp(rms_norm(h, w[self.ln_post], self.eps), w), k, v
 
@@ -114,16 +114,19 @@ class LanguageModel(TensorParallel):
             h = ops.concat((h[:, :1], image_embeds.astype(h.dtype), h[:, 1 + n:]), 1)
         return h
 
-    def construct(self, h, positions, bias, w, k_caches, v_caches):
-        """-> final-normed hidden states, and this call's K and V stacked as [layers, B, KV, S, D]."""
+    def construct(self, h, positions, bias, w, k_caches, v_caches, new_bias=None):
+        """-> final-normed hidden states, and this call's K and V stacked as [layers, B, KV, S, D].
+
+        Without caches `bias` is the [S, S] mask of a whole prompt; with them it is the cache mask
+        [B, T] and `new_bias` the [C, C] causal mask of the C new tokens (None for C = 1)."""
         cos, sin = rope_cos_sin(positions, self.head_dim, ROPE_THETA)
         ks = ()
         vs = ()
         for i in range(len(self.layers)):
             if k_caches is None:
-                h, k, v = self.layers[i](h, cos, sin, bias, w, None, None)
+                h, k, v = self.layers[i](h, cos, sin, bias, w, None, None, None)
             else:
-                h, k, v = self.layers[i](h, cos, sin, bias, w, k_caches[i], v_caches[i])
+                h, k, v = self.layers[i](h, cos, sin, bias, w, k_caches[i], v_caches[i], new_bias)
             ks = ks + (ops.expand_dims(k, 0),)  # concat of [1, ...] slices, not ops.stack: stack exports to
             vs = vs + (ops.expand_dims(v, 0),)  # ONNX as SequenceConstruct/ConcatFromSequence (no Lite 2.0)
         return rms_norm(h, w[self.norm], self.eps), ops.concat(ks, 0), ops.concat(vs, 0)

@@ -106,20 +106,24 @@ def attention(q, k, v, bias):
     return _ungrouped(_bmm(p, v), b, s, h, d)
 
 
-def cached_attention(q, k_cache, v_cache, cache_bias, k_new, v_new):
-    """Attention of new query tokens over the KV cache plus their own keys, without concatenating
+def cached_attention(q, k_cache, v_cache, cache_bias, k_new, v_new, new_bias=None):
+    """Attention of C new query tokens over the KV cache plus their own keys, without concatenating
     the cache (that would copy it every step): scores are computed per block and joined.
 
-    q [B, 1, H, D]; k/v_cache [B, KV, T, D]; cache_bias [B, 1, 1, T] (0 for filled slots, NEG_INF
-    for empty ones); k/v_new [B, KV, 1, D] -> [B, 1, H*D].
+    q [B, C, H, D]; k/v_cache [B, KV, T, D]; cache_bias [B, T] (0 for filled slots, NEG_INF for
+    empty ones); k/v_new [B, KV, C, D]; new_bias [C, C] causal mask among the new tokens (None
+    when C = 1: decode) -> [B, C, H*D].
     """
     b, s, h, d = q.shape
-    t = k_cache.shape[2]
-    qg = _grouped(q, k_cache.shape[1])
+    kv, t = k_cache.shape[1], k_cache.shape[2]
+    g = h // kv
+    qg = _grouped(q, kv)
     scale = d ** -0.5
-    s_cache = _bmm_t(qg, k_cache).astype(ms.float32) * scale + cache_bias
-    s_new = _bmm_t(qg, k_new).astype(ms.float32) * scale
-    p = ops.softmax(ops.concat((s_cache, s_new), -1), -1).astype(v_cache.dtype)
+    s_cache = (_bmm_t(qg, k_cache).astype(ms.float32) * scale).reshape(b, kv, g, s, t) + cache_bias.reshape(b, 1, 1, 1, t)
+    s_new = (_bmm_t(qg, k_new).astype(ms.float32) * scale).reshape(b, kv, g, s, s)
+    if new_bias is not None:
+        s_new = s_new + new_bias
+    p = ops.softmax(ops.concat((s_cache, s_new), -1), -1).reshape(b, kv, g * s, t + s).astype(v_cache.dtype)
     o = _bmm(p[:, :, :, :t], v_cache) + _bmm(p[:, :, :, t:], v_new)
     return _ungrouped(o, b, s, h, d)
 

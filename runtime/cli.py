@@ -4,6 +4,7 @@ never imports the exporter. Every UserError becomes one line on stderr and exit 
 """
 import json
 import os
+import secrets
 import socket
 import subprocess
 import sys
@@ -57,6 +58,7 @@ def sampling_options(f):
         click.option("--top-p", type=float, default=1.0, show_default=True, help="1 = off."),
         click.option("--repetition-penalty", type=float, default=1.0, show_default=True, help="1 = off."),
         click.option("--seed", type=int, default=None, help="Reproducible sampling."),
+        click.option("--ignore-eos", is_flag=True, help="Generate exactly --max-new-tokens (benchmarks)."),
         click.option("--template", type=click.Choice(["chat", "vqa", "base"]), default=None,
                      help="Prompt template (default: the bundle's)."),
         click.option("--backend", default="auto", show_default=True,
@@ -73,7 +75,7 @@ def sampling_params(o: dict):
     from .sampling import SamplingParams
     return SamplingParams(temperature=o["temperature"], top_k=o["top_k"], top_p=o["top_p"],
                           repetition_penalty=o["repetition_penalty"], seed=o["seed"],
-                          max_new_tokens=o["max_new_tokens"])
+                          max_new_tokens=o["max_new_tokens"], ignore_eos=o["ignore_eos"])
 
 
 def open_engine(bundle_path: str, o: dict):
@@ -90,22 +92,21 @@ def open_engine(bundle_path: str, o: dict):
 @sampling_options
 def run(bundle, image, prompt, stream, as_json, **o):
     """Answer one prompt about one image."""
+    params = sampling_params(o)
     if relaunch_under_msrun(bundle):
         return
     from .engine import Request
     engine = open_engine(bundle, o)
     say = rank0_printer(engine.rank)
-    request = Request(prompt, image=image, template=o["template"], params=sampling_params(o))
+    request = Request(prompt, image=image, template=o["template"], params=params)
     on_text = (lambda row, piece: say(piece, nl=False)) if stream and not as_json else None
     r = engine.generate([request], on_text=on_text)[0]
     if as_json:
-        say(json.dumps({"text": r.text, "finish_reason": r.finish_reason, "prompt_tokens": r.prompt_tokens,
-                        "completion_tokens": r.completion_tokens, "ttft_s": round(r.ttft_s, 4),
-                        "total_s": round(r.total_s, 4), "tokens_per_s": round(tokens_per_s(r), 2)}))
+        say(json.dumps(r.to_json(), ensure_ascii=False))
     else:
         say("" if stream else r.text)
         say(f"[{r.finish_reason}; {r.prompt_tokens} prompt + {r.completion_tokens} new tokens; "
-            f"TTFT {r.ttft_s * 1000:.0f} ms; {tokens_per_s(r):.1f} tokens/s]", err=True)
+            f"TTFT {r.ttft_s * 1000:.0f} ms; {r.tokens_per_s:.1f} tokens/s]", err=True)
 
 
 @main.command()
@@ -113,18 +114,31 @@ def run(bundle, image, prompt, stream, as_json, **o):
 @click.option("--image", type=click.Path(dir_okay=False), default=None, help="The image the conversation is about.")
 @sampling_options
 def chat(bundle, image, **o):
-    """Multi-turn conversation on stdin: one question per line; /reset starts over, /quit ends."""
+    """Multi-turn conversation on stdin: one question per line; /reset starts over, /quit ends.
+
+    The bundle, the image and the flags are checked before the first question (exit 1 on a bad one).
+    After that a turn that cannot run (an undecodable line, a question longer than the cache) is
+    reported in one line and the session goes on; when the conversation outgrows the cache, its
+    oldest turns are dropped, saying so.
+    """
     from .bundle import Bundle
+    params = sampling_params(o)
     if Bundle(bundle).tp > 1:
         raise UserError("chat reads the terminal, which msrun's ranks cannot share: use `run` (or the Python "
                         "API under msrun) with tensor-parallel bundles.")
     from .engine import Request
     engine = open_engine(bundle, o)
+    pixels = engine.pixels([image])[0] if image is not None else None
     say = rank0_printer(engine.rank)
     history = []
     say("Ask about the image (/reset to start over, /quit to end)." if image else "Chat (/reset, /quit).")
-    for line in sys.stdin:
-        q = line.strip()
+    for lineno, raw in enumerate(sys.stdin.buffer, 1):
+        try:
+            q = raw.decode("utf-8").strip()
+        except UnicodeDecodeError as e:
+            say(f"error: input line {lineno} is not UTF-8 text (byte {e.start + 1} is {raw[e.start]:#04x}); "
+                "type it again, or convert the input to UTF-8.", err=True)
+            continue
         if q in ("/quit", "/exit"):
             break
         if q == "/reset":
@@ -132,11 +146,19 @@ def chat(bundle, image, **o):
             continue
         if not q:
             continue
-        request = Request(q, image=image, history=tuple(history), template=o["template"], params=sampling_params(o))
-        r = engine.generate([request], on_text=lambda row, piece: say(piece, nl=False))[0]
+        while history and len(engine.tokenizer.build_inputs(q, tuple(history), o["template"] or engine.template,
+                                                            engine.n_image if image else 0)[0]) >= engine.cache.max_len:
+            history.pop(0)
+            say("[the conversation no longer fits the cache: dropped its oldest turn]", err=True)
+        request = Request(q, image=pixels, history=tuple(history), template=o["template"], params=params)
+        try:
+            r = engine.generate([request], on_text=lambda row, piece: say(piece, nl=False))[0]
+        except UserError as e:
+            say(f"error: {e}", err=True)
+            continue
         say("")
         if r.finish_reason == "context":
-            say("[the conversation filled the largest cache bucket: /reset to start over]")
+            say("[the answer filled the cache: older turns will be dropped to make room]", err=True)
         history.append((q, r.text.strip()))
 
 
@@ -164,11 +186,6 @@ def inspect(bundle, verify):
     if "calibration" in m:
         c = m["calibration"]
         click.echo(f"calibration statistics: {c['file']} ({c.get('samples', '?')} samples)")
-
-
-def tokens_per_s(r) -> float:
-    decode_s = r.total_s - r.ttft_s
-    return (r.completion_tokens - 1) / decode_s if r.completion_tokens > 1 and decode_s > 0 else 0.0
 
 
 def rank0_printer(rank: int):
@@ -205,7 +222,8 @@ def relaunch_under_msrun(bundle_path) -> bool:
     msrun = Path(sys.executable).parent / "msrun"
     cmd = [str(msrun), f"--worker_num={tp}", f"--local_worker_num={tp}", f"--master_port={port}", "--join=True",
            f"--log_dir={logs}", str(Path(__file__).with_name("msrun_main.py")), *sys.argv[1:]]
-    env = {**os.environ, OUTPUT_ENV: str(output), "GLOG_v": "3",
+    from .scheduler import SEED_ENV
+    env = {**os.environ, OUTPUT_ENV: str(output), "GLOG_v": "3", SEED_ENV: str(secrets.randbelow(2**31)),
            "PATH": f"{msrun.parent}{os.pathsep}{os.environ.get('PATH', '')}"}
     click.echo(f"[tensor parallel: {' '.join(cmd)}]", err=True)
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

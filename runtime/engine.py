@@ -1,20 +1,18 @@
 """The runtime, top-down: one request from image bytes to streamed text.
 
     Engine(bundle)                    load + validate the bundle, the backend, tokenizer, KV cache
-      .generate([Request(...)])
-         load_image -> preprocess     Pillow, bit-identical to torchvision  (preprocess.py)
-         tokenizer.build_inputs       [bos, image slots..., prompt ids], token types, position ids
-         image_embeddings             the `vision` graph
-         prefill                      smallest `prefill_<kind>_<S>` bucket that fits; K/V -> cache
-         loop: Sampler -> decode      smallest `decode_<T>` bucket holding the cache; K/V appended
-         StreamDecoder                token ids -> text pieces, never broken UTF-8
-The raw graph calls (image_embeddings, prefill, decode) are public so other implementations can
-be compared against the bundle. A batch-B bundle runs up to B requests together, each stopping
-on its own; with B = 1, a request that extends the previous one (multi-turn chat) reuses the
-cached prefix and only feeds the new tokens.
+      .generate([Request(...)])       hands the requests to the scheduler (scheduler.py), which
+         load_image -> preprocess       Pillow, bit-identical to torchvision  (preprocess.py)
+         tokenizer.build_inputs         [bos, image slots..., prompt ids], token types, position ids
+         admits each into a free row of the B-row KV cache, then step by step:
+         image_embeddings               the `vision` graph
+         prefill_image                  bos + the image section, one fixed chunk
+         extend                         the text, in chunks of C tokens (`extend_<C>_<T>`)
+         decode                         one token for every running row (`decode_<T>`)
+         Sampler, StreamDecoder         next token per row; ids -> text pieces, never broken UTF-8
+The raw graph calls (image_embeddings, prefill_image, extend, prefill, decode) are public so other
+implementations can be compared against the bundle.
 """
-import dataclasses
-import itertools
 import os
 import time
 from dataclasses import dataclass, field
@@ -26,14 +24,13 @@ from .bundle import Bundle
 from .errors import UserError
 from .kv_cache import KVCache
 from .preprocess import load_image, preprocess
-from .sampling import Sampler, SamplingParams
-from .tokenizer import StreamDecoder, Tokenizer, position_ids
-
-EXTEND_LIMIT = 256  # new tokens fed one decode step each when extending a cached prefix; more -> prefill
+from .sampling import SamplingParams
+from .tokenizer import Tokenizer
 
 
 @dataclass
 class Request:
+    """What one caller asks: a prompt, an optional image, earlier turns, sampling settings."""
     prompt: str
     image: object = None                 # path, bytes, PIL image or preprocessed float32 [3, S, S]; None: text-only
     history: tuple = ()                  # ((question, answer), ...) earlier turns
@@ -43,14 +40,28 @@ class Request:
 
 @dataclass
 class Result:
-    text: str
-    token_ids: list
-    finish_reason: str                   # stop | length | context
+    """One finished request. Times in seconds from the request's arrival."""
+    text: str                            # visible text: special tokens never appear in it
+    token_ids: list                      # generated ids (stop token excluded; special tokens kept)
+    finish_reason: str                   # stop | length | context (cache full) | cancel
     prompt_tokens: int
     completion_tokens: int
     ttft_s: float
     total_s: float
-    reused_tokens: int = 0
+    reused_tokens: int = 0               # prompt tokens whose K/V were reused from the row's previous request
+
+    @property
+    def tokens_per_s(self) -> float:
+        """Decode speed after the first token (0 with fewer than two tokens)."""
+        decode_s = self.total_s - self.ttft_s
+        return (self.completion_tokens - 1) / decode_s if self.completion_tokens > 1 and decode_s > 0 else 0.0
+
+    def to_json(self) -> dict:
+        """The one JSON rendering (run --json, batch output lines)."""
+        return {"text": self.text, "token_ids": self.token_ids, "finish_reason": self.finish_reason,
+                "prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
+                "ttft_s": round(self.ttft_s, 4), "total_s": round(self.total_s, 4),
+                "tokens_per_s": round(self.tokens_per_s, 2)}
 
 
 @dataclass
@@ -86,7 +97,18 @@ def _msrun_rank(tp: int) -> int:
 
 
 class Engine:
-    def __init__(self, bundle, backend: str = "auto", verify: bool = False, **backend_options):
+    """A loaded bundle: its backend, tokenizer, KV cache of B rows and the scheduler over them.
+
+    bundle: a bundle folder or Bundle; backend: auto | mindspore | onnxruntime | lite (backends.py);
+    verify: hash every file, weights included, before loading; prefix_cache: a request that
+    extends what a free row last held (multi-turn chat) reuses those K/V instead of recomputing.
+    Raises UserError for a bundle that cannot run here (damaged, wrong format, missing backend,
+    a tensor-parallel bundle outside msrun).
+    """
+
+    def __init__(self, bundle, backend: str = "auto", verify: bool = False, prefix_cache: bool = True,
+                 **backend_options):
+        from .scheduler import Scheduler
         self.bundle = bundle if isinstance(bundle, Bundle) else Bundle(bundle, verify=verify)
         m = self.bundle.manifest
         self.rank = _msrun_rank(self.bundle.tp)
@@ -97,13 +119,23 @@ class Engine:
         self.template = m["template"]
         self.stop_ids = tuple(m["tokenizer"]["stop_ids"])
         self.pre = m["preprocess"]
+        self.vocab_size = m["model"]["vocab_size"]
+        self.chunks = sorted(self.bundle.buckets["chunk"])
         kv = m["kv_cache"]
         self.cache = KVCache(kv["layers"], self.batch, kv["kv_heads"], kv["head_dim"], self.bundle.buckets["decode"],
                              kv["dtype"])
         self.timings = Timings()
-        self._pixels = None   # preprocessing buffer, allocated on first use
-        self._cached = None   # (image key, token ids whose K/V are in the cache) for B = 1 prefix reuse
-        self.reuse_prefix = True  # False: every request starts from prefill (batch files: results independent of order)
+        self.scheduler = Scheduler(self, prefix_cache=prefix_cache)
+
+    def generate(self, requests: list, on_text=None) -> list[Result]:
+        """Run any number of requests through the scheduler (B rows in flight) -> their Results, in
+        order. on_text(i, piece) streams request i's text as it is decoded. Raises UserError for a
+        request that cannot run (bad image, prompt longer than the cache) before any of them runs."""
+        return self.scheduler.run(requests, on_text)
+
+    def clear_prefix_cache(self):
+        """Forget what the rows hold: the next requests are computed from their first token."""
+        self.scheduler.clear_prefix_cache()
 
     # --- raw graph calls ----------------------------------------------------------------
     def _run(self, kind, name, inputs):
@@ -113,17 +145,12 @@ class Engine:
         return out
 
     def pixels(self, images) -> np.ndarray:
-        """Images (path, bytes, PIL) -> float32 [B, 3, S, S], padded with zeros to the bundle batch.
-
-        Fills one buffer kept for the session (a fresh 21 MiB array per 1344 px image costs ~9 ms of
-        page faults): the result is valid until the next call."""
+        """Images (path, bytes, PIL, or float32 [3, S, S] already preprocessed) -> float32 [N, 3, S, S].
+        Raises UserError for a file that is not a readable image."""
         s = self.pre["image_size"]
-        if self._pixels is None:
-            self._pixels = np.zeros((self.batch, 3, s, s), np.float32)
-        out = self._pixels
-        out[len(images):] = 0
+        out = np.empty((len(images), 3, s, s), np.float32)
         for i, img in enumerate(images):
-            if isinstance(img, np.ndarray):  # already preprocessed (e.g. on a background thread)
+            if isinstance(img, np.ndarray):
                 if img.shape != (3, s, s):
                     raise UserError(f"preprocessed pixels must have shape (3, {s}, {s}), not {img.shape}.")
                 out[i] = img
@@ -132,37 +159,80 @@ class Engine:
         return out
 
     def image_embeddings(self, pixel_values: np.ndarray) -> np.ndarray:
-        """float32 [B, 3, S, S] -> [B, num_image_tokens, hidden] (boi, patches, eoi)."""
-        return self._run("vision", "vision", [np.ascontiguousarray(pixel_values, np.float32)])[0]
+        """float32 [N, 3, S, S] -> [N, num_image_tokens, hidden] (boi, patches, eoi), one image per call."""
+        return np.concatenate([self._run("vision", "vision", [np.ascontiguousarray(p[None], np.float32)])[0]
+                               for p in pixel_values])
+
+    def prefill_image(self, row: int, image_embeds: np.ndarray, positions) -> np.ndarray:
+        """Row `row` starts over with bos + the image section: image_embeds [n_image, hidden] and the
+        first n_image + 1 position ids -> logits [V] of eoi; the row then holds n_image + 1 slots."""
+        n = self.n_image + 1
+        self.cache.lengths[row] = 0
+        self.cache.reserve(n)
+        ids = np.full((1, n), self.tokenizer.pad_id, np.int32)
+        ids[0, 0] = self.tokenizer.bos_id
+        inputs = [ids, np.ascontiguousarray(image_embeds[None]), np.asarray(positions[:n], np.int32).reshape(1, n),
+                  np.array([n], np.int32)]
+        logits, k, v = self._run("prefill", "prefill_image", inputs)
+        self.cache.write(row, k, v, n)
+        return logits[0]
+
+    def chunk_size(self, remaining: int) -> int:
+        """The prefill chunk for `remaining` tokens: the largest while it fills, else the smallest that
+        holds the rest (padding only inside a prompt's last chunk)."""
+        return self.chunks[-1] if remaining >= self.chunks[-1] else next(c for c in self.chunks if c >= remaining)
+
+    def extend_chunk(self, row: int, ids, positions) -> tuple[np.ndarray, int]:
+        """Feed the first chunk of `ids` (RoPE `positions`) to row `row` after its filled slots ->
+        (logits [V] of the last token fed, tokens fed). Raises UserError when the cache is full."""
+        start = int(self.cache.lengths[row])
+        c = self.chunk_size(len(ids))
+        if not self.cache.reserve(start + min(c, len(ids))):
+            raise UserError(f"the conversation needs {start + len(ids)} cache slots, more than this bundle's largest "
+                            f"decode bucket ({self.cache.max_len}): shorten it or export with larger --buckets.")
+        c = min(c, max(x for x in self.chunks if x <= self.cache.bucket))  # a small bucket has only the chunks it holds
+        m = min(c, len(ids))
+        tokens = np.full((1, c), self.tokenizer.pad_id, np.int32)
+        pos = np.zeros((1, c), np.int32)
+        tokens[0, :m] = ids[:m]
+        pos[0, :m] = positions[:m]
+        kc, vc = self.cache.row_views(row)
+        inputs = [tokens, pos, self.cache.lengths[row:row + 1].copy(), np.array([m], np.int32), *kc, *vc]
+        logits, k, v = self._run("prefill", f"extend_{c}_{self.cache.bucket}", inputs)
+        self.cache.write(row, k, v, m)
+        return logits[0], m
+
+    def extend(self, row: int, ids, positions) -> np.ndarray:
+        """Feed all of `ids` to row `row`, chunk by chunk -> logits [V] of the last one."""
+        done = 0
+        logits = None
+        while done < len(ids):
+            logits, m = self.extend_chunk(row, ids[done:], positions[done:])
+            done += m
+        return logits
 
     def prefill(self, input_ids: list, image_embeds=None, positions: list | None = None) -> np.ndarray:
-        """Rows of token ids (with image slots when image_embeds is given) -> last-token logits [B, V];
-        the cache then holds each row's K/V. Rows beyond len(input_ids) are padding."""
-        kind = "prefill_image" if image_embeds is not None else "prefill_text"
-        longest = max(len(ids) for ids in input_ids)
-        bucket = next((s for s in self.bundle.buckets[kind] if s >= longest), None)
-        if bucket is None:
-            top = max(self.bundle.buckets[kind], default=0)
-            raise UserError(f"the prompt is {longest} tokens long, more than this bundle's largest "
-                            f"{'image' if image_embeds is not None else 'text'} prompt bucket ({top}): "
-                            "shorten it or export with larger --buckets.")
-        b = self.batch
-        ids = np.full((b, bucket), self.tokenizer.pad_id, np.int32)
-        pos = np.zeros((b, bucket), np.int32)
-        lengths = np.ones(b, np.int32)
-        for r, row in enumerate(input_ids):
-            ids[r, :len(row)] = row
-            pos[r, :len(row)] = positions[r] if positions is not None else np.arange(len(row))
-            lengths[r] = len(row)
-        inputs = [ids] + ([np.ascontiguousarray(image_embeds)] if image_embeds is not None else []) + [pos, lengths]
-        logits, k, v = self._run("prefill", f"{kind}_{bucket}", inputs)
-        self.cache.write_prefill(k, v, lengths)
-        return logits
+        """Rows of token ids (bos and the image slots first when image_embeds [N, n_image, hidden] is
+        given) -> last-token logits [B, V]; row r of the cache then holds exactly row r's K/V."""
+        if len(input_ids) > self.batch:
+            raise UserError(f"this bundle has {self.batch} rows, got {len(input_ids)} prompts.")
+        out = np.zeros((self.batch, self.vocab_size), np.float32)
+        for r, ids in enumerate(input_ids):
+            pos = positions[r] if positions is not None else list(range(len(ids)))
+            self.cache.lengths[r] = 0
+            start = 0
+            if image_embeds is not None:
+                start = self.n_image + 1
+                out[r] = self.prefill_image(r, image_embeds[r], pos)
+            if start < len(ids):
+                out[r] = self.extend(r, ids[start:], pos[start:])
+        return out
 
     def decode(self, tokens, positions, rows=None) -> np.ndarray | None:
         """One token per row at the given RoPE positions -> logits [B, V]; K/V appended for `rows`
         (default all). None when the cache has no room left (the largest decode bucket is full)."""
-        if not self.cache.fit(int(self.cache.lengths.max()) + 1):
+        live = range(self.batch) if rows is None else rows
+        if not self.cache.reserve(max(int(self.cache.lengths[r]) for r in live) + 1):
             return None
         kc, vc = self.cache.views()
         inputs = [np.asarray(tokens, np.int32).reshape(self.batch, 1), np.asarray(positions, np.int32),
@@ -171,123 +241,3 @@ class Engine:
         logits, k_new, v_new = self._run("decode", f"decode_{self.cache.bucket}", inputs)
         self.cache.append(k_new, v_new, rows)
         return logits
-
-    # --- generation -------------------------------------------------------------------------
-    def generate(self, requests: list, on_text=None) -> list[Result]:
-        """Run up to `batch` requests together; on_text(row, piece) streams text as it is decoded."""
-        if not 1 <= len(requests) <= self.batch:
-            raise UserError(f"this bundle runs batches of at most {self.batch} requests, got {len(requests)}.")
-        with_image = [r.image is not None for r in requests]
-        if any(with_image) and not all(with_image):
-            raise UserError("requests with and without an image cannot share a batch: group them.")
-        start = time.perf_counter()
-        rows = [self._inputs(r) for r in requests]
-        images = [(r.image if isinstance(r.image, np.ndarray) else load_image(r.image), _image_key(r.image))
-                  for r in requests] if all(with_image) else None
-        logits, reused = self._start(rows, images)
-        return self._decode_loop(requests, rows, logits, reused, start, on_text)
-
-    def _inputs(self, r: Request):
-        n = self.n_image if r.image is not None else 0
-        ids, types = self.tokenizer.build_inputs(r.prompt, r.history, r.template or self.template, n)
-        return ids, position_ids(types)
-
-    def _start(self, rows, images):
-        """Prefill, or (B = 1) extend the cached prefix of the previous request with decode steps."""
-        key = images[0][1] if images else None
-        if self.batch == 1 and self.reuse_prefix and self._cached is not None and self._cached[0] == key:
-            ids, pos = rows[0]
-            old = self._cached[1]
-            common = next((i for i, (a, b) in enumerate(zip(old, ids)) if a != b), min(len(old), len(ids)))
-            if common == len(ids):
-                common -= 1  # the last prompt token must be fed again to get its logits
-            if common > (self.n_image if images else 0) and len(ids) - common <= EXTEND_LIMIT:
-                self.cache.lengths[0] = common
-                logits = None
-                for i in range(common, len(ids)):
-                    logits = self.decode([ids[i]], [pos[i]])
-                    if logits is None:
-                        break
-                if logits is not None:
-                    self._cached = (key, list(ids))
-                    return logits, common
-        embeds = self.image_embeddings(self.pixels([img for img, _ in images])) if images else None
-        logits = self.prefill([ids for ids, _ in rows], embeds, [pos for _, pos in rows])
-        self._cached = (key, list(rows[0][0])) if self.batch == 1 else None
-        return logits, 0
-
-    def _decode_loop(self, requests, rows, logits, reused, start, on_text):
-        b = len(requests)
-        samplers = [Sampler(_with_stops(r.params, self.stop_ids), ids) for r, (ids, _) in zip(requests, rows)]
-        streams = [StreamDecoder(self.tokenizer) for _ in requests]
-        out = [[] for _ in requests]
-        text = [[] for _ in requests]
-        finish = [None] * b
-        next_pos = [pos[-1] + 1 for _, pos in rows]
-        ttft = None
-        loop_start = time.perf_counter()
-        while True:
-            tokens = np.full(self.batch, self.tokenizer.pad_id, np.int32)
-            for r in range(b):
-                if finish[r]:
-                    continue
-                tok = samplers[r](logits[r])
-                if ttft is None:
-                    ttft = time.perf_counter() - start
-                if tok in samplers[r].params.stop_ids:
-                    finish[r] = "stop"
-                    continue
-                out[r].append(tok)
-                piece = streams[r].push(tok)
-                if piece:
-                    text[r].append(piece)
-                    if on_text:
-                        on_text(r, piece)
-                tokens[r] = tok
-                if len(out[r]) >= requests[r].params.max_new_tokens:
-                    finish[r] = "length"
-            live = [r for r in range(b) if not finish[r]]
-            if not live:
-                break
-            logits = self.decode(tokens, np.array(next_pos + [0] * (self.batch - b), np.int32), rows=live)
-            if logits is None:
-                for r in live:
-                    finish[r] = "context"
-                break
-            if self._cached is not None:
-                self._cached[1].append(int(tokens[0]))
-            self.timings.decode_steps += 1
-            for r in live:
-                next_pos[r] += 1
-        self.timings.decode_loop_s += time.perf_counter() - loop_start
-        total = time.perf_counter() - start
-        results = []
-        for r in range(b):
-            tail = streams[r].flush()
-            if tail:
-                text[r].append(tail)
-                if on_text:
-                    on_text(r, tail)
-            results.append(Result("".join(text[r]), out[r], finish[r], len(rows[r][0]), len(out[r]),
-                                  ttft or total, total, reused))
-        return results
-
-
-def _with_stops(params: SamplingParams, stop_ids) -> SamplingParams:
-    """The model's stop ids always apply; a request may add its own."""
-    return dataclasses.replace(params, stop_ids=tuple(dict.fromkeys(tuple(stop_ids) + params.stop_ids)))
-
-
-_PIXELS = itertools.count()
-
-
-def _image_key(image):
-    """Identity of an image for prefix reuse: the same path/bytes/PIL object means the same pixels."""
-    if isinstance(image, (str, os.PathLike)):
-        st = os.stat(image)
-        return ("path", os.fspath(image), st.st_mtime_ns, st.st_size)
-    if isinstance(image, (bytes, bytearray)):
-        return ("bytes", hash(bytes(image)))
-    if isinstance(image, np.ndarray):  # preprocessed pixels: never assumed equal to earlier ones
-        return ("pixels", next(_PIXELS))
-    return ("object", id(image))

@@ -1,9 +1,13 @@
 """The KV cache: one preallocated buffer per K and V, reused across requests.
 
-Decode graphs come in cache-length buckets T and take per-layer caches [B, KV, T, D]. The buffer
-is laid out for the current bucket ([L, B, KV, T, D] over its first elements), so every per-layer
-view handed to a graph is contiguous (passed without a copy) and a step only reads T slots.
-Moving to a larger bucket re-lays the filled slots in place, once per bucket crossing.
+Decode and extend graphs come in cache-length buckets T and take per-layer caches [B, KV, T, D]
+(decode, all B rows) or [1, KV, T, D] (extend, one row). The buffer is laid out for the current
+bucket ([L, B, KV, T, D] over its first elements), so every per-layer view handed to a graph, of
+all rows or of one, is contiguous (passed without a copy) and a step only reads T slots. Moving
+to another bucket re-lays the filled slots in place, once per bucket crossing.
+
+Row b holds `lengths[b]` valid slots; a graph masks every slot at or after it, so whatever an
+earlier request left beyond that point is never read.
 """
 import ml_dtypes
 import numpy as np
@@ -38,13 +42,18 @@ class KVCache:
         return self._view(self._k, self.bucket), self._view(self._v, self.bucket)
 
     def fit(self, needed: int) -> bool:
-        """Make the current bucket hold `needed` slots; False when even the largest cannot."""
+        """Switch to the smallest bucket holding `needed` slots (larger or smaller than the current
+        one; rows longer than a smaller bucket keep its first slots); False when none can."""
         if needed > self.max_len:
             return False
         target = next(t for t in self.buckets if t >= needed)
         if target != self.bucket:
             self._relayout(target)
         return True
+
+    def reserve(self, needed: int) -> bool:
+        """Grow (never shrink) the current bucket to hold `needed` slots; False when none can."""
+        return self.fit(max(needed, self.bucket))
 
     def _relayout(self, target):
         rows = self.layers * self.batch * self.kv_heads
@@ -56,16 +65,20 @@ class KVCache:
             for r in order:
                 new[r, :keep] = old[r, :keep].copy()
         self.bucket = target
+        np.minimum(self.lengths, target, out=self.lengths)
 
-    def write_prefill(self, k, v, lengths):
-        """Start over from prefill K/V [L, B, KV, S, D]; rows keep their first lengths[b] slots."""
-        s = k.shape[3]
-        self.bucket = next(t for t in self.buckets if t >= max(int(np.max(lengths)), 1))  # old contents are dead
+    def row_views(self, row: int) -> tuple[list, list]:
+        """Per-layer K and V of one row, each [1, KV, T, D] and contiguous (an extend graph's inputs)."""
         kc, vc = self.views()
-        n = min(s, self.bucket)
-        kc[:, :, :, :n] = k[:, :, :, :n]
-        vc[:, :, :, :n] = v[:, :, :, :n]
-        self.lengths[:] = lengths
+        return [kc[i, row:row + 1] for i in range(self.layers)], [vc[i, row:row + 1] for i in range(self.layers)]
+
+    def write(self, row: int, k, v, n: int):
+        """Store the first n slots of one row's new K/V [L, 1, KV, C, D] after its filled slots."""
+        kc, vc = self.views()
+        i = int(self.lengths[row])
+        kc[:, row, :, i:i + n] = k[:, 0, :, :n]
+        vc[:, row, :, i:i + n] = v[:, 0, :, :n]
+        self.lengths[row] = i + n
 
     def append(self, k_new, v_new, rows=None):
         """Store one decode step's K/V [L, B, KV, 1, D] at each row's next slot and advance it."""

@@ -24,7 +24,8 @@ class SamplingParams:
     repetition_penalty: float = 1.0
     seed: int | None = None
     max_new_tokens: int = 256
-    stop_ids: tuple = field(default_factory=tuple)  # ids that end the sequence (e.g. the tokenizer's eos_ids)
+    stop_ids: tuple = field(default_factory=tuple)  # ids that end the sequence, besides the model's own
+    ignore_eos: bool = False  # True: the model's stop ids do not end it (benchmarks: exactly max_new_tokens)
 
     def __post_init__(self):
         def number(name, ok, rule):

@@ -120,6 +120,7 @@ class Tokenizer:
         self.eos_ids = (self.special_ids["<|end_of_text|>"], self.special_ids["<|eot_id|>"])
         self.pad_id = self.special_ids["<|reserved_special_token_0|>"]
         self.vocab_size = n + len(SPECIAL_TOKENS)
+        self.text_ids = n  # ids below this are text; the special tokens (and ids past the vocabulary) are not
 
     def encode(self, text):
         """Plain text -> ids; `<|eot_id|>` typed by a user stays text, so prompts cannot inject control tokens."""
@@ -131,8 +132,9 @@ class Tokenizer:
         return ids
 
     def decode(self, ids):
-        """Ids without a token (a model vocabulary larger than the tokenizer's) decode to nothing."""
-        return self.enc.decode([i for i in ids if i < self.vocab_size], errors="replace")
+        """Visible text of generated ids: special tokens and ids without a token (a model vocabulary
+        larger than the tokenizer's) decode to nothing; the ids themselves keep them."""
+        return self.enc.decode([i for i in ids if 0 <= i < self.text_ids], errors="replace")
 
     def decode_bytes(self, ids):
         return self.enc.decode_bytes(list(ids))
@@ -164,15 +166,16 @@ class StreamDecoder:
     """Turns generated ids, one at a time, into text pieces that never split a UTF-8 character.
 
     A token can end inside a multi-byte character (CJK, emoji); its bytes wait for the next token.
+    Special tokens are not text: they produce no piece (see Tokenizer.decode).
     """
 
     def __init__(self, tokenizer):
         self._enc = tokenizer.enc
-        self._vocab_size = tokenizer.vocab_size
+        self._text_ids = tokenizer.text_ids
         self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
 
     def push(self, token_id):
-        if token_id >= self._vocab_size:  # no token for this id (see Tokenizer.decode)
+        if not 0 <= token_id < self._text_ids:
             return ""
         return self._utf8.decode(self._enc.decode_single_token_bytes(token_id))
 

@@ -7,7 +7,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO_TOKENIZER = REPO / "demo" / "assets" / "tokenizer.model"
-BUCKETS = {"text": [16, 32], "image": [24, 48], "decode": [32, 64]}
+BUCKETS = {"chunk": [8, 16], "decode": [32, 64]}
 
 
 @pytest.fixture(scope="session")
