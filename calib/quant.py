@@ -23,6 +23,12 @@ def by_rows(fn, w: np.ndarray, *args) -> tuple:
     return tuple(np.concatenate(p) for p in zip(*parts))
 
 
+# int8x8 weights use 7 bits (onnxruntime's `reduce_range`): without VNNI, MLAS's uint8 x int8 kernel adds pairs
+# of products in int16 (AVX2 vpmaddubsw), which saturates past 255 * 63 * 2. Measured on an AVX2-only AMD EPYC:
+# 8-bit weights put w8a8 decode logits 0.8 off the exact integer result; 7-bit ones match it.
+INT8X8_QMAX = 63
+
+
 def quantize_rows(w: np.ndarray, qmax: int = 127) -> tuple[np.ndarray, np.ndarray]:
     """Symmetric per-row (output channel) int8: -> (q int8 like w, scale fp32 [rows])."""
     w2 = np.asarray(w, np.float32).reshape(w.shape[0], -1)
@@ -81,7 +87,7 @@ class Quantizer:
             arrays = list(by_rows(quantize_groups4, w))
         else:
             s = smoothing(w, self.stats.get(spec.name), self.alpha)
-            q, scale = by_rows(lambda rows: quantize_rows(np.asarray(rows, np.float32) * s[None, :]), w)
+            q, scale = by_rows(lambda rows: quantize_rows(np.asarray(rows, np.float32) * s[None, :], INT8X8_QMAX), w)
             arrays = [np.ascontiguousarray(q.T), scale, (1 / s).astype(np.float32)]
         return list(zip(stored_specs(spec, kind), arrays))
 

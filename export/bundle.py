@@ -369,8 +369,9 @@ def check_buckets(cfg: CogVLM2Config, b: dict):
     if top < n + 2:
         raise UserError(f"the largest decode bucket ({top}) cannot hold an image prompt (bos and {n} image tokens) and "
                         f"one new token: use at least {n + 2}.")
-    if min(b["chunk"]) >= top:
-        raise UserError(f"chunk buckets {b['chunk']} must be shorter than the largest decode bucket ({top}).")
+    if min(b["chunk"]) > min(b["decode"]):
+        raise UserError(f"the smallest chunk bucket ({min(b['chunk'])}) must fit in the smallest decode bucket "
+                        f"({min(b['decode'])}): every cache bucket needs a prefill chunk.")
 
 
 def _replace(staging: Path, out: Path):

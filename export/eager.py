@@ -22,7 +22,7 @@ def eager_decode(bundle_path, steps: int = 3, warmup: int = 1, bucket: int | Non
     import mindspore as ms
 
     from cogvlm2_lite.graphs.config import CogVLM2Config
-    from cogvlm2_lite.graphs.entry import DecodeGraph
+    from cogvlm2_lite.graphs.entry import ExtendGraph
     from cogvlm2_lite.runtime.backends import load_rank_weights
     from cogvlm2_lite.runtime.bundle import Bundle
     from cogvlm2_lite.runtime.errors import UserError
@@ -39,10 +39,10 @@ def eager_decode(bundle_path, steps: int = 3, warmup: int = 1, bucket: int | Non
     cfg = CogVLM2Config.from_hf(m["model"])
     t_bucket = bucket or min(b.buckets["decode"])
     t = time.perf_counter()
-    cell = DecodeGraph(cfg, t_bucket, b.batch, m["dtype"], tp=1)
+    cell = ExtendGraph(cfg, 1, t_bucket, b.batch, m["dtype"], tp=1)  # decode_<T>
     names = b.weight_names("language")
     if cell.table.names != names:
-        raise UserError("the bundle's language weights are not in the order of this code's DecodeGraph: "
+        raise UserError("the bundle's language weights are not in the order of this code's decode graph: "
                         "the bundle was exported by another version.")
     arrays = load_rank_weights(b, 0)
     weights = [ms.Tensor.from_numpy(arrays[n]) for n in names]

@@ -44,7 +44,7 @@ class Plan:
         yield image_prefix_graph(cfg, self.dtype, self.tp, quant=q)
         for t in self.decode_buckets:
             for c in self.chunk_buckets:
-                if c < t:
+                if c <= t:
                     yield ExtendGraph(cfg, c, t, 1, self.dtype, self.tp, quant=q)  # one row's prompt chunk
             yield ExtendGraph(cfg, 1, t, self.batch, self.dtype, self.tp, quant=q)  # every row's next token
 

@@ -5,7 +5,8 @@ Every non-blank input line gets exactly one output line, a result or a one-sente
     in:  {"id", "prompt", "image" (path relative to IN's folder; absent/null: text-only),
           max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed (optional; the CLI
           flags apply to the fields a line leaves out), "history": [[q, a], ...], "template"}
-    out: {"id", "text", "finish_reason", "prompt_tokens", "completion_tokens", "ttft_s", "total_s"}
+    out: {"id", "text", "token_ids", "finish_reason", "prompt_tokens", "completion_tokens", "ttft_s",
+          "total_s", "tokens_per_s"}  (Result.to_json)
          {"id", "error"}                     a line that cannot run (bad image, bad values, ...)
          {"id": id|null, "line": N, "error"} a line without a usable id (malformed JSON, no id,
                                              a repeated id): keyed by its line number instead
@@ -22,13 +23,12 @@ disk, a sizeable part of a small model's request, hence periodic by default. Wit
 completed lines wait in memory until all earlier ones are written, so OUT is in input order (also
 across a resume: what is done is recomputed from OUT).
 
-Throughput. A background thread parses, validates, tokenizes, loads and preprocesses the next
-lines into a bounded queue while the graphs run. Ready lines are grouped by kind (with an image /
-text-only: one batch cannot mix them) into batches of the bundle's size B; sampling settings may
-differ inside a batch (per-row samplers, per-row stopping). A kind whose batch does not fill up
-runs partially once it falls 4*B lines behind, so `ordered` buffers stay small. Results do not
-depend on grouping: padding rows are masked, B = 1 prefix reuse is turned off, and every row has
-its own random stream.
+Throughput. A background thread parses, validates, loads and preprocesses the next lines into a
+bounded queue while the graphs run, and lines go through the in-flight scheduler (scheduler.py):
+a line takes the first free of the bundle's B rows, image and text-only lines side by side, and
+a short answer frees its row at once for the next line. Results do not depend on what shares the
+rows: rows never read each other's K/V, the prefix cache is off, and every line has its own random
+stream.
 """
 import fcntl
 import json
@@ -230,7 +230,6 @@ class _Preparer:
     def __init__(self, engine, in_dir: Path, defaults: dict, template: str | None):
         self.engine, self.in_dir, self.defaults = engine, in_dir, defaults
         self.template = template or engine.template
-        self.buckets = engine.bundle.buckets
         self.pre = engine.pre
 
     def __call__(self, p: _Pending) -> _Item:
@@ -268,16 +267,6 @@ class _Preparer:
             raise UserError(f"\"template\" must be a string, not {type(template).__name__}.")
         params = SamplingParams(**{**self.defaults,
                                    **{k: obj[k] for k in SAMPLING_FIELDS if obj.get(k) is not None}})
-        e = self.engine
-        ids, _ = e.tokenizer.build_inputs(prompt, history, template, e.n_image if image is not None else 0)
-        kind = "prefill_image" if image is not None else "prefill_text"
-        top = max(self.buckets.get(kind) or [0])
-        if len(ids) > top:
-            what = "image" if image is not None else "text"
-            if top == 0:
-                raise UserError(f"this bundle has no {what} prompt buckets; export it with some for {what} prompts.")
-            raise UserError(f"the prompt is {len(ids)} tokens long, more than this bundle's largest {what} prompt "
-                            f"bucket ({top}): shorten it or export with larger --buckets.")
         pixels = None
         if image is not None:
             s = self.pre["image_size"]
@@ -322,8 +311,8 @@ def _open_output(out_path: Path) -> int:
 
 def _run(engine, pending, prepare, writer, summary, progress):
     from tqdm import tqdm
+    from .scheduler import Scheduler
     b = engine.batch
-    window = 4 * b
     q = queue.Queue(maxsize=2 * b)
     stop = threading.Event()
 
@@ -348,7 +337,7 @@ def _run(engine, pending, prepare, writer, summary, progress):
     if progress is None:
         progress = sys.stderr.isatty()
     bar = tqdm(total=len(pending), unit="line", disable=not progress, dynamic_ncols=True, file=sys.stderr)
-    reuse, engine.reuse_prefix = engine.reuse_prefix, False  # each line's result independent of the previous one
+    scheduler = Scheduler(engine, prefix_cache=False)  # each line's result independent of the previous one
     start = time.perf_counter()
 
     def emit(item, obj):
@@ -363,52 +352,38 @@ def _run(engine, pending, prepare, writer, summary, progress):
         emit(item, {"id": item.id, "line": item.lineno, "error": message} if item.by_line
              else {"id": item.id, "error": message})
 
-    def run_group(group):
-        summary.batches += 1
-        try:
-            results = engine.generate([it.request for it in group])
-        except UserError as e:
-            if len(group) == 1:
-                fail(group[0], str(e))
-            else:  # find the row at fault: the others still get their results
-                for it in group:
-                    run_group([it])
-            return
-        for it, r in zip(group, results):
-            summary.ok += 1
-            summary.tokens += r.completion_tokens
-            emit(it, {"id": it.id, "text": r.text, "finish_reason": r.finish_reason,
-                      "prompt_tokens": r.prompt_tokens, "completion_tokens": r.completion_tokens,
-                      "ttft_s": round(r.ttft_s, 4), "total_s": round(r.total_s, 4)})
+    def finished(item, seq):
+        r = seq.result()
+        summary.ok += 1
+        summary.tokens += r.completion_tokens
+        emit(item, {"id": item.id, **r.to_json()})
 
-    pools = {True: [], False: []}  # with an image / text-only
     thread = threading.Thread(target=produce, name="batch-prepare", daemon=True)
     thread.start()
+    ended = False
     try:
-        while True:
-            item = q.get()
-            if item is _END:
-                break
-            if isinstance(item, _Failure):
-                raise item.exc
-            if item.error is not None:
-                fail(item, item.error)
-            else:
-                pool = pools[item.request.image is not None]
-                pool.append(item)
-                if len(pool) == b:
-                    run_group(pool[:])
-                    pool.clear()
-            for pool in pools.values():  # a kind that does not fill its batch runs partially, a bit later
-                if pool and pool[0].seq < item.seq - window:
-                    run_group(pool[:])
-                    pool.clear()
-        for pool in sorted((p for p in pools.values() if p), key=lambda p: p[0].seq):
-            run_group(pool)
+        while not ended or scheduler.busy:
+            while not ended and len(scheduler.queue) < b:  # B lines waiting: a freed row never waits for the reader
+                try:
+                    item = q.get_nowait() if scheduler.busy else q.get()
+                except queue.Empty:
+                    break
+                if item is _END:
+                    ended = True
+                elif isinstance(item, _Failure):
+                    raise item.exc
+                elif item.error is not None:
+                    fail(item, item.error)
+                else:
+                    try:
+                        scheduler.add(item.request, on_finish=lambda seq, item=item: finished(item, seq))
+                    except UserError as e:
+                        fail(item, str(e))
+            if scheduler.busy:
+                scheduler.step()
         if writer.waiting:
             raise RuntimeError(f"batch: {len(writer.waiting)} ordered lines were never written")  # a bug
     finally:
-        engine.reuse_prefix = reuse
         stop.set()
         writer.sync()
         bar.close()

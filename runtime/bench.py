@@ -133,7 +133,7 @@ def logical_matrix(name: str, dtype: str, shape: tuple, table: dict) -> list | N
 
 
 def model_costs(bundle) -> dict:
-    """Bytes one decode step reads and FLOPs of each prefill bucket, for the rank-0 graphs."""
+    """Bytes one decode step reads and FLOPs of each prefill chunk, for the rank-0 graphs."""
     m = bundle.manifest
     cfg, kv = m["model"], m["kv_cache"]
     table = tensor_table(bundle)
@@ -158,10 +158,12 @@ def model_costs(bundle) -> dict:
     hidden, vocab, layers = cfg["hidden_size"], cfg["vocab_size"], cfg["num_hidden_layers"]
     lm_head = (vocab // m["tp"], hidden)
 
-    def prefill_flops(s):  # every slot of the bucket is computed (padding included), lm_head on the last token
-        return 2 * b * s * layer_params + layers * 4 * b * s * s * hidden + 2 * b * lm_head[0] * lm_head[1]
+    def prefill_flops(s):  # one row's chunk of s tokens (padding included), lm_head on its last token
+        return 2 * s * layer_params + layers * 4 * s * s * hidden + 2 * lm_head[0] * lm_head[1]
 
-    flops = {kind: {str(s): prefill_flops(s) for s in bundle.buckets[kind]} for kind in ("prefill_text", "prefill_image")}
+    image_chunk = m["num_image_tokens"] + 1
+    flops = {"extend": {str(c): prefill_flops(c) for c in bundle.buckets["chunk"]},
+             "prefill_image": {str(image_chunk): prefill_flops(image_chunk)}}
     params = {fam: sum(math.prod(table[n][1]) for n in bundle.weight_names(fam)) for fam in ("vision", "language")}
     return {"decode_weight_bytes": weight_bytes, "kv_read_bytes": kv_bytes, "gemv_shapes": gemv_shapes,
             "prefill_flops": flops, "params": params,
@@ -269,11 +271,9 @@ def measure_backend(bundle_path: str, backend: str, o: dict) -> dict:
     res = {"backend": backend}
 
     t = time.perf_counter()
-    engine = Engine(bundle_path, backend=backend)
+    engine = Engine(bundle_path, backend=backend, prefix_cache=False)  # every request starts from its first token
     res["load"] = {"import_s": import_s, "load_s": time.perf_counter() - t, "rss_after_load_bytes": rss_bytes()}
     rss = {"after_load": (rss_bytes(), peak_rss_bytes())}   # (current, peak) after each phase: who holds memory
-    engine.stop_ids = ()          # benchmark as `ignore_eos`: every run decodes the tokens it asks for
-    engine.reuse_prefix = False   # every request starts from prefill
     tok = engine.tokenizer
     n_image = engine.n_image
     greedy = SamplingParams(max_new_tokens=1)
@@ -334,37 +334,36 @@ def measure_backend(bundle_path: str, backend: str, o: dict) -> dict:
         Sampler(greedy, ids)(logits[0])
         t5 = time.perf_counter()
         if i == 0:
-            first_calls[f"prefill_image_{min(x for x in engine.bundle.buckets['prefill_image'] if x >= len(ids))}"] = t4 - t3
+            first_calls["prefill_image+extend"] = t4 - t3
         if i >= warmup:
             for k, dt in zip(phases, (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4)):
                 phases[k].append(dt)
     total = [sum(p) for p in zip(*phases.values())]
     gen_ttft = []
     for _ in range(max(1, reps // 2)):
-        engine._cached = None     # also on engines without reuse_prefix: no prefix reuse between reps
         r = engine.generate([Request(PROMPT, image=photo, params=greedy)])[0]
         gen_ttft.append(r.ttft_s)
     rss["after_ttft"] = (rss_bytes(), peak_rss_bytes())
     res["ttft"] = {"prompt_tokens": len(ids), "s": stats(total), "breakdown": {k: stats(v) for k, v in phases.items()},
                    "generate_ttft_s": stats(gen_ttft)}
 
-    # prefill per bucket: full buckets
+    # prefill per chunk: the image section, and each text chunk size C filled (row 0, empty cache)
     rng = np.random.default_rng(0)
     ranks = engine.bundle.manifest["tokenizer"]["bpe_ranks"]
     prefill = []
-    for kind in ("prefill_text", "prefill_image"):
-        for s in engine.bundle.buckets[kind]:
-            row = [tok.bos_id] + rng.integers(0, ranks, s - 1).tolist()
-            if kind == "prefill_image":
-                row[1:1 + n_image] = [tok.pad_id] * n_image
-                args = ([row], embeds, [position_ids([0] + [1] * n_image + [0] * (s - 1 - n_image))])
-            else:
-                args = ([row], None, None)
-            times, first = repeat(lambda: engine.prefill(*args), warmup, reps)
-            prefill.append({"kind": kind, "bucket": s, "tokens": s * engine.batch, "s": stats(times),
-                            "first_call_s": first, "tokens_per_s": s * engine.batch / stats(times)["median"]})
-            rss[f"after_{kind}_{s}"] = (rss_bytes(), peak_rss_bytes())
+    image_pos = position_ids([0] + [1] * n_image)
+    runs = [("prefill_image", n_image + 1, lambda: engine.prefill_image(0, embeds[0], image_pos))]
+    for c in engine.chunks:
+        row = rng.integers(0, ranks, c).tolist()
+        runs.append(("extend", c, lambda row=row: engine.prefill([row])))
+    for kind, s, fn in runs:
+        times, first = repeat(fn, warmup, reps)
+        prefill.append({"kind": kind, "bucket": s, "tokens": s, "s": stats(times), "first_call_s": first,
+                        "tokens_per_s": s / stats(times)["median"]})
+        rss[f"after_{kind}_{s}"] = (rss_bytes(), peak_rss_bytes())
     res["prefill"] = prefill
+    res["ttft_by_prompt_length"] = _ttft_curve(engine, rng, ranks, photo, max(1, reps // 3))
+    res["serving"] = _serving(engine, rng, ranks, o)
 
     # decode per cache bucket: the graph of bucket T reads all T slots, so T (not the fill) sets the cost
     cache = engine.cache
@@ -433,11 +432,10 @@ def measure_backend(bundle_path: str, backend: str, o: dict) -> dict:
 
     # generation end to end: the decode loop as generate() runs it
     gen = []
-    params = SamplingParams(max_new_tokens=o["gen_tokens"])
+    params = SamplingParams(max_new_tokens=o["gen_tokens"], ignore_eos=True)
     for i in range(warmup + o["gen_reps"]):
         tm = engine.timings
         g0, l0, s0 = tm.graph_s.get("decode", 0.0), tm.decode_loop_s, tm.decode_steps
-        engine._cached = None
         r = engine.generate([Request(PROMPT, image=photo, params=params)])[0]
         if i >= warmup:
             loop, graph, steps = tm.decode_loop_s - l0, tm.graph_s.get("decode", 0.0) - g0, tm.decode_steps - s0
@@ -475,11 +473,10 @@ def measure_backend(bundle_path: str, backend: str, o: dict) -> dict:
                 rec.run(big[0], big[1])
                 res["profile"]["decode_largest"] = {
                     "graph": big[0], **_profile_mindspore(lambda: rec.run(big[0], big[1]), o["profile_steps"])}
-            s = engine.bundle.buckets["prefill_text"][0] if engine.bundle.buckets["prefill_text"] else None
-            if s:
-                row = [tok.bos_id] + rng.integers(0, ranks, s - 1).tolist()
-                res["profile"]["prefill"] = {"graph": f"prefill_text_{s}",
-                                             **_profile_mindspore(lambda: engine.prefill([row]), 1)}
+            c = engine.chunks[-1]
+            row = [tok.bos_id] + rng.integers(0, ranks, c - 1).tolist()
+            res["profile"]["prefill"] = {"graph": f"extend_{c}_{engine.cache.bucket}",
+                                         **_profile_mindspore(lambda: engine.prefill([row]), 1)}
         except Exception as e:  # the profiler is a diagnostic: never lose the run for it
             res["profile"]["error"] = f"{type(e).__name__}: {e}"
 
@@ -488,6 +485,62 @@ def measure_backend(bundle_path: str, backend: str, o: dict) -> dict:
                      "weight_bytes": int(engine.bundle.weight_bytes(0)),
                      "rss_by_phase": {k: {"rss_bytes": a, "peak_rss_bytes": b} for k, (a, b) in rss.items()}}
     return res
+
+
+def _ttft_curve(engine, rng, ranks, photo, reps) -> list:
+    """TTFT of text-only and image prompts of growing length (greedy, one token): with chunked
+    prefill it grows with the prompt, in steps no larger than the smallest chunk's padding."""
+    from .engine import Request
+    from .sampling import SamplingParams
+    one = SamplingParams(max_new_tokens=1, ignore_eos=True)
+    top = min(engine.cache.max_len - 1, 4 * engine.chunks[-1])
+    lengths = sorted({max(8, int(x)) for x in np.linspace(8, top, 12)})
+    words = [engine.tokenizer.decode([int(i)]) for i in rng.integers(0, ranks, 4 * top)]
+    rows = []
+    for with_image in (False, True):
+        for n in lengths:
+            prompt = "".join(words[:n])
+            req = Request(prompt, image=photo if with_image else None, template="base", params=one)
+            try:
+                times = [engine.generate([req])[0] for _ in range(reps + 1)][1:]  # the first warms up
+            except UserError:  # longer than the cache once tokenized
+                continue
+            rows.append({"image": with_image, "prompt_tokens": times[0].prompt_tokens,
+                         "ttft_s": stats(r.ttft_s for r in times)})
+    return rows
+
+
+def _serving(engine, rng, ranks, o) -> dict:
+    """Output tokens/s of one stream of mixed requests (text-only prompts of 16..200 tokens, max_new_tokens
+    spread 8..128, ignore_eos) kept at concurrency 1, B and 2B by a closed-loop client, with in-flight
+    batching; and the same stream under lockstep batching (a batch admits only when all rows are free)."""
+    from .engine import Request
+    from .sampling import SamplingParams
+    from .scheduler import Scheduler
+    n = max(4 * engine.batch, 12) if not o.get("quick") else 2 * engine.batch + 2
+    top = min(200, engine.cache.max_len - 130)
+    words = [engine.tokenizer.decode([int(i)]) for i in rng.integers(0, ranks, 4 * top)]
+    reqs = [Request("".join(words[:int(rng.integers(16, top))]), template="base",
+                    params=SamplingParams(max_new_tokens=int(rng.integers(8, 129)), ignore_eos=True)) for _ in range(n)]
+    out = []
+    for lockstep in (False, True):
+        for conc in sorted({1, engine.batch, 2 * engine.batch}):
+            if lockstep and conc == 1:
+                continue
+            sched = Scheduler(engine, prefix_cache=False, lockstep=lockstep)
+            todo = list(reqs)
+            seqs = [sched.add(todo.pop(0)) for _ in range(min(conc, len(todo)))]
+            t = time.perf_counter()
+            while sched.busy:
+                sched.step()
+                while todo and sum(not s.done for s in seqs) < conc:
+                    seqs.append(sched.add(todo.pop(0)))
+            wall = time.perf_counter() - t
+            tokens = sum(len(s.tokens) for s in seqs)
+            out.append({"policy": "lockstep" if lockstep else "in-flight", "concurrency": conc, "requests": n,
+                        "output_tokens": tokens, "wall_s": wall, "output_tokens_per_s": tokens / wall,
+                        "ttft_s": stats(s.result().ttft_s for s in seqs)})
+    return {"batch": engine.batch, "runs": out}
 
 
 def _minor_faults(fn, calls=3) -> float:
@@ -599,7 +652,7 @@ def run_bench(bundle_path, *, backends=(), reps=10, warmup=2, decode_reps=16, ge
         log("machine probes (bandwidth with all cores, GEMM, decode-shaped GEMV chain)...")
         spec = {"bandwidth_bytes": (64 << 20) if quick else None, "reps": 3 if quick else 7,
                 "matmul_shapes": [[256, 256, 256]] if quick else
-                [[2048, 2048, 2048], [max(bundle.buckets["prefill_text"] or [128]), cfg["hidden_size"],
+                [[2048, 2048, 2048], [max(bundle.buckets["chunk"]), cfg["hidden_size"],
                                       cfg["intermediate_size"]]],
                 "gemv_shapes": costs["gemv_shapes"]}
         (tmp / "probe.json").write_text(json.dumps(spec))
@@ -691,6 +744,8 @@ def derive(report: dict):
              "decode_roofline_fraction": d0["roofline_fraction"] if d0 else None,
              "decode_roofline_fraction_by_bucket": {str(d["bucket"]): d["roofline_fraction"] for d in r["decode"]},
              "decode_roofline_fraction_best_step": d0["roofline_fraction_best"] if d0 else None,
+             "serving_output_tokens_per_s": {f"{x['policy']}_x{x['concurrency']}": x["output_tokens_per_s"]
+                                             for x in r.get("serving", {}).get("runs", [])},
              "e2e_tokens_per_s": r["generate"]["e2e_tokens_per_s"].get("median"),
              "decode_tokens_per_s": r["generate"]["decode_tokens_per_s"].get("median"),
              "host_overhead_share": r["generate"]["host_overhead_share"]}
@@ -877,6 +932,16 @@ def format_report(report: dict) -> str:
             L.append(f"  decode_{d['bucket']} (cache {d['cache_len_from']}..{d['cache_len_to']}): step {_st(d['step_s'])}; "
                      f"graph {_ms(d['graph_s']['median'])}, roofline {_ms(d['roofline_s'])} -> "
                      f"{_pct(d['roofline_fraction'])} ({d['effective_bytes_per_s'] / 1e9:.1f} GB/s effective)")
+        curve = r.get("ttft_by_prompt_length", [])
+        for image in (False, True):
+            pts = [c for c in curve if c["image"] == image]
+            if pts:
+                L.append(f"  TTFT by prompt length ({'image' if image else 'text-only'}): " + ", ".join(
+                    f"{c['prompt_tokens']}: {_ms(c['ttft_s']['median'])}" for c in pts))
+        sv = r.get("serving")
+        if sv:
+            L.append(f"  serving (mixed stream, {sv['runs'][0]['requests']} requests, B = {sv['batch']}): " + ", ".join(
+                f"{x['policy']} x{x['concurrency']} {x['output_tokens_per_s']:.1f} tok/s" for x in sv["runs"]))
         g = r["generate"]
         L.append(f"  generate {g['new_tokens']} tokens: e2e {g['e2e_tokens_per_s'].get('median', 0):.2f} tokens/s, decode "
                  f"{g['decode_tokens_per_s'].get('median', 0):.2f} tokens/s, TPOT {_ms(g['tpot_s'].get('median'))}; "
@@ -1138,7 +1203,7 @@ def bench(bundle, json_out, plot_out, compare_with, **o):
 
 SUITE_PRESETS = {
     "tiny": None,  # the export defaults
-    "bench": "text=128,512;image=128,512;decode=256,1024,2048",
+    "bench": "chunk=16,64,256;decode=256,1024,2048",
 }
 
 

@@ -164,6 +164,28 @@ def chat(bundle, image, **o):
 
 @main.command()
 @click.argument("bundle", type=click.Path(file_okay=False))
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind (loopback by default).")
+@click.option("--port", type=int, default=8000, show_default=True)
+@click.option("--backend", default="auto", show_default=True, help="auto, mindspore, onnxruntime, lite.")
+@click.option("--api-key", default=None, envvar="COGVLM2_LITE_API_KEY",
+              help="Require 'Authorization: Bearer KEY' (or set COGVLM2_LITE_API_KEY).")
+@click.option("--max-queue", type=click.IntRange(min=0), default=64, show_default=True,
+              help="Requests that may wait for a row; more get 429.")
+@click.option("--max-body-mb", type=click.FloatRange(min=0.001), default=20.0, show_default=True,
+              help="Largest request body (a base64 image included); more gets 413.")
+@click.option("--allowed-image-dir", type=click.Path(file_okay=False), default=None,
+              help="Allow image_url to name local files inside this folder (default: data URLs only).")
+@click.option("--shutdown-timeout", type=click.FloatRange(min=0), default=10.0, show_default=True,
+              help="Seconds running requests get to finish after SIGTERM/SIGINT.")
+def serve(bundle, host, port, backend, api_key, max_queue, max_body_mb, allowed_image_dir, shutdown_timeout):
+    """OpenAI-compatible HTTP server: POST /v1/chat/completions (streaming too), GET /v1/models, /health, /metrics."""
+    from .server import serve as run_server
+    run_server(bundle, host, port, backend, api_key, max_queue, max_body_mb, allowed_image_dir, shutdown_timeout,
+               on_ready=lambda line: click.echo(line, err=line.startswith("error")))
+
+
+@main.command()
+@click.argument("bundle", type=click.Path(file_okay=False))
 @click.option("--verify", is_flag=True, help="Hash every file, weights included.")
 def inspect(bundle, verify):
     """Validate a bundle and summarise its manifest."""

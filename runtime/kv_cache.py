@@ -24,6 +24,7 @@ class KVCache:
         self._v = np.zeros(n, DTYPES[dtype])
         self.bucket = self.buckets[0]
         self.lengths = np.zeros(batch, np.int32)   # filled slots per row
+        self.held: list = [None] * batch   # per row: what its slots hold, as tagged by the scheduler; any write clears it
 
     @property
     def max_len(self) -> int:
@@ -79,6 +80,7 @@ class KVCache:
         kc[:, row, :, i:i + n] = k[:, 0, :, :n]
         vc[:, row, :, i:i + n] = v[:, 0, :, :n]
         self.lengths[row] = i + n
+        self.held[row] = None
 
     def append(self, k_new, v_new, rows=None):
         """Store one decode step's K/V [L, B, KV, 1, D] at each row's next slot and advance it."""
@@ -88,3 +90,4 @@ class KVCache:
             kc[:, b, :, i] = k_new[:, b, :, 0]
             vc[:, b, :, i] = v_new[:, b, :, 0]
             self.lengths[b] += 1
+            self.held[b] = None

@@ -91,7 +91,6 @@ class Scheduler:
         self.lockstep = lockstep
         self.queue: deque[Sequence] = deque()
         self.rows: list[Sequence | None] = [None] * engine.batch
-        self.held: list[tuple | None] = [None] * engine.batch   # (digest, ids) whose K/V a free row still holds
         self._numbers = itertools.count()
         seed = os.environ.get(SEED_ENV)
         self._seed_base = int(seed) if seed is not None else (0 if engine.bundle.tp > 1 else None)
@@ -146,7 +145,7 @@ class Scheduler:
         return sum(s is not None for s in self.rows)
 
     def clear_prefix_cache(self):
-        self.held = [None] * len(self.held)
+        self.engine.cache.held[:] = [None] * len(self.rows)
 
     # --- one step ---------------------------------------------------------------------------
     def step(self):
@@ -171,12 +170,12 @@ class Scheduler:
             seq.row, seq.fed = row, reuse[row]
             seq.reused = seq.fed
             self.rows[row] = seq
-            self.held[row] = None
+            self.engine.cache.held[row] = None
             self.engine.cache.lengths[row] = seq.fed
 
     def _reusable(self, row: int, seq: Sequence) -> int:
         """Prompt tokens of `seq` whose K/V row `row` still holds (0: none, or the image differs)."""
-        held = self.held[row]
+        held = self.engine.cache.held[row]
         if not self.prefix_cache or held is None or held[0] != seq.digest:
             return 0
         old = held[1][:int(self.engine.cache.lengths[row])]
@@ -249,7 +248,7 @@ class Scheduler:
         self._emit(seq, seq.stream.flush())
         if seq.row is not None:
             self.rows[seq.row] = None
-            self.held[seq.row] = (seq.digest, seq.ids[:seq.fed] + seq.tokens)  # what the row's K/V hold
+            self.engine.cache.held[seq.row] = (seq.digest, seq.ids[:seq.fed] + seq.tokens)  # what its K/V hold
             seq.row = None
         if seq.on_finish:
             seq.on_finish(seq)

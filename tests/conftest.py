@@ -55,8 +55,14 @@ def tiny_bundle_tp2(tmp_path_factory, tiny_hf):
 
 
 @pytest.fixture(scope="session")
-def tiny_bundle_b2(tmp_path_factory, tiny_hf):
-    return _export(tmp_path_factory, tiny_hf, "b2", batch=2)
+def tiny_bundle_b4(tmp_path_factory, tiny_hf):
+    return _export(tmp_path_factory, tiny_hf, "b4", batch=4)
+
+
+@pytest.fixture(scope="session")
+def engine4(tiny_bundle_b4):
+    from cogvlm2_lite.runtime.engine import Engine
+    return Engine(tiny_bundle_b4)
 
 
 @pytest.fixture(scope="session")

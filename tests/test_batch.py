@@ -14,22 +14,8 @@ from PIL import Image
 
 from cogvlm2_lite.runtime.batch import run_batch
 
-BUCKETS = {"text": [16, 32], "image": [24, 48], "decode": [32, 64]}
 CLI = Path(sys.executable).parent / "cogvlm2-lite"
-TIMINGS = ("ttft_s", "total_s")
-
-
-@pytest.fixture(scope="session")
-def tiny_bundle_b4(tmp_path_factory, tiny_hf):
-    from cogvlm2_lite.export.bundle import export_bundle
-    return export_bundle(tmp_path_factory.mktemp("bundles") / "b4", hf_dir=tiny_hf, batch=4, buckets=BUCKETS,
-                         progress=False)
-
-
-@pytest.fixture(scope="session")
-def engine4(tiny_bundle_b4):
-    from cogvlm2_lite.runtime.engine import Engine
-    return Engine(tiny_bundle_b4)
+TIMINGS = ("ttft_s", "total_s", "tokens_per_s")
 
 
 @pytest.fixture(scope="session")
@@ -83,7 +69,7 @@ def test_bad_lines_become_error_lines_and_the_run_goes_on(engine4, images, tmp_p
         "no-file": ({"id": "no-file", "image": "missing.png", "prompt": "x"}, "does not exist"),
         "broken": ({"id": "broken", "image": "broken.png", "prompt": "x"}, "truncated or corrupt"),
         "notimg": ({"id": "notimg", "image": "notes.png", "prompt": "x"}, "not an image Pillow can read"),
-        "long": ({"id": "long", "prompt": "word " * 60}, "largest text prompt bucket (32)"),
+        "long": ({"id": "long", "prompt": "word " * 60}, "cache holds (64"),
         "long-img": ({"id": "long-img", "image": "img0.png", "prompt": "word " * 60}, "image prompt bucket (48)"),
         "temp": ({"id": "temp", "prompt": "x", "temperature": -0.5}, "temperature=-0.5 is invalid"),
         "topp": ({"id": "topp", "prompt": "x", "top_p": 0}, "top_p=0 is invalid"),
@@ -119,7 +105,9 @@ def test_bad_lines_become_error_lines_and_the_run_goes_on(engine4, images, tmp_p
         assert words in keyed[n]["error"] and keyed[n]["line"] == n, (n, keyed[n])
     for row in good + [{"id": 99, "prompt": "integer id"}]:
         r = keyed[json.dumps(row["id"])]
-        assert list(r) == ["id", "text", "finish_reason", "prompt_tokens", "completion_tokens", "ttft_s", "total_s"]
+        assert list(r) == ["id", "text", "token_ids", "finish_reason", "prompt_tokens", "completion_tokens", "ttft_s",
+                           "total_s", "tokens_per_s"]
+        assert len(r["token_ids"]) == r["completion_tokens"]
         limit = row.get("max_new_tokens", 4)  # the run's default applies where the line sets none
         assert 1 <= r["completion_tokens"] <= limit and r["finish_reason"] in ("stop", "length")
         assert (r["finish_reason"] == "length") == (r["completion_tokens"] == limit)
@@ -127,34 +115,31 @@ def test_bad_lines_become_error_lines_and_the_run_goes_on(engine4, images, tmp_p
 
 
 # --- batching changes nothing --------------------------------------------------------------------------------
-def recorded(engine, monkeypatch):
-    """Capture the token ids of every request the batch run sends to `engine`, and the batch sizes."""
-    tokens, sizes = {}, []
-    generate = engine.generate
+def occupancy(monkeypatch):
+    """Record, at every scheduler step, which rows hold a request and whether it has an image."""
+    from cogvlm2_lite.runtime.scheduler import Scheduler
+    seen = []
+    step = Scheduler.step
 
-    def spy(requests, on_text=None):
-        results = generate(requests, on_text)
-        sizes.append(len(requests))
-        for q, r in zip(requests, results):
-            tokens[q.prompt, q.params.max_new_tokens] = r.token_ids
-        return results
-    monkeypatch.setattr(engine, "generate", spy)
-    return tokens, sizes
+    def spy(self):
+        step(self)
+        seen.append(tuple(None if s is None else s.pixels is not None for s in self.rows))
+    monkeypatch.setattr(Scheduler, "step", spy)
+    return seen
 
 
 def test_batched_results_equal_unbatched_token_for_token(engine, engine4, images, tmp_path, monkeypatch):
     assert (engine.batch, engine4.batch) == (1, 4)
     inp = write_jsonl(images / "same.jsonl", good_rows(14))
-    tok1, sizes1 = recorded(engine, monkeypatch)
-    tok4, sizes4 = recorded(engine4, monkeypatch)
     run_batch(engine, inp, tmp_path / "b1.jsonl")
+    seen = occupancy(monkeypatch)
     run_batch(engine4, inp, tmp_path / "b4.jsonl")
-    assert set(sizes1) == {1} and max(sizes4) == 4 and len(sizes4) < 14  # really batched
-    assert tok1 == tok4 and len(tok1) == 14
-    assert any(len(t) >= 9 for t in tok1.values())  # rows of one batch stop at different steps
+    assert max(sum(r is not None for r in rows) for rows in seen) == 4  # really in flight together
+    assert any(True in rows and False in rows for rows in seen)  # image and text-only lines side by side
     one = {x["id"]: strip(x) for x in read_out(tmp_path / "b1.jsonl")}
     four = {x["id"]: strip(x) for x in read_out(tmp_path / "b4.jsonl")}
-    assert one == four
+    assert one == four and len(one) == 14
+    assert any(x["completion_tokens"] >= 9 for x in one.values())  # rows stop at different steps
 
 
 # --- --ordered ---------------------------------------------------------------------------------------------------
@@ -177,18 +162,19 @@ def test_ordered_output_follows_the_input_also_when_resumed(engine4, images, tmp
     assert [strip(x) for x in read_out(part)] == [strip(x) for x in read_out(full)]
 
 
-def test_a_rare_kind_runs_partially_instead_of_waiting_for_the_end(engine4, images, tmp_path, monkeypatch):
-    rows = [{"id": "text", "prompt": "alone", "max_new_tokens": 2}]
-    rows += [{"id": f"im{i}", "image": f"img{i % 5}.png", "prompt": "q", "max_new_tokens": 2} for i in range(27)]
-    inp = write_jsonl(images / "rare.jsonl", rows)
-    kinds = []
-    generate = engine4.generate
-    monkeypatch.setattr(engine4, "generate", lambda reqs, on_text=None: kinds.append(
-        ("image" if reqs[0].image is not None else "text", len(reqs))) or generate(reqs, on_text))
+def test_a_freed_row_takes_the_next_line_at_once(engine4, images, tmp_path, monkeypatch):
+    """One long line and many short ones: the short ones keep flowing through the other rows while the
+    long one runs (lockstep batching would hold every row until the long line ends)."""
+    rows = [{"id": "long", "prompt": "a long answer", "max_new_tokens": 40}]
+    rows += [{"id": f"s{i}", "image": f"img{i % 5}.png", "prompt": "q", "max_new_tokens": 2} for i in range(12)]
+    inp = write_jsonl(images / "mixed.jsonl", rows)
+    seen = occupancy(monkeypatch)
     run_batch(engine4, inp, tmp_path / "out.jsonl", ordered=True)
-    assert kinds.index(("text", 1)) == 4  # after 4 full image batches (4 * B lines later), not at the end
-    assert kinds.count(("image", 4)) == 6 and kinds[-1] == ("image", 3)
-    assert [x["id"] for x in read_out(tmp_path / "out.jsonl")] == [r["id"] for r in rows]
+    out = read_out(tmp_path / "out.jsonl")
+    assert [x["id"] for x in out] == [r["id"] for r in rows]
+    long_steps = out[0]["completion_tokens"]
+    assert long_steps > 20  # the long line really ran for many steps
+    assert len(seen) < long_steps + 5  # all twelve short lines fit inside the long one's steps
 
 
 # --- kill -9, torn line, resume ---------------------------------------------------------------------------------------

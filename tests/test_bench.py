@@ -89,8 +89,9 @@ def test_report_has_every_section_with_sane_values(smoke):
     assert sum(v["mean"] for v in t["breakdown"].values()) == pytest.approx(t["s"]["mean"], rel=1e-6)
 
     buckets = rep["bundle"]["buckets"]
+    n_image = rep["bundle"]["num_image_tokens"]
     assert [(p["kind"], p["bucket"]) for p in ms["prefill"]] == \
-        [("prefill_text", s) for s in buckets["prefill_text"]] + [("prefill_image", s) for s in buckets["prefill_image"]]
+        [("prefill_image", n_image + 1)] + [("extend", c) for c in buckets["chunk"]]
     for p in ms["prefill"]:
         check_stats(p["s"], p["kind"])
         assert p["tokens_per_s"] > 0 and p["flops"] > 0 and 0 < p["peak_fraction"] <= 1
@@ -100,6 +101,18 @@ def test_report_has_every_section_with_sane_values(smoke):
         check_stats(d["graph_s"], "decode graph")
         assert d["bytes_read"] == weights + kv_256
         assert 0 < d["roofline_fraction"] <= 1 and 0 < d["graph_roofline_fraction"] <= 1
+
+    curve = ms["ttft_by_prompt_length"]
+    for image in (False, True):
+        lengths = [c["prompt_tokens"] for c in curve if c["image"] == image]
+        assert len(lengths) >= 5 and lengths == sorted(lengths)
+        assert min(lengths) > (n_image if image else 0)
+    for c in curve:
+        check_stats(c["ttft_s"], "ttft by length")
+    runs = {(r["policy"], r["concurrency"]): r for r in ms["serving"]["runs"]}
+    assert set(runs) == {("in-flight", 1), ("in-flight", 2), ("lockstep", 2)}  # batch 1: concurrency 1, B, 2B
+    for r in runs.values():
+        assert r["output_tokens"] > r["requests"] * 7 and r["output_tokens_per_s"] > 0
 
     g = ms["generate"]
     assert 0 <= g["host_overhead_share"] <= 1

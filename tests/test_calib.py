@@ -248,7 +248,7 @@ def test_quantized_tiny_model_stays_close_to_fp32(scheme, model, tiny_cfg, tiny_
     assert all(0 < row["output_rel_err"] < b["layer"] for row in r["layers"])
 
 
-QUANT_BUCKETS = {"text": [16], "image": [24], "decode": [32]}
+QUANT_BUCKETS = {"chunk": [16], "decode": [32]}
 
 
 @pytest.fixture(scope="module")
@@ -283,7 +283,7 @@ def test_quantized_bundle_stores_the_quantizer_output_and_its_graphs_compute_it(
     from safetensors.numpy import load_file
 
     from cogvlm2_lite.calib.eager import pynative
-    from cogvlm2_lite.graphs.entry import DecodeGraph, PrefillGraph
+    from cogvlm2_lite.graphs.entry import ExtendGraph, PrefillGraph
     from cogvlm2_lite.graphs.model import weight_specs
     from cogvlm2_lite.runtime.backends import BACKENDS, load_rank_weights
     from cogvlm2_lite.runtime.bundle import Bundle
@@ -322,12 +322,13 @@ def test_quantized_bundle_stores_the_quantizer_output_and_its_graphs_compute_it(
     vcache[:, :, :, :13] = ref[2][:, :, :, :13]
     step = [np.array([[5]], np.int32), np.array([13], np.int32), np.array([13], np.int32),
             *[cache[i] for i in range(2)], *[vcache[i] for i in range(2)]]
-    d = DecodeGraph(tiny_cfg, 32, 1, quant=scheme)
+    d = ExtendGraph(tiny_cfg, 1, 32, 1, quant=scheme)
     with pynative():
         ref_step = d(*[ms.Tensor(x) for x in step], *[t[n] for n in d.table.names])[0].asnumpy()
+    empty = [np.zeros((1, 2, 32, 8), np.float32)] * 4  # the first chunk of a prompt: nothing cached yet
     for backend in ("mindspore", "onnxruntime"):
         be = BACKENDS[backend](b, 0)
-        for got, want in ((be.run("prefill_text_16", [ids, pos, valid])[0], ref[0]),
+        for got, want in ((be.run("extend_16_32", [ids, pos, np.zeros(1, np.int32), valid, *empty])[0], ref[0]),
                           (be.run("decode_32", step)[0], ref_step)):
             diff = np.abs(got - want)
             if backend == "onnxruntime" and scheme in ("w8a8", "w4a8"):
@@ -408,4 +409,4 @@ def test_bench_sees_the_matrices_behind_the_stored_forms(quant_bundle, tiny_bund
     q, f = model_costs(Bundle(path)), model_costs(Bundle(tiny_bundle))
     assert sorted(q["gemv_shapes"]) == sorted(f["gemv_shapes"])
     assert q["decode_weight_bytes"] < 0.5 * f["decode_weight_bytes"]
-    assert q["prefill_flops"]["prefill_text"]["16"] == f["prefill_flops"]["prefill_text"]["16"]
+    assert q["prefill_flops"]["extend"]["16"] == f["prefill_flops"]["extend"]["16"]

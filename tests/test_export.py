@@ -16,7 +16,7 @@ import eager
 from cogvlm2_lite.export import bundle as bundle_module
 from cogvlm2_lite.export.bundle import default_buckets, export_bundle
 from cogvlm2_lite.graphs.config import preset
-from cogvlm2_lite.graphs.entry import DecodeGraph
+from cogvlm2_lite.graphs.entry import ExtendGraph
 from cogvlm2_lite.graphs.model import weight_specs
 from cogvlm2_lite.runtime.bundle import Bundle
 from cogvlm2_lite.runtime.cli import main
@@ -27,10 +27,14 @@ from conftest import BUCKETS, DEMO_TOKENIZER, prompt
 
 def test_manifest_describes_everything(tiny_bundle, tiny_cfg):
     m = json.loads((tiny_bundle / "manifest.json").read_text())
-    assert m["format_version"] == 1 and m["tp"] == 1 and m["batch"] == 1 and m["dtype"] == "fp32"
-    assert m["buckets"] == {"prefill_text": [16, 32], "prefill_image": [24, 48], "decode": [32, 64]}
-    assert set(m["graphs"]) == {"vision", "prefill_text_16", "prefill_text_32", "prefill_image_24",
-                                "prefill_image_48", "decode_32", "decode_64"}
+    assert m["format_version"] == 2 and m["tp"] == 1 and m["batch"] == 1 and m["dtype"] == "fp32"
+    assert m["buckets"] == {"chunk": [8, 16], "decode": [32, 64]}
+    assert set(m["graphs"]) == {"vision", "prefill_image", "extend_8_32", "extend_16_32", "extend_8_64",
+                                "extend_16_64", "decode_32", "decode_64"}
+    assert [i["shape"] for i in m["graphs"]["prefill_image"]["inputs"][:2]] == [[1, 7], [1, 6, 64]]
+    e = m["graphs"]["extend_16_64"]
+    assert [(i["name"], i["shape"]) for i in e["inputs"][:5]] == [
+        ("tokens", [1, 16]), ("positions", [1, 16]), ("write_index", [1]), ("valid_len", [1]), ("k_0", [1, 2, 64, 8])]
     d = m["graphs"]["decode_32"]
     assert [i["name"] for i in d["inputs"][:3]] == ["token", "position", "write_index"]
     assert d["inputs"][3] == {"name": "k_0", "shape": [1, 2, 32, 8], "dtype": "float32"}
@@ -59,11 +63,11 @@ def test_exported_vision_and_prefill_match_eager(engine, tiny_cfg, tiny_weights,
 
 
 def test_exported_decode_matches_eager_cell_for_16_greedy_steps(engine, tiny_cfg, tiny_weights):
-    """Each step: the exported decode graph and the eager DecodeGraph cell on the same cache."""
+    """Each step: the exported decode graph and the eager decode cell (ExtendGraph, C = 1) on the same cache."""
     eager.use_cpu()
     ids, pos = prompt(engine, "count to ten", image=False)
     logits = engine.prefill([ids], None, [pos])
-    cell = eager.cell(DecodeGraph, tiny_cfg, 32, 1)
+    cell = eager.cell(ExtendGraph, tiny_cfg, 1, 32, 1)
     weights = eager.weight_args(cell.table, tiny_weights)
     next_pos = pos[-1] + 1
     for _ in range(16):
@@ -173,7 +177,7 @@ def test_tp_that_does_not_divide_is_refused(tiny_hf, tmp_path, tp, message):
 def test_cli_random_init_fp16_export(tmp_path):
     out = tmp_path / "b"
     r = CliRunner().invoke(main, ["export", "--random-init", "tiny", "--tokenizer", str(DEMO_TOKENIZER), "--dtype",
-                                  "fp16", "--buckets", "text=16;image=24;decode=32", str(out)])
+                                  "fp16", "--buckets", "chunk=8;decode=32", str(out)])
     assert r.exit_code == 0, r.output
     b = Bundle(out)
     assert b.manifest["kv_cache"]["dtype"] == "float16"
@@ -183,7 +187,7 @@ def test_cli_random_init_fp16_export(tmp_path):
 
 def test_default_buckets_for_the_full_model():
     b = default_buckets(preset("full"))
-    assert b == {"text": [128, 512, 2048], "image": [2432, 4096, 8192], "decode": [512, 2048, 3072, 4096, 8192]}
+    assert b == {"chunk": [16, 64, 256], "decode": [512, 2048, 3072, 4096, 8192]}
 
 
 def test_tokenizer_that_does_not_fit_the_model_is_refused(tiny_hf, tmp_path):

@@ -77,7 +77,7 @@ def test_greedy_generation_is_token_identical(engines, photo, image):
     req = Request("describe this in detail" if image else "tell me a long story about it",
                   image=photo if image else None, params=SamplingParams(max_new_tokens=24))
     for e in engines:
-        e._cached = None
+        e.clear_prefix_cache()
     ms_r, lite_r = (e.generate([req])[0] for e in engines)
     assert ms_r.token_ids == lite_r.token_ids and lite_r.text == ms_r.text
     assert lite_r.prompt_tokens + len(lite_r.token_ids) > 32

@@ -70,24 +70,24 @@ def test_seeded_sampling_is_reproducible(engine):
     assert c.token_ids != a.token_ids
 
 
-def test_batch_bundle_rows_equal_single_runs(tiny_bundle_b2, engine):
-    b2 = Engine(tiny_bundle_b2)
-    prompts = ["first question here", "a second, longer question about things"]
-    both = b2.generate([Request(p, params=GREEDY) for p in prompts])
-    for p, r in zip(prompts, both):
-        assert r.token_ids == engine.generate([Request(p, params=GREEDY)])[0].token_ids
-
-
 def test_kv_cache_relayout_keeps_filled_slots():
     c = KVCache(layers=2, batch=2, kv_heads=3, head_dim=4, buckets=[4, 8, 16], dtype="float32")
     k = np.random.default_rng(0).standard_normal((2, 2, 3, 4, 4)).astype(np.float32)
-    c.write_prefill(k, -k, np.array([3, 4], np.int32))
-    assert c.bucket == 4
+    for row, n in ((0, 3), (1, 4)):
+        c.write(row, k[:, row:row + 1], -k[:, row:row + 1], n)
+    assert c.bucket == 4 and list(c.lengths) == [3, 4]
     assert c.fit(9) and c.bucket == 16
     kc, vc = c.views()
-    np.testing.assert_array_equal(kc[:, :, :, :4], k)
-    np.testing.assert_array_equal(vc[:, :, :, :4], -k)
-    assert not c.fit(17)
+    np.testing.assert_array_equal(kc[:, 0, :, :3], k[:, 0, :, :3])
+    np.testing.assert_array_equal(vc[:, 1, :, :4], -k[:, 1])
+    assert not c.fit(17) and not c.reserve(17)
+    assert c.reserve(5) and c.bucket == 16  # reserve never shrinks
+    assert c.fit(3) and c.bucket == 4 and list(c.lengths) == [3, 4]  # back down: the filled slots survive
+    kc, _ = c.views()
+    np.testing.assert_array_equal(kc[:, 1], k[:, 1])
+    c.lengths[1] = 0
+    c.write(1, k[:, 1:2], k[:, 1:2], 2)  # a row starts over: the new slots overwrite its first ones
+    np.testing.assert_array_equal(c.views()[0][:, 1, :, :2], k[:, 1, :, :2])
 
 
 def test_tp2_run_prints_the_same_answer_as_tp1(tiny_bundle, tiny_bundle_tp2, photo):
@@ -132,7 +132,7 @@ def test_unusual_image_modes_are_converted(engine, tmp_path):
 
 
 def test_prompt_longer_than_largest_bucket(tiny_bundle):
-    assert "largest text prompt bucket (32)" in cli("run", tiny_bundle, "--prompt", "word " * 100)
+    assert "than this bundle's cache holds (64" in cli("run", tiny_bundle, "--prompt", "word " * 100)
 
 
 def test_bad_sampling_flags(tiny_bundle):
@@ -162,6 +162,7 @@ def test_export_problems(tiny_hf, tmp_path):
     (bad / "model.safetensors.index.json").write_text(json.dumps(index))
     assert "missing lm_head.weight" in cli("export", bad, tmp_path / "b2")
     assert "not a folder" in cli("export", tmp_path / "nothing", tmp_path / "b3")
-    assert "--buckets" in cli("export", tiny_hf, tmp_path / "b4", "--buckets", "text=abc")
+    assert "replaced by prefill chunks" in cli("export", tiny_hf, tmp_path / "b4", "--buckets", "text=abc")
+    assert "--buckets" in cli("export", tiny_hf, tmp_path / "b6", "--buckets", "chunk=abc")
     assert "unknown preset 'huge'" in cli("export", "--random-init", "huge", tmp_path / "b5", "--tokenizer",
                                           DEMO_TOKENIZER)

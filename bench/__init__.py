@@ -1,0 +1,1 @@
+"""Benchmarks: measured, never asserted. serve.py: the serving benchmark over HTTP."""
