@@ -221,9 +221,12 @@ class StopStrings:
         self.keep = max((len(s) for s in stops), default=1) - 1
         self.text = ""
         self.sent = 0
+        self.hit = False
 
     def push(self, piece: str) -> tuple[str, bool]:
-        """-> (text safe to send now, whether a stop string was reached)."""
+        """-> (text safe to send now, whether a stop string was reached); nothing more after one was."""
+        if self.hit:
+            return "", True
         self.text += piece
         hits = [i for i in (self.text.find(s) for s in self.stops) if i >= 0]
         if hits:
@@ -231,6 +234,7 @@ class StopStrings:
             out = self.text[self.sent:end]
             self.sent = end
             self.text = self.text[:end]
+            self.hit = True
             return out, True
         end = max(self.sent, len(self.text) - self.keep)
         out = self.text[self.sent:end]

@@ -17,6 +17,7 @@ import asyncio
 import hmac
 import json
 import queue
+import signal
 import threading
 import time
 from pathlib import Path
@@ -337,6 +338,8 @@ def serve(bundle: str, host: str, port: int, backend: str, api_key: str | None, 
         elif server.started:
             on_ready(f"serving {Path(bundle).resolve().name} on http://{host}:{port}/v1 (OpenAI chat completions)")
     threading.Thread(target=announce, daemon=True).start()
+    for sig in (signal.SIGINT, signal.SIGTERM):  # uvicorn re-raises the signal it handled once it has stopped:
+        signal.signal(sig, lambda *_: None)      # a graceful stop then exits 0, not as killed
     server.run()
     loop.stop()
     if loop.error:
