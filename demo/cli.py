@@ -37,7 +37,5 @@ def demo(image, prompt, max_new_tokens):
     r = engine.generate([Request(prompt, image=picture, params=params)],
                         on_text=lambda row, piece: click.echo(piece, nl=False))[0]
     click.echo("")
-    decode_s = r.total_s - r.ttft_s
-    tps = (r.completion_tokens - 1) / decode_s if r.completion_tokens > 1 and decode_s > 0 else 0.0
     click.echo(f"[{r.completion_tokens} tokens, {r.finish_reason}; TTFT {r.ttft_s * 1000:.1f} ms; "
-               f"{tps:.1f} tokens/s; bundle {bundle}]")
+               f"{r.tokens_per_s:.1f} tokens/s; bundle {bundle}]")

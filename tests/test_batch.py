@@ -70,7 +70,7 @@ def test_bad_lines_become_error_lines_and_the_run_goes_on(engine4, images, tmp_p
         "broken": ({"id": "broken", "image": "broken.png", "prompt": "x"}, "truncated or corrupt"),
         "notimg": ({"id": "notimg", "image": "notes.png", "prompt": "x"}, "not an image Pillow can read"),
         "long": ({"id": "long", "prompt": "word " * 60}, "cache holds (64"),
-        "long-img": ({"id": "long-img", "image": "img0.png", "prompt": "word " * 60}, "image prompt bucket (48)"),
+        "long-img": ({"id": "long-img", "image": "img0.png", "prompt": "word " * 60}, "cache holds (64"),
         "temp": ({"id": "temp", "prompt": "x", "temperature": -0.5}, "temperature=-0.5 is invalid"),
         "topp": ({"id": "topp", "prompt": "x", "top_p": 0}, "top_p=0 is invalid"),
         "maxnew": ({"id": "maxnew", "prompt": "x", "max_new_tokens": 2.5}, "max_new_tokens=2.5 is invalid"),
