@@ -131,7 +131,7 @@ class EagerModel:
 def load_fp32_bundle(path):
     """-> (Bundle, cfg, {name: float32 array}) of a tp 1 bundle."""
     from cogvlm2_lite.graphs.config import CogVLM2Config
-    from cogvlm2_lite.runtime.backends import load_rank_weights
+    from cogvlm2_lite.runtime.weights import load_rank_weights
     from cogvlm2_lite.runtime.bundle import Bundle
     from cogvlm2_lite.runtime.errors import UserError
     b = Bundle(path)

@@ -23,7 +23,7 @@ def eager_decode(bundle_path, steps: int = 3, warmup: int = 1, bucket: int | Non
 
     from cogvlm2_lite.graphs.config import CogVLM2Config
     from cogvlm2_lite.graphs.entry import ExtendGraph
-    from cogvlm2_lite.runtime.backends import load_rank_weights
+    from cogvlm2_lite.runtime.weights import load_rank_weights
     from cogvlm2_lite.runtime.bundle import Bundle
     from cogvlm2_lite.runtime.errors import UserError
 

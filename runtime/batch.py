@@ -45,6 +45,8 @@ import click
 import numpy as np
 
 from .errors import UserError
+from .msrun import relaunch_under_msrun
+from .options import open_engine, sampling_options, sampling_params
 
 SAMPLING_FIELDS = ("max_new_tokens", "temperature", "top_k", "top_p", "repetition_penalty", "seed")
 KNOWN_FIELDS = {"id", "prompt", "image", "history", "template", *SAMPLING_FIELDS}
@@ -393,63 +395,56 @@ def _run(engine, pending, prepare, writer, summary, progress):
 
 
 # --- the command -------------------------------------------------------------------------------------
-def command(sampling_options):
-    """The click command; `sampling_options` (the flags shared with run and chat) comes from cli.py,
-    which registers it, so this module does not import cli at import time."""
+@click.command()
+@click.argument("bundle", type=click.Path(file_okay=False))
+@click.argument("in_file", metavar="IN.jsonl", type=click.Path(exists=True, dir_okay=False))
+@click.argument("out_file", metavar="OUT.jsonl", type=click.Path(dir_okay=False))
+@click.option("--ordered", is_flag=True, help="Write OUT in input order (finished lines wait for earlier ones).")
+@click.option("--fsync-interval", type=float, default=1.0, show_default=True,
+              help="Seconds between fsyncs of OUT (power-loss safety); 0 = after every line.")
+@click.option("--progress/--no-progress", default=None, help="Progress bar [default: when stderr is a terminal].")
+@sampling_options
+def batch(bundle, in_file, out_file, ordered, fsync_interval, progress, **o):
+    """Answer every line of IN.jsonl into OUT.jsonl; run it again to resume after a crash.
 
-    @click.command()
-    @click.argument("bundle", type=click.Path(file_okay=False))
-    @click.argument("in_file", metavar="IN.jsonl", type=click.Path(exists=True, dir_okay=False))
-    @click.argument("out_file", metavar="OUT.jsonl", type=click.Path(dir_okay=False))
-    @click.option("--ordered", is_flag=True, help="Write OUT in input order (finished lines wait for earlier ones).")
-    @click.option("--fsync-interval", type=float, default=1.0, show_default=True,
-                  help="Seconds between fsyncs of OUT (power-loss safety); 0 = after every line.")
-    @click.option("--progress/--no-progress", default=None, help="Progress bar [default: when stderr is a terminal].")
-    @sampling_options
-    def batch(bundle, in_file, out_file, ordered, fsync_interval, progress, **o):
-        """Answer every line of IN.jsonl into OUT.jsonl; run it again to resume after a crash.
-
-        \b
-        IN line:  {"id", "prompt", "image": path relative to IN's folder or null,
-                   optional max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed,
-                   "history": [[q, a], ...], "template"}  (sampling flags: defaults for these)
-        OUT line: {"id", "text", "finish_reason", "prompt_tokens", "completion_tokens", "ttft_s",
-                   "total_s"}, or {"id", "error"} for a line that cannot run.
-        """
-        from .cli import open_engine, relaunch_under_msrun, sampling_params
-        in_path, out_path = Path(in_file), Path(out_file)
-        if out_path.exists() and os.path.samefile(in_path, out_path):
-            raise UserError("IN.jsonl and OUT.jsonl are the same file; write the results to another file.")
-        defaults = sampling_params(o)
-        defaults = {k: getattr(defaults, k) for k in SAMPLING_FIELDS}
-        if relaunch_under_msrun(bundle):
-            return
-        if os.environ.get("MS_ROLE") == "MS_SCHED":  # msrun's scheduler runs this command too: it only
-            open_engine(bundle, o)                   # serves the cluster and must not touch OUT
-            return
-        rank0 = os.environ.get("RANK_ID", "0") == "0"  # under msrun only rank 0 writes OUT and speaks
-        summary = Summary()
-        fd = _open_output(out_path) if rank0 else None
+    \b
+    IN line:  {"id", "prompt", "image": path relative to IN's folder or null,
+               optional max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed,
+               "history": [[q, a], ...], "template"}  (sampling flags: defaults for these)
+    OUT line: {"id", "text", "token_ids", "finish_reason", "prompt_tokens", "completion_tokens",
+               "ttft_s", "total_s", "tokens_per_s"}, or {"id", "error"} for a line that cannot run.
+    """
+    in_path, out_path = Path(in_file), Path(out_file)
+    if out_path.exists() and os.path.samefile(in_path, out_path):
+        raise UserError("IN.jsonl and OUT.jsonl are the same file; write the results to another file.")
+    defaults = sampling_params(o)
+    defaults = {k: getattr(defaults, k) for k in SAMPLING_FIELDS}
+    if relaunch_under_msrun(bundle):
+        return
+    if os.environ.get("MS_ROLE") == "MS_SCHED":  # msrun's scheduler runs this command too: it only
+        open_engine(bundle, o)                   # serves the cluster and must not touch OUT
+        return
+    rank0 = os.environ.get("RANK_ID", "0") == "0"  # under msrun only rank 0 writes OUT and speaks
+    summary = Summary()
+    fd = _open_output(out_path) if rank0 else None
+    try:
+        # read OUT before the engine starts: under msrun every rank must see the same OUT
+        done, summary.repaired_bytes = recover(out_path, fd)
+        pending = scan(in_path, done, summary)
+        if rank0 and summary.skipped:
+            click.echo(f"resuming: {summary.skipped} lines already in {out_path}, {len(pending)} to go", err=True)
+        engine = open_engine(bundle, o) if pending else None
         try:
-            # read OUT before the engine starts: under msrun every rank must see the same OUT
-            done, summary.repaired_bytes = recover(out_path, fd)
-            pending = scan(in_path, done, summary)
-            if rank0 and summary.skipped:
-                click.echo(f"resuming: {summary.skipped} lines already in {out_path}, {len(pending)} to go", err=True)
-            engine = open_engine(bundle, o) if pending else None
-            try:
-                if pending:
-                    _run(engine, pending, _Preparer(engine, in_path.parent, defaults, o["template"]),
-                         _Writer(fd, ordered, fsync_interval), summary, progress and rank0)
-            except KeyboardInterrupt:
-                if rank0:
-                    click.echo(summary.line(), err=True)
-                    click.echo(f"interrupted: run the same command again to finish {out_path}.", err=True)
-                sys.exit(130)
-        finally:
-            if fd is not None:
-                os.close(fd)
-        if rank0:
-            click.echo(summary.line(), err=True)
-
-    return batch
+            if pending:
+                _run(engine, pending, _Preparer(engine, in_path.parent, defaults, o["template"]),
+                     _Writer(fd, ordered, fsync_interval), summary, progress and rank0)
+        except KeyboardInterrupt:
+            if rank0:
+                click.echo(summary.line(), err=True)
+                click.echo(f"interrupted: run the same command again to finish {out_path}.", err=True)
+            sys.exit(130)
+    finally:
+        if fd is not None:
+            os.close(fd)
+    if rank0:
+        click.echo(summary.line(), err=True)

@@ -3,23 +3,16 @@
 never imports the exporter. Every UserError becomes one line on stderr and exit code 1.
 """
 import json
-import os
-import secrets
-import socket
-import subprocess
 import sys
-import tempfile
-import threading
-import time
 from importlib.metadata import entry_points
-from pathlib import Path
 
 import click
 
+from .batch import batch
+from .bench import bench, bench_suite
 from .errors import UserError
-
-OUTPUT_ENV = "COGVLM2_LITE_RANK0_OUTPUT"  # file rank 0 writes user output to under msrun
-
+from .msrun import relaunch_under_msrun
+from .options import open_engine, rank0_printer, sampling_options, sampling_params
 
 class Main(click.Group):
     def list_commands(self, ctx):
@@ -47,40 +40,6 @@ class Main(click.Group):
 @click.version_option(package_name="cogvlm2-lite")
 def main():
     """CogVLM2-Image, ahead-of-time compiled: export a checkpoint into a bundle, then run it."""
-
-
-def sampling_options(f):
-    """The sampling flags shared by run, chat and batch."""
-    options = [
-        click.option("--max-new-tokens", type=int, default=256, show_default=True),
-        click.option("--temperature", type=float, default=0.0, show_default=True, help="0 = greedy."),
-        click.option("--top-k", type=int, default=0, show_default=True, help="0 = off."),
-        click.option("--top-p", type=float, default=1.0, show_default=True, help="1 = off."),
-        click.option("--repetition-penalty", type=float, default=1.0, show_default=True, help="1 = off."),
-        click.option("--seed", type=int, default=None, help="Reproducible sampling."),
-        click.option("--ignore-eos", is_flag=True, help="Generate exactly --max-new-tokens (benchmarks)."),
-        click.option("--template", type=click.Choice(["chat", "vqa", "base"]), default=None,
-                     help="Prompt template (default: the bundle's)."),
-        click.option("--backend", default="auto", show_default=True,
-                     help="auto (onnxruntime if the bundle has ONNX graphs, else mindspore, else lite), "
-                          "mindspore, onnxruntime, lite."),
-        click.option("--verify", is_flag=True, help="Hash every bundle file (weights too) before loading."),
-    ]
-    for option in reversed(options):
-        f = option(f)
-    return f
-
-
-def sampling_params(o: dict):
-    from .sampling import SamplingParams
-    return SamplingParams(temperature=o["temperature"], top_k=o["top_k"], top_p=o["top_p"],
-                          repetition_penalty=o["repetition_penalty"], seed=o["seed"],
-                          max_new_tokens=o["max_new_tokens"], ignore_eos=o["ignore_eos"])
-
-
-def open_engine(bundle_path: str, o: dict):
-    from .engine import Engine
-    return Engine(bundle_path, backend=o["backend"], verify=o["verify"])
 
 
 @main.command()
@@ -210,75 +169,5 @@ def inspect(bundle, verify):
         click.echo(f"calibration statistics: {c['file']} ({c.get('samples', '?')} samples)")
 
 
-def rank0_printer(rank: int):
-    """Only rank 0 speaks: every rank computes the same tokens."""
-    def say(text, nl=True, err=False):
-        if rank == 0:
-            click.echo(text, nl=nl, err=err)
-            sys.stdout.flush()
-    return say
-
-
-# --- tensor-parallel bundles: launch ourselves under msrun ---------------------------------------
-def relaunch_under_msrun(bundle_path) -> bool:
-    """A tp > 1 bundle outside msrun: run this same command as tp processes under msrun, relay
-    rank 0's output, exit with its status. Returns False when there is nothing to do."""
-    from .bundle import Bundle
-    tp = Bundle(bundle_path).tp
-    if tp == 1:
-        return False
-    if "MS_WORKER_NUM" in os.environ:  # we are a rank: send user output where the launcher reads it
-        out = os.environ.get(OUTPUT_ENV)
-        if out:
-            rank0 = os.environ.get("MS_ROLE") == "MS_WORKER" and os.environ.get("RANK_ID") == "0"  # not the scheduler
-            f = open(out if rank0 else os.devnull, "w", buffering=1)
-            sys.stdout = f
-            sys.stderr = f
-        return False
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    logs = Path(tempfile.mkdtemp(prefix="cogvlm2-lite-msrun-"))
-    output = logs / "rank0.out"
-    output.touch()
-    msrun = Path(sys.executable).parent / "msrun"
-    cmd = [str(msrun), f"--worker_num={tp}", f"--local_worker_num={tp}", f"--master_port={port}", "--join=True",
-           f"--log_dir={logs}", str(Path(__file__).with_name("msrun_main.py")), *sys.argv[1:]]
-    from .scheduler import SEED_ENV
-    env = {**os.environ, OUTPUT_ENV: str(output), "GLOG_v": "3", SEED_ENV: str(secrets.randbelow(2**31)),
-           "PATH": f"{msrun.parent}{os.pathsep}{os.environ.get('PATH', '')}"}
-    click.echo(f"[tensor parallel: {' '.join(cmd)}]", err=True)
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    done = threading.Event()
-    relay = threading.Thread(target=_relay, args=(output, done))
-    relay.start()
-    code = proc.wait()
-    done.set()
-    relay.join()
-    if code != 0:
-        raise UserError(f"the {tp}-rank run failed (exit {code}); worker logs are in {logs}.")
-    return True
-
-
-def _relay(path: Path, done: threading.Event):
-    with open(path) as f:
-        while True:
-            chunk = f.read()
-            if chunk:
-                sys.stdout.write(chunk)
-                sys.stdout.flush()
-            elif done.is_set():
-                return
-            else:
-                time.sleep(0.05)
-
-
-from .batch import command as _batch_command  # noqa: E402  (after sampling_options, which it uses)
-
-main.add_command(_batch_command(sampling_options))
-
-
-from .bench import bench as _bench, bench_suite as _bench_suite  # noqa: E402  (benchmarks: runtime/bench.py)
-
-main.add_command(_bench)
-main.add_command(_bench_suite)
+for command in (batch, bench, bench_suite):
+    main.add_command(command)

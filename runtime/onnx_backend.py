@@ -25,6 +25,7 @@ import numpy as np
 
 from .bundle import Bundle, safetensors_header
 from .errors import UserError
+from .weights import load_rank_weights
 
 NP_DTYPES = {"int32": np.int32, "float32": np.float32, "float16": np.float16}
 PACKED_OPS = {"MatMulInteger": (1,), "MatMulNBits": (1, 2)}  # op -> the weight operands onnxruntime pre-packs
@@ -84,7 +85,6 @@ class OnnxRuntimeBackend:
         providers = (["CUDAExecutionProvider", "CPUExecutionProvider"] if self.device == "cuda"
                      else ["CPUExecutionProvider"])
 
-        from .backends import load_rank_weights
         self._arrays = load_rank_weights(bundle, rank)  # the one resident copy (CPU OrtValues alias it)
         self._values = {}
         forms = (bundle.manifest.get("quant") or {}).get("forms", {})

@@ -34,6 +34,7 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 
 from .errors import UserError
+from .request import Result
 from .sampling import Sampler
 from .tokenizer import StreamDecoder, position_ids
 
@@ -74,8 +75,7 @@ class Sequence:
     def done(self) -> bool:
         return self.finish_reason is not None
 
-    def result(self):
-        from .engine import Result
+    def result(self) -> Result:
         end = self.ended_at or time.perf_counter()
         return Result("".join(self.pieces), list(self.tokens), self.finish_reason, len(self.ids), len(self.tokens),
                       (self.first_token_at or end) - self.arrived, end - self.arrived, self.reused)

@@ -285,7 +285,8 @@ def test_quantized_bundle_stores_the_quantizer_output_and_its_graphs_compute_it(
     from cogvlm2_lite.calib.eager import pynative
     from cogvlm2_lite.graphs.entry import ExtendGraph, PrefillGraph
     from cogvlm2_lite.graphs.model import weight_specs
-    from cogvlm2_lite.runtime.backends import BACKENDS, load_rank_weights
+    from cogvlm2_lite.runtime.backends import BACKENDS
+    from cogvlm2_lite.runtime.weights import load_rank_weights
     from cogvlm2_lite.runtime.bundle import Bundle
     scheme, path = quant_bundle
     b = Bundle(path, verify=True)

@@ -1,0 +1,48 @@
+"""The MindSpore backend: the bundle's MindIR graphs under MindSpore (CPU here; Ascend; tensor parallel)."""
+import numpy as np
+
+from .bundle import Bundle
+from .errors import UserError
+from .weights import load_rank_weights
+
+
+class MindSporeBackend:
+    """MindIR through `mindspore.load` + `nn.GraphCell` (CPU here; Ascend with device='Ascend')."""
+    name = "mindspore"
+    format = "mindir"
+
+    def __init__(self, bundle: Bundle, rank: int = 0, device: str = "CPU"):
+        if "mindir" not in bundle.formats:
+            raise UserError(f"{bundle.path} has no MindIR graphs (formats: {', '.join(bundle.formats)}): run it with "
+                            "--backend onnxruntime, or export it with --format mindir.")
+        try:
+            import mindspore as ms
+        except ImportError:
+            raise UserError("the mindspore backend needs MindSpore (pip install mindspore); for an onnx bundle "
+                            "use --backend onnxruntime.") from None
+        from mindspore import nn
+        self._ms = ms
+        try:
+            ms.set_device(device)
+        except RuntimeError:  # already fixed in this process (msrun rank, or a second backend)
+            pass
+        ms.set_context(mode=ms.GRAPH_MODE)
+        weights = load_rank_weights(bundle, rank)
+        tensors = {name: ms.Tensor.from_numpy(a) for name, a in weights.items()}  # zero-copy
+        self._weights = {family: tuple(tensors[n] for n in bundle.weight_names(family))
+                         for family in ("vision", "language")}
+        self._graphs = {}
+        for name in bundle.graph_names:
+            info = bundle.graph(name)
+            path = bundle.rank_dir(rank) / info.file
+            try:
+                self._graphs[name] = (nn.GraphCell(ms.load(str(path))), info.weights)
+            except (RuntimeError, ValueError) as e:
+                raise UserError(f"graph file {path} cannot be loaded by MindSpore {ms.__version__} "
+                                f"({str(e).splitlines()[0]}): export the bundle again.") from None
+
+    def run(self, name: str, inputs: list[np.ndarray]) -> list[np.ndarray]:
+        cell, family = self._graphs[name]
+        args = [self._ms.Tensor.from_numpy(x) for x in inputs]
+        outputs = cell(*args, *self._weights[family])
+        return [o.asnumpy() for o in outputs] if isinstance(outputs, tuple) else [outputs.asnumpy()]
