@@ -267,3 +267,23 @@ def test_loading_and_shutting_down_answer_503():
     gate.set()
     loop.ready.wait(10)
     assert client.get("/health").json() == {"status": "error", "error": "no model in this test"}
+
+
+def test_sigterm_finishes_or_ends_running_requests_within_the_bound(tiny_bundle):
+    """SIGTERM mid-stream: the stream still ends cleanly (its finish, or an error event once
+    --shutdown-timeout passed), and the server exits 0 within the bound."""
+    s = Server(tiny_bundle, "--shutdown-timeout", "1")
+    body = {"messages": [{"role": "user", "content": "a long story"}], "max_tokens": 100000, "stream": True,
+            "temperature": 0.9, "seed": 3}
+    events = []
+    with httpx.stream("POST", f"{s.url}/v1/chat/completions", json=body, timeout=60) as r:
+        lines = r.iter_lines()
+        next(lines)
+        s.proc.terminate()
+        t = time.time()
+        events = [line[6:] for line in lines if line.startswith("data: ")]
+    assert s.proc.wait(timeout=30) == 0 and time.time() - t < 15
+    assert events[-1] == "[DONE]"
+    last = json.loads(events[-2])
+    assert ("error" in last and "shut down before this request finished" in last["error"]["message"]) or \
+        last["choices"][0]["finish_reason"] in ("stop", "length")
