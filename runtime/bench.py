@@ -37,6 +37,7 @@ import click
 import numpy as np
 
 from .errors import UserError
+from .options import stack
 
 SCHEMA = "cogvlm2-lite-bench/1"
 PROMPT = "Describe the image in detail."
@@ -1155,21 +1156,17 @@ def _write_outputs(report, json_out, plot_out, compare_with):
         click.echo(format_compare(compare(report, compare_with[1])))
 
 
-def _options(f):
-    options = [
-        click.option("--backend", "backends", multiple=True, help="Backend(s) to measure (default: every usable one)."),
-        click.option("--reps", type=int, default=10, show_default=True, help="Timed repetitions per figure."),
-        click.option("--warmup", type=int, default=2, show_default=True, help="Untimed calls before each figure."),
-        click.option("--decode-reps", type=int, default=16, show_default=True, help="Timed decode steps per cache bucket."),
-        click.option("--gen-tokens", type=int, default=32, show_default=True, help="New tokens per end-to-end generation."),
-        click.option("--gen-reps", type=int, default=3, show_default=True, help="Timed end-to-end generations."),
-        click.option("--eager-steps", type=int, default=3, show_default=True, help="PyNative decode steps (0: skip)."),
-        click.option("--profile/--no-profile", default=True, show_default=True, help="Per-op MindSpore profile."),
-        click.option("--quick", is_flag=True, help="Small machine probes (smoke runs; reference figures are rough)."),
-    ]
-    for o in reversed(options):
-        f = o(f)
-    return f
+_options = stack(
+    click.option("--backend", "backends", multiple=True, help="Backend(s) to measure (default: every usable one)."),
+    click.option("--reps", type=int, default=10, show_default=True, help="Timed repetitions per figure."),
+    click.option("--warmup", type=int, default=2, show_default=True, help="Untimed calls before each figure."),
+    click.option("--decode-reps", type=int, default=16, show_default=True, help="Timed decode steps per cache bucket."),
+    click.option("--gen-tokens", type=int, default=32, show_default=True, help="New tokens per end-to-end generation."),
+    click.option("--gen-reps", type=int, default=3, show_default=True, help="Timed end-to-end generations."),
+    click.option("--eager-steps", type=int, default=3, show_default=True, help="PyNative decode steps (0: skip)."),
+    click.option("--profile/--no-profile", default=True, show_default=True, help="Per-op MindSpore profile."),
+    click.option("--quick", is_flag=True, help="Small machine probes (smoke runs; reference figures are rough)."),
+)
 
 
 def _check_counts(o):

@@ -4,26 +4,30 @@ import sys
 import click
 
 
-def sampling_options(f):
-    """The sampling flags shared by run, chat and batch."""
-    options = [
-        click.option("--max-new-tokens", type=int, default=256, show_default=True),
-        click.option("--temperature", type=float, default=0.0, show_default=True, help="0 = greedy."),
-        click.option("--top-k", type=int, default=0, show_default=True, help="0 = off."),
-        click.option("--top-p", type=float, default=1.0, show_default=True, help="1 = off."),
-        click.option("--repetition-penalty", type=float, default=1.0, show_default=True, help="1 = off."),
-        click.option("--seed", type=int, default=None, help="Reproducible sampling."),
-        click.option("--ignore-eos", is_flag=True, help="Generate exactly --max-new-tokens (benchmarks)."),
-        click.option("--template", type=click.Choice(["chat", "vqa", "base"]), default=None,
-                     help="Prompt template (default: the bundle's)."),
-        click.option("--backend", default="auto", show_default=True,
-                     help="auto (onnxruntime if the bundle has ONNX graphs, else mindspore, else lite), "
-                          "mindspore, onnxruntime, lite."),
-        click.option("--verify", is_flag=True, help="Hash every bundle file (weights too) before loading."),
-    ]
-    for option in reversed(options):
-        f = option(f)
-    return f
+def stack(*options):
+    """One decorator applying several click options, listed in --help order."""
+    def apply(f):
+        for option in reversed(options):
+            f = option(f)
+        return f
+    return apply
+
+
+sampling_options = stack(  # the sampling flags shared by run, chat and batch
+    click.option("--max-new-tokens", type=int, default=256, show_default=True),
+    click.option("--temperature", type=float, default=0.0, show_default=True, help="0 = greedy."),
+    click.option("--top-k", type=int, default=0, show_default=True, help="0 = off."),
+    click.option("--top-p", type=float, default=1.0, show_default=True, help="1 = off."),
+    click.option("--repetition-penalty", type=float, default=1.0, show_default=True, help="1 = off."),
+    click.option("--seed", type=int, default=None, help="Reproducible sampling."),
+    click.option("--ignore-eos", is_flag=True, help="Generate exactly --max-new-tokens (benchmarks)."),
+    click.option("--template", type=click.Choice(["chat", "vqa", "base"]), default=None,
+                 help="Prompt template (default: the bundle's)."),
+    click.option("--backend", default="auto", show_default=True,
+                 help="auto (onnxruntime if the bundle has ONNX graphs, else mindspore, else lite), "
+                      "mindspore, onnxruntime, lite."),
+    click.option("--verify", is_flag=True, help="Hash every bundle file (weights too) before loading."),
+)
 
 
 def sampling_params(o: dict):
