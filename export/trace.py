@@ -41,7 +41,8 @@ class Plan:
         cfg = self.cfg
         q = self.quant
         yield VisionGraph(cfg, 1, self.dtype, self.tp, quant=q)  # images arrive one request at a time
-        yield image_prefix_graph(cfg, self.dtype, self.tp, quant=q)
+        for c in self.chunk_buckets:
+            yield image_prefix_graph(cfg, c, self.dtype, self.tp, quant=q)
         for t in self.decode_buckets:
             for c in self.chunk_buckets:
                 if c <= t:

@@ -1,9 +1,10 @@
-"""The fixed-shape entry points that export traces: vision, prefill_image, extend_<C>_<T>, decode_<T>.
+"""The fixed-shape entry points that export traces: vision, prefill_image_<C>, extend_<C>_<T>, decode_<T>.
 
-A prompt is prefilled in chunks against the cache: the image section (bos, boi, patches, eoi) is
-one fixed-size chunk of its own (`prefill_image`, the only graph that routes tokens to the vision
-expert), the text after it goes through `extend_<C>_<T>` chunks of C tokens over a cache bucket
-of T slots, and decode is the C = 1 member of that family (`decode_<T>`), batched over B rows.
+A prompt is prefilled in chunks against the cache. An image prompt starts with `prefill_image_<C>`:
+bos, the image section (boi, patches, eoi) at its fixed place and up to C text tokens, in one call
+(one read of the weights); it is the only graph that routes tokens to the vision expert, through a
+static slice. The rest of the text goes through `extend_<C>_<T>` chunks of C tokens over a cache
+bucket of T slots, and decode is the C = 1 member of that family (`decode_<T>`), over B rows.
 
 Each takes its data inputs first, then its weights (the `table` order). `inputs`/`outputs` describe
 the data tensors (name, shape, dtype) for the manifest; shapes are per rank.
@@ -108,11 +109,11 @@ def masked_bias(masked):
     return masked.astype(ms.float32) * NEG_INF  # arithmetic, not select: no shape-only constants
 
 
-def image_prefix_graph(cfg: CogVLM2Config, dtype: str = "fp32", tp: int = 1, quant=None) -> PrefillGraph:
-    """The image section of every image prompt as one chunk of its own, batch 1: bos + the
-    num_image_tokens image slots (boi, patches, eoi) -> logits of eoi, K/V of its n + 1 slots."""
-    g = PrefillGraph(cfg, cfg.num_image_tokens + 1, 1, image=True, dtype=dtype, tp=tp, quant=quant)
-    g.name = "prefill_image"
+def image_prefix_graph(cfg: CogVLM2Config, chunk: int, dtype: str = "fp32", tp: int = 1, quant=None) -> PrefillGraph:
+    """The first chunk of an image prompt, batch 1: bos + the num_image_tokens image slots (boi,
+    patches, eoi) + `chunk` text slots, valid_len of them real ("prefill_image_<chunk>")."""
+    g = PrefillGraph(cfg, cfg.num_image_tokens + 1 + chunk, 1, image=True, dtype=dtype, tp=tp, quant=quant)
+    g.name = f"prefill_image_{chunk}"
     return g
 
 
@@ -125,7 +126,7 @@ class ExtendGraph(nn.Cell):
     Both also take k_0..k_{L-1}, v_0..v_{L-1}, each [B, KV, T, D] (one input per layer: contiguous
     views of the runtime's buffer, passed without copies) -> logits of each row's last valid token
     [B, V] float32, k_new, v_new [L, B, KV, C, D] (the runtime stores the first valid_len).
-    Text only: the vision expert runs only in `prefill_image`.
+    Text only: the vision expert runs only in `prefill_image_<C>`.
     """
 
     def __init__(self, cfg: CogVLM2Config, chunk: int, cache_len: int, batch: int, dtype: str = "fp32", tp: int = 1,

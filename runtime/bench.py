@@ -162,9 +162,9 @@ def model_costs(bundle) -> dict:
     def prefill_flops(s):  # one row's chunk of s tokens (padding included), lm_head on its last token
         return 2 * s * layer_params + layers * 4 * s * s * hidden + 2 * lm_head[0] * lm_head[1]
 
-    image_chunk = m["num_image_tokens"] + 1
+    image = m["num_image_tokens"] + 1
     flops = {"extend": {str(c): prefill_flops(c) for c in bundle.buckets["chunk"]},
-             "prefill_image": {str(image_chunk): prefill_flops(image_chunk)}}
+             "prefill_image": {str(c): prefill_flops(image + c) for c in bundle.buckets["chunk"]}}
     params = {fam: sum(math.prod(table[n][1]) for n in bundle.weight_names(fam)) for fam in ("vision", "language")}
     return {"decode_weight_bytes": weight_bytes, "kv_read_bytes": kv_bytes, "gemv_shapes": gemv_shapes,
             "prefill_flops": flops, "params": params,
@@ -348,20 +348,24 @@ def measure_backend(bundle_path: str, backend: str, o: dict) -> dict:
     res["ttft"] = {"prompt_tokens": len(ids), "s": stats(total), "breakdown": {k: stats(v) for k, v in phases.items()},
                    "generate_ttft_s": stats(gen_ttft)}
 
-    # prefill per chunk: the image section, and each text chunk size C filled (row 0, empty cache)
+    # prefill per chunk size C, filled, row 0: an image prompt's first chunk (bos + image + C text tokens)
+    # and a text chunk against the empty cache
     rng = np.random.default_rng(0)
     ranks = engine.bundle.manifest["tokenizer"]["bpe_ranks"]
     prefill = []
-    image_pos = position_ids([0] + [1] * n_image)
-    runs = [("prefill_image", n_image + 1, lambda: engine.prefill_image(0, embeds[0], image_pos))]
+    runs = []
+    for c in engine.chunks:
+        row = [tok.bos_id] + [tok.pad_id] * n_image + rng.integers(0, ranks, c).tolist()
+        pos = position_ids([0] + [1] * n_image + [0] * c)
+        runs.append(("prefill_image", c, n_image + 1 + c, lambda row=row, pos=pos: engine.prefill_image(0, embeds[0], row, pos)))
     for c in engine.chunks:
         row = rng.integers(0, ranks, c).tolist()
-        runs.append(("extend", c, lambda row=row: engine.prefill([row])))
-    for kind, s, fn in runs:
+        runs.append(("extend", c, c, lambda row=row: engine.prefill([row])))
+    for kind, c, tokens, fn in runs:
         times, first = repeat(fn, warmup, reps)
-        prefill.append({"kind": kind, "bucket": s, "tokens": s, "s": stats(times), "first_call_s": first,
-                        "tokens_per_s": s / stats(times)["median"]})
-        rss[f"after_{kind}_{s}"] = (rss_bytes(), peak_rss_bytes())
+        prefill.append({"kind": kind, "bucket": c, "tokens": tokens, "s": stats(times), "first_call_s": first,
+                        "tokens_per_s": tokens / stats(times)["median"]})
+        rss[f"after_{kind}_{c}"] = (rss_bytes(), peak_rss_bytes())
     res["prefill"] = prefill
     res["ttft_by_prompt_length"] = _ttft_curve(engine, rng, ranks, photo, max(1, reps // 3))
     res["serving"] = _serving(engine, rng, ranks, o)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from .errors import UserError
 
-FORMAT_VERSION = 2  # 2: chunked prefill (prefill_image, extend_<C>_<T>) instead of whole-prompt buckets
+FORMAT_VERSION = 2  # 2: chunked prefill (prefill_image_<C>, extend_<C>_<T>) instead of whole-prompt buckets
 ALWAYS_HASH_BELOW = 64 << 20  # files smaller than this are hashed on every load
 
 

@@ -6,13 +6,14 @@
          tokenizer.build_inputs         [bos, image slots..., prompt ids], token types, position ids
          admits each into a free row of the B-row KV cache, then step by step:
          image_embeddings               the `vision` graph
-         prefill_image                  bos + the image section, one fixed chunk
-         extend                         the text, in chunks of C tokens (`extend_<C>_<T>`)
+         prefill_image                  bos + the image section + the first text chunk, one call
+         extend                         the rest of the text, in chunks of C tokens (`extend_<C>_<T>`)
          decode                         one token for every running row (`decode_<T>`)
          Sampler, StreamDecoder         next token per row; ids -> text pieces, never broken UTF-8
 The raw graph calls (image_embeddings, prefill_image, extend, prefill, decode) are public so other
 implementations can be compared against the bundle.
 """
+import functools
 import os
 import time
 from dataclasses import dataclass, field
@@ -59,6 +60,27 @@ def _msrun_rank(tp: int) -> int:
     if get_group_size() != tp:
         raise UserError(f"this bundle has {tp} ranks but msrun started {get_group_size()} processes.")
     return get_rank()
+
+
+# A graph call costs about its chunk plus a fixed part, as it reads every weight once: on the bench preset
+# (onnxruntime, 2 cores) extend_16 took 106 ms and extend_64 206 ms, ~70 ms + 2.1 ms per token, i.e. the fixed
+# part is worth ~33 tokens: two smallest chunks.
+CALL_OVERHEAD_CHUNKS = 2
+
+
+@functools.lru_cache(maxsize=4096)
+def chunk_plan(n: int, chunks: tuple, overhead: int) -> tuple:
+    """Chunk sizes that cover n tokens at the least cost, a call costing its chunk + `overhead` tokens
+    (padding only in the last chunk): e.g. chunks (16, 64, 256), overhead 32: 52 -> (64,),
+    128 -> (64, 64), 200 -> (256,), 300 -> (64, 256)."""
+    cost, first = [0] * (n + 1), [0] * (n + 1)
+    for r in range(1, n + 1):
+        cost[r], first[r] = min((c + overhead + cost[max(r - c, 0)], c) for c in chunks)
+    plan, r = [], n
+    while r > 0:
+        plan.append(first[r])
+        r -= first[r]
+    return tuple(plan)
 
 
 class Engine:
@@ -127,30 +149,35 @@ class Engine:
         return np.concatenate([self._run("vision", "vision", [np.ascontiguousarray(p[None], np.float32)])[0]
                                for p in pixel_values])
 
-    def prefill_image(self, row: int, image_embeds: np.ndarray, positions) -> np.ndarray:
-        """Row `row` starts over with bos + the image section: image_embeds [n_image, hidden] and the
-        first n_image + 1 position ids -> logits [V] of eoi; the row then holds n_image + 1 slots."""
+    def prefill_image(self, row: int, image_embeds: np.ndarray, ids, positions) -> tuple[np.ndarray, int]:
+        """Row `row` starts over with the first chunk of an image prompt: bos, the image section
+        (image_embeds [n_image, hidden]) and the first text tokens of `ids` (RoPE `positions`), in one
+        `prefill_image_<C>` call -> (logits [V] of the last token fed, tokens fed)."""
         n = self.n_image + 1
+        text = len(ids) - n
+        c = self.chunk_plan(text)[0] if text > 0 else self.chunks[0]
+        m = n + min(c, max(text, 0))
         self.cache.lengths[row] = 0
-        self.cache.reserve(n)
-        ids = np.full((1, n), self.tokenizer.pad_id, np.int32)
-        ids[0, 0] = self.tokenizer.bos_id
-        inputs = [ids, np.ascontiguousarray(image_embeds[None]), np.asarray(positions[:n], np.int32).reshape(1, n),
-                  np.array([n], np.int32)]
-        logits, k, v = self._run("prefill", "prefill_image", inputs)
-        self.cache.write(row, k, v, n)
-        return logits[0]
+        self.cache.reserve(m)
+        tokens = np.full((1, n + c), self.tokenizer.pad_id, np.int32)
+        tokens[0, 0] = self.tokenizer.bos_id
+        tokens[0, n:m] = ids[n:m]
+        pos = np.zeros((1, n + c), np.int32)
+        pos[0, :m] = positions[:m]
+        inputs = [tokens, np.ascontiguousarray(image_embeds[None]), pos, np.array([m], np.int32)]
+        logits, k, v = self._run("prefill", f"prefill_image_{c}", inputs)
+        self.cache.write(row, k, v, m)
+        return logits[0], m
 
-    def chunk_size(self, remaining: int) -> int:
-        """The prefill chunk for `remaining` tokens: the largest while it fills, else the smallest that
-        holds the rest (padding only inside a prompt's last chunk)."""
-        return self.chunks[-1] if remaining >= self.chunks[-1] else next(c for c in self.chunks if c >= remaining)
+    def chunk_plan(self, remaining: int) -> tuple:
+        """The prefill chunks for `remaining` tokens (padding only in the last): see `chunk_plan`."""
+        return chunk_plan(remaining, tuple(self.chunks), CALL_OVERHEAD_CHUNKS * self.chunks[0])
 
     def extend_chunk(self, row: int, ids, positions) -> tuple[np.ndarray, int]:
         """Feed the first chunk of `ids` (RoPE `positions`) to row `row` after its filled slots ->
         (logits [V] of the last token fed, tokens fed). Raises UserError when the cache is full."""
         start = int(self.cache.lengths[row])
-        c = self.chunk_size(len(ids))
+        c = self.chunk_plan(len(ids))[0]
         if not self.cache.reserve(start + min(c, len(ids))):
             raise UserError(f"the conversation needs {start + len(ids)} cache slots, more than this bundle's largest "
                             f"decode bucket ({self.cache.max_len}): shorten it or export with larger --buckets.")
@@ -186,8 +213,7 @@ class Engine:
             self.cache.lengths[r] = 0
             start = 0
             if image_embeds is not None:
-                start = self.n_image + 1
-                out[r] = self.prefill_image(r, image_embeds[r], pos)
+                out[r], start = self.prefill_image(r, image_embeds[r], ids, pos)
             if start < len(ids):
                 out[r] = self.extend(r, ids[start:], pos[start:])
         return out

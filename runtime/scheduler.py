@@ -5,8 +5,9 @@ A request waits in a queue until a row is free; from then on every `step()`:
   1. cancelled sequences end and free their rows;
   2. queued requests are admitted into free rows (the row whose previous request shares the
      longest prefix with this one, when the prefix cache is on: its K/V are reused);
-  3. prefill: rows still reading their prompt feed it chunk by chunk (the image section first,
-     as one chunk of its own). Policy: while other rows are decoding, one step prefills at most
+  3. prefill: rows still reading their prompt feed it chunk by chunk (an image prompt's first
+     chunk holds bos, the image section and the first text tokens; `Engine.chunk_plan` picks
+     the chunk sizes). Policy: while other rows are decoding, one step prefills at most
      `step_tokens` prompt tokens (default: the largest chunk), so a long prompt delays each running
      stream by about one chunk's time per token instead of freezing it; with no row decoding,
      prompts are prefilled without a limit. A row that finishes its prompt samples its first token;
@@ -192,8 +193,7 @@ class Scheduler:
             while seq.fed < len(seq.ids) and (budget > 0 or not decoding):
                 if seq.pixels is not None and seq.fed == 0:
                     embeds = e.image_embeddings(seq.pixels[None])[0]
-                    logits = e.prefill_image(seq.row, embeds, seq.positions)
-                    n = e.n_image + 1
+                    logits, n = e.prefill_image(seq.row, embeds, seq.ids, seq.positions)
                 else:
                     logits, n = e.extend_chunk(seq.row, seq.ids[seq.fed:], seq.positions[seq.fed:])
                 seq.fed += n

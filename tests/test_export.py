@@ -29,9 +29,9 @@ def test_manifest_describes_everything(tiny_bundle, tiny_cfg):
     m = json.loads((tiny_bundle / "manifest.json").read_text())
     assert m["format_version"] == 2 and m["tp"] == 1 and m["batch"] == 1 and m["dtype"] == "fp32"
     assert m["buckets"] == {"chunk": [8, 16], "decode": [32, 64]}
-    assert set(m["graphs"]) == {"vision", "prefill_image", "extend_8_32", "extend_16_32", "extend_8_64",
-                                "extend_16_64", "decode_32", "decode_64"}
-    assert [i["shape"] for i in m["graphs"]["prefill_image"]["inputs"][:2]] == [[1, 7], [1, 6, 64]]
+    assert set(m["graphs"]) == {"vision", "prefill_image_8", "prefill_image_16", "extend_8_32", "extend_16_32",
+                                "extend_8_64", "extend_16_64", "decode_32", "decode_64"}
+    assert [i["shape"] for i in m["graphs"]["prefill_image_8"]["inputs"][:2]] == [[1, 15], [1, 6, 64]]  # 1 + 6 + 8
     e = m["graphs"]["extend_16_64"]
     assert [(i["name"], i["shape"]) for i in e["inputs"][:5]] == [
         ("tokens", [1, 16]), ("positions", [1, 16]), ("write_index", [1]), ("valid_len", [1]), ("k_0", [1, 2, 64, 8])]

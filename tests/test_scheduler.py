@@ -28,19 +28,36 @@ def mixed_requests(pictures, n=12):
                     params=greedy(3 + (7 * i) % 17)) for i in range(n)]
 
 
+def test_chunk_plan_pays_for_tokens_not_buckets():
+    from cogvlm2_lite.runtime.engine import chunk_plan
+    assert chunk_plan(52, (16, 64, 256), 32) == (64,)
+    assert chunk_plan(128, (16, 64, 256), 32) == (64, 64)  # not one half-empty 256
+    assert chunk_plan(300, (16, 64, 256), 32) == (64, 256)  # padding only in the last chunk
+    for n in range(1, 400):
+        plan = chunk_plan(n, (16, 64, 256), 32)
+        assert sum(plan[:-1]) < n <= sum(plan) and sum(plan) - n < 256
+
+
 def test_chunked_prefill_equals_whole_prompt_logits(engine, tiny_cfg, tiny_weights, photo):
-    """Chunk boundaries inside the text (chunks of 8 and 16) and right after the image section."""
-    chunks = BUCKETS["chunk"]
-    assert engine.chunks == chunks
+    """Chunk boundaries inside the text (chunks of 8 and 16), after the image chunk's text and right
+    after the image section itself."""
+    assert engine.chunks == BUCKETS["chunk"]
     embeds = engine.image_embeddings(engine.pixels([photo]))
     ref_embeds = eager.image_embeds(tiny_cfg, tiny_weights, engine.pixels([photo])[0])
+    n = engine.n_image + 1
     for words in (1, 3, 6, 9, 14):
         for image in (False, True):
             ids, pos = prompt(engine, "word " * words, image)
+            assert len(engine.chunk_plan(len(ids) - (n if image else 0))) >= (1 if words < 6 else 2)
             logits = engine.prefill([ids], embeds if image else None, [pos])[0]
             ref = eager.full_logits(tiny_cfg, tiny_weights, ids, pos, ref_embeds if image else None)[-1]
             assert np.abs(logits - ref).max() <= 1e-5, (words, image)
             assert engine.cache.lengths[0] == len(ids)
+            if image:  # the image chunk alone, then all of the text against the cache
+                _, fed = engine.prefill_image(0, embeds[0], ids[:n], pos)
+                assert fed == n
+                split = engine.extend(0, ids[n:], pos[n:])
+                assert np.abs(split - ref).max() <= 1e-5, words
 
 
 def test_in_flight_batching_changes_no_request(engine, engine4, pictures):
