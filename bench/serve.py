@@ -56,7 +56,8 @@ async def one(client: httpx.AsyncClient, url: str, body: dict, cut_after: int | 
                 obj = json.loads(line[6:])
                 if obj.get("usage"):
                     tokens = obj["usage"]["completion_tokens"]
-                elif obj.get("choices") and obj["choices"][0]["delta"].get("content"):
+                elif obj.get("choices") and "content" in obj["choices"][0]["delta"] and \
+                        "role" not in obj["choices"][0]["delta"]:  # one chunk per token ("" for no text)
                     stamps.append(time.perf_counter())
                     if cut_after is not None and len(stamps) >= cut_after:
                         return {"status": status, "cut": True}

@@ -236,16 +236,20 @@ class Scheduler:
         seq.pending = token
 
     def _emit(self, seq: Sequence, piece: str):
+        """Keep and stream a token's text; a token without text (a special token, a partial character)
+        still streams "" so that listeners see every token's time."""
         if piece:
             seq.pieces.append(piece)
-            if seq.on_text:
-                seq.on_text(piece)
+        if seq.on_text:
+            seq.on_text(piece)
 
     def _finish(self, seq: Sequence, reason: str):
         seq.finish_reason = reason
         seq.pending = None
         seq.ended_at = time.perf_counter()
-        self._emit(seq, seq.stream.flush())
+        tail = seq.stream.flush()
+        if tail:
+            self._emit(seq, tail)
         if seq.row is not None:
             self.rows[seq.row] = None
             self.engine.cache.held[seq.row] = (seq.digest, seq.ids[:seq.fed] + seq.tokens)  # what its K/V hold

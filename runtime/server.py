@@ -248,8 +248,10 @@ def create_app(loop: EngineLoop, model: str, api_key: str | None = None, max_bod
             while True:
                 kind, value = await events.get()
                 if kind == "text":
+                    if stops.hit:
+                        continue
                     piece, hit = stops.push(value)
-                    if piece:
+                    if piece or not hit:  # one chunk per token, "" for a token without text: clients see its time
                         yield _sse(chunk(cid, model, {"content": piece}))
                     if hit:
                         loop.cancel(sink)
