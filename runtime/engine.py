@@ -119,6 +119,17 @@ class Engine:
         request that cannot run (bad image, prompt longer than the cache) before any of them runs."""
         return self.scheduler.run(requests, on_text)
 
+    def prompt(self, request: Request) -> tuple[list, list]:
+        """A request's prompt -> (token ids, token types): bos, the image slots when it has an image,
+        the templated text. Raises UserError when it is longer than the cache (the largest decode bucket)."""
+        ids, types = self.tokenizer.build_inputs(request.prompt, request.history, request.template or self.template,
+                                                 self.n_image if request.image is not None else 0)
+        if len(ids) > self.cache.max_len:
+            raise UserError(f"the prompt is {len(ids)} tokens long, more than this bundle's cache holds "
+                            f"({self.cache.max_len}, its largest decode bucket): shorten it or export with larger "
+                            "--buckets.")
+        return ids, types
+
     def clear_prefix_cache(self):
         """Forget what the rows hold: the next requests are computed from their first token."""
         self.scheduler.clear_prefix_cache()

@@ -103,11 +103,7 @@ class Scheduler:
         now, not inside a step."""
         e = self.engine
         with_image = request.image is not None
-        ids, types = e.tokenizer.build_inputs(request.prompt, request.history, request.template or e.template,
-                                              e.n_image if with_image else 0)
-        if len(ids) > e.cache.max_len:
-            raise UserError(f"the prompt is {len(ids)} tokens long, more than this bundle's cache holds "
-                            f"({e.cache.max_len}, its largest decode bucket): shorten it or export with larger --buckets.")
+        ids, types = e.prompt(request)
         pixels = e.pixels([request.image])[0] if with_image else None
         digest = hashlib.blake2b(pixels.tobytes(), digest_size=16).digest() if with_image else None
         number = next(self._numbers)

@@ -203,11 +203,10 @@ def create_app(loop: EngineLoop, model: str, api_key: str | None = None, max_bod
             call = await run_in_threadpool(parse_chat, body, model, lambda src: engine.pixels([src])[0],
                                            allowed_image_dir)
             r = call.request
-            ids, _ = engine.tokenizer.build_inputs(r.prompt, r.history, r.template or engine.template,
-                                                   engine.n_image if r.image is not None else 0)
-            if len(ids) > engine.cache.max_len:
-                raise ApiError(400, f"the prompt is {len(ids)} tokens long, more than this model's context "
-                               f"({engine.cache.max_len} tokens).", "messages", "context_length_exceeded")
+            try:
+                engine.prompt(r)
+            except UserError as e:  # before the stream starts: a 400, not an error event
+                raise ApiError(400, str(e), "messages", "context_length_exceeded") from None
             events = asyncio.Queue()
             aloop = asyncio.get_running_loop()
 

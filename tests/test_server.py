@@ -157,7 +157,7 @@ def bad_requests(png_url):
          "the image cannot be used", "messages"),
         ({"messages": [image_message("hi", "data:image/png;base64," + base64.b64encode(bomb.getvalue()).decode())]},
          400, "too large to decode safely", "messages"),
-        ({"messages": [{"role": "user", "content": "word " * 200}]}, 400, "more than this model's context", "messages"),
+        ({"messages": [{"role": "user", "content": "word " * 200}]}, 400, "more than this bundle's cache holds (64", "messages"),
         ({"model": "gpt-4", "messages": [{"role": "user", "content": "hi"}]}, 404, "does not exist here", "model"),
         ({"messages": [{"role": "user", "content": "x" * (2 << 20)}]}, 413, "more than the", None),
     ]
