@@ -28,7 +28,7 @@ def calibrate(bundle, calib_jsonl, samples, quant, smooth_alpha, report, eval_js
     """Activation statistics of every linear into BUNDLE/calib_stats.safetensors; --report: accuracy of --quant."""
     from .data import heldout_samples, jsonl_samples, train_samples
     from .eager import EagerModel, load_fp32_bundle
-    from .quant import Quantizer
+    from cogvlm2_lite.graphs.quant import Quantizer
     from .report import accuracy_report, format_report
     from .stats import STATS_FILE, collect, load_stats, save_stats
     if samples < 1:
@@ -46,9 +46,11 @@ def calibrate(bundle, calib_jsonl, samples, quant, smooth_alpha, report, eval_js
         f = save_stats(bundle, stats, {"samples": len(data), "source": source, "statistic": "absmax_per_input_channel"})
         click.echo(f"wrote {f} ({len(stats)} linears, {len(data)} samples, {time.perf_counter() - t:.1f} s)")
     if report:
-        if quant == "w8a8" and not (b.path / STATS_FILE).is_file():
-            raise UserError(f"--quant w8a8 smooths with activation statistics: {bundle} has none; run without --no-stats.")
-        qz = Quantizer(quant, stats=load_stats(bundle) if quant == "w8a8" else None, alpha=smooth_alpha)
+        calibrated = SCHEMES[quant].calibrated
+        if calibrated and not (b.path / STATS_FILE).is_file():
+            raise UserError(f"--quant {quant} smooths with activation statistics: {bundle} has none; run without "
+                            "--no-stats.")
+        qz = Quantizer(quant, stats=load_stats(bundle) if calibrated else None, alpha=smooth_alpha)
         data = jsonl_samples(eval_jsonl, eval_samples) if eval_jsonl else heldout_samples(eval_samples, size)
         qmodel = EagerModel(cfg, b.tokenizer_path, b.manifest["preprocess"], quant)
         r = accuracy_report(model, qmodel, weights, data, qz, steps, tuple(b.manifest["tokenizer"]["stop_ids"]))

@@ -62,10 +62,9 @@ class EagerModel:
 
     def __init__(self, cfg, tokenizer_path, preprocess_cfg: dict, quant: str | None = None):
         import mindspore as ms
-        try:
-            ms.set_device("CPU")
-        except RuntimeError:
-            pass
+
+        from cogvlm2_lite.runtime.mindspore_backend import use_device
+        use_device("CPU", mode=None)
         from cogvlm2_lite.graphs.entry import VisionGraph
         from cogvlm2_lite.runtime.tokenizer import Tokenizer
         self.cfg = cfg

@@ -1,20 +1,28 @@
 """Accuracy of a quantization scheme against the fp32 model, on held-out prompts.
 
 The quantized model is the exported graphs' own cells (graphs/quant.py) run eagerly on the stored
-tensors the export would write (calib.quant.Quantizer): what a quantized bundle computes.
+tensors the export would write (graphs/quant.py Quantizer): what a quantized bundle computes.
 
 Per position of the prompt's text (bos and every token after the image): top-1 agreement, cosine
 similarity of the logit vectors, KL(p_fp32 || p_quant); per prompt: whether the greedy continuation
 of `steps` tokens is identical (and the common prefix length); per linear: the relative output error
 ||y_quant - x W^T|| / ||x W^T|| on the fp32 model's held-out activations, y_quant the stored form's
-arithmetic (calib.quant.reference_linear: activation quantization included for w8a8).
+arithmetic (graphs/quant.py `Form.reference`: activation quantization included for w8a8 and w4a8).
 """
 import numpy as np
 
+from cogvlm2_lite.graphs.quant import Quantizer, is_linear_weight
 from cogvlm2_lite.graphs.weights import REPLICATED, WeightSpec
 
-from .quant import dequantize, is_linear_weight, kind_of, quantized_bytes, reference_linear
 from .stats import collect
+
+
+def quantized_bytes(weights: dict, qz: Quantizer, ref_dtype=np.float16) -> dict:
+    """Bytes of the quantized matrices (codes + scales + smoothing) vs the same matrices in `ref_dtype`."""
+    lin = {n: w for n, w in weights.items() if is_linear_weight(n, w.shape)}
+    qb = sum(a.nbytes for a in qz.quantize(lin).values())
+    rb = sum(w.size * np.dtype(ref_dtype).itemsize for w in lin.values())
+    return {"quantized_bytes": int(qb), "reference_bytes": int(rb), "ratio": qb / rb if rb else float("nan")}
 
 
 def _log_softmax(x):
@@ -66,27 +74,28 @@ def accuracy_report(model, qmodel, weights: dict, samples, quantizer, steps: int
     if steps:
         out.update({"greedy_steps": steps, "greedy_sequence_match": float(np.mean(greedy_match)),
                     "greedy_common_prefix": float(np.mean(prefix))})
-    out["layers"] = layer_errors(model, weights, qweights, samples, quantizer.scheme)
+    out["layers"] = layer_errors(model, weights, qweights, samples, quantizer)
     out["bytes"] = quantized_bytes(weights, quantizer)
     return out
 
 
-def layer_errors(model, weights: dict, qweights: dict, samples, scheme: str) -> list[dict]:
+def layer_errors(model, weights: dict, qweights: dict, samples, quantizer: Quantizer) -> list[dict]:
     """Per linear, over the fp32 model's own activations: relative output error of its quantized form
     alone and relative weight error; sorted worst first."""
     num, den = {}, {}
     w2 = {n: w.reshape(w.shape[0], -1).astype(np.float64) for n, w in weights.items() if is_linear_weight(n, w.shape)}
-    kinds = {n: kind_of(WeightSpec(n, weights[n].shape, REPLICATED), scheme) for n in w2}
+    forms = {n: quantizer.form(WeightSpec(n, weights[n].shape, REPLICATED)) for n in w2}
 
     def err(name, x):
         x = x.astype(np.float64)
         ref = x @ w2[name].T
-        num[name] = num.get(name, 0.0) + float(np.square(reference_linear(x, qweights, name, kinds[name]) - ref).sum())
+        y = forms[name].reference(x, forms[name].arrays(qweights, name))
+        num[name] = num.get(name, 0.0) + float(np.square(y - ref).sum())
         den[name] = den.get(name, 0.0) + float(np.square(ref).sum())
     collect(model, weights, samples, extra=err)
-    rows = [{"layer": n, "form": kinds[n], "output_rel_err": float(np.sqrt(num[n] / max(den[n], 1e-300))),
-             "weight_rel_err": float(np.linalg.norm(w2[n] - dequantize(qweights, n, kinds[n]).reshape(w2[n].shape))
-                                     / max(np.linalg.norm(w2[n]), 1e-300))}
+    rows = [{"layer": n, "form": forms[n].name, "output_rel_err": float(np.sqrt(num[n] / max(den[n], 1e-300))),
+             "weight_rel_err": float(np.linalg.norm(w2[n] - forms[n].dequantize(forms[n].arrays(qweights, n))
+                                                    .reshape(w2[n].shape)) / max(np.linalg.norm(w2[n]), 1e-300))}
             for n in num]
     return sorted(rows, key=lambda r: -r["output_rel_err"])
 

@@ -15,7 +15,7 @@ import numpy as np
 from safetensors.numpy import load_file, save_file
 
 from .eager import observe
-from .quant import is_linear_weight
+from cogvlm2_lite.graphs.quant import is_linear_weight
 
 STATS_FILE = "calib_stats.safetensors"
 

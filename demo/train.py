@@ -219,10 +219,10 @@ def train(out_dir, steps=3000, seed=0, batch=64, lr=2e-3, n_train=40000, n_val=5
     import mindspore as ms
     from mindspore import nn, ops
     from cogvlm2_lite.export.hf_checkpoint import write_checkpoint
+    from cogvlm2_lite.runtime.mindspore_backend import use_device
     from cogvlm2_lite.runtime.tokenizer import Tokenizer
 
-    ms.set_device("CPU")
-    ms.set_context(mode=ms.GRAPH_MODE)
+    use_device("CPU")
     ms.set_seed(seed)
     ms.set_deterministic(True)
     ms.device_context.cpu.op_tuning.threads_num(threads)  # default 30 threads: oversubscribes small machines

@@ -21,7 +21,7 @@ import tempfile
 from importlib import metadata
 from pathlib import Path
 
-import ml_dtypes
+import ml_dtypes  # noqa: F401  (registers numpy's "bfloat16" dtype name)
 import numpy as np
 from safetensors import safe_open
 from safetensors.numpy import load_file, save_file
@@ -31,7 +31,7 @@ from cogvlm2_lite.calib.stats import STATS_FILE
 from cogvlm2_lite.graphs.config import CogVLM2Config
 from cogvlm2_lite.graphs.entry import NUMPY_NAMES
 from cogvlm2_lite.graphs.model import weight_specs
-from cogvlm2_lite.graphs.quant import GROUP, SCHEMES as QUANT_SCHEMES, kind_of
+from cogvlm2_lite.graphs.quant import SCHEMES as QUANT_SCHEMES, Quantizer
 from cogvlm2_lite.runtime.bundle import FORMAT_VERSION, sha256
 from cogvlm2_lite.runtime.errors import UserError
 
@@ -43,7 +43,6 @@ from .trace import Plan, trace_rank
 SHARD_BYTES = 256 << 20  # weight files are cut at 256 MiB: bounds the memory of export and of loading
 IMAGE_MEAN = (0.48145466, 0.4578275, 0.40821073)
 IMAGE_STD = (0.26862954, 0.26130258, 0.27577711)
-NP_DTYPES = {"fp32": np.float32, "fp16": np.float16, "bf16": ml_dtypes.bfloat16}
 FORMATS = ("mindir", "onnx", "lite")
 GRAPH_SUFFIX = {"mindir": ".mindir", "onnx": ".onnx", "lite": ".lite.mindir"}
 
@@ -94,7 +93,7 @@ def write_weights(source: Source, tp: int, dtype: str, staging: Path, bar, quant
             for r in range(tp):
                 parts = [tensor[index] for index in shard_index(stored, r, tp)]
                 a = parts[0] if len(parts) == 1 else np.concatenate(parts, axis=stored.split.dim)
-                a = a.astype(stored.dtype or NP_DTYPES[dtype])
+                a = a.astype(stored.dtype or NUMPY_NAMES[dtype])
                 pending[r][stored.name] = np.ascontiguousarray(a)
                 sizes[r] += pending[r][stored.name].nbytes
                 if sizes[r] >= SHARD_BYTES:
@@ -165,38 +164,6 @@ def trace_all_ranks(plan: Plan, staging: Path, bar):
     bar.update(n_graphs * plan.tp)
 
 
-QUANT_FORMS = {
-    "int8": "NAME.qweight int8 [out, in] + NAME.scale fp32 [out]: symmetric per output channel, dequantized in graph",
-    "int4": f"NAME.qweight uint8 [out, in/2] (4-bit codes q+8, low nibble first) + NAME.scale fp32 [out, in/{GROUP}]: "
-            "symmetric per group, dequantized in graph (onnxruntime: MatMulNBits)",
-    "int4x8": "int4's tensors; activations quantized to int8 per group of a token at run time "
-              "(onnxruntime: MatMulNBits, accuracy_level 4)",
-    "int8x8": "NAME.qweight int8 [in, out] + NAME.scale fp32 [out] + NAME.smooth fp32 [in]: SmoothQuant, activations "
-              "x*smooth quantized per token to int8 at run time, integer matmul (onnxruntime: MatMulInteger)",
-}
-
-
-PRIMARY_FORM = {"w8a16": "int8", "w8a8": "int8x8", "w4a16": "int4", "w4a8": "int4x8"}  # the others are fallbacks (convolutions...)
-
-
-def quant_manifest(cfg: CogVLM2Config, quantizer) -> dict:
-    """What each stored form means and which weights use it: the runtime and a reader need nothing else."""
-    kinds = {}
-    for spec in weight_specs(cfg):
-        kind = kind_of(spec, quantizer.scheme, quantizer.tp)
-        if kind is not None:
-            kinds.setdefault(kind, []).append(spec.name)
-    main = PRIMARY_FORM[quantizer.scheme]
-    out = {"scheme": quantizer.scheme,
-           "forms": {k: {"layout": QUANT_FORMS[k], "weights": len(v), **({} if k == main else {"names": v})}
-                     for k, v in kinds.items()}}
-    if "int4" in kinds or "int4x8" in kinds:
-        out["group_size"] = GROUP
-    if quantizer.scheme == "w8a8":
-        out["smooth_alpha"] = quantizer.alpha
-    return out
-
-
 def stats_metadata(path: Path) -> dict:
     with safe_open(str(path), "numpy") as f:
         return {k: json.loads(v) for k, v in (f.metadata() or {}).items()}
@@ -210,7 +177,6 @@ def build_manifest(plan: Plan, staging: Path, tokenizer_ranks: int, generation: 
         family = "vision" if g.name == "vision" else "language"
         files = {f: f"{g.name}{GRAPH_SUFFIX[f]}" for f in plan.formats}
         graphs[g.name] = {
-            **({"file": files["mindir"]} if "mindir" in files else {}),  # what format-1 runtimes read
             "files": files, "weights": family,
             "inputs": [{"name": n, "shape": list(s), "dtype": d} for n, s, d in g.inputs],
             "outputs": [{"name": n, "shape": list(s), "dtype": d} for n, s, d in g.outputs]}
@@ -237,7 +203,7 @@ def build_manifest(plan: Plan, staging: Path, tokenizer_ranks: int, generation: 
         "tools": tool_versions(plan.formats),
     }
     if quantizer is not None:
-        manifest["quant"] = quant_manifest(cfg, quantizer)
+        manifest["quant"] = quantizer.manifest(weight_specs(cfg))
         if quantizer.stats:
             manifest["calibration"] = {"file": STATS_FILE, **stats_metadata(staging / STATS_FILE)}
     files = sorted(p for p in staging.rglob("*") if p.is_file())
@@ -253,8 +219,8 @@ def export_bundle(out: Path, *, hf_dir: Path | None = None, random_init: CogVLM2
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
         raise UserError(f"{out} already exists and is not empty: choose another folder or pass --force to replace it.")
-    if dtype not in NP_DTYPES:
-        raise UserError(f"--dtype {dtype} is not one of {', '.join(NP_DTYPES)}.")
+    if dtype not in NUMPY_NAMES:
+        raise UserError(f"--dtype {dtype} is not one of {', '.join(NUMPY_NAMES)}.")
     if batch < 1:
         raise UserError(f"--batch must be at least 1, not {batch}.")
     formats = check_formats(formats, tp, dtype)
@@ -305,15 +271,14 @@ def export_bundle(out: Path, *, hf_dir: Path | None = None, random_init: CogVLM2
 
 def make_quantizer(quant: str | None, tp: int, calib_stats: Path | None, alpha: float):
     """The scheme's Quantizer (None: no quantization), refusing what cannot be made before any work."""
-    from cogvlm2_lite.calib.quant import Quantizer
     if quant is None:
         if calib_stats is not None:
             raise UserError("--calib-stats is only used with --quant.")
         return None
     if quant not in QUANT_SCHEMES:
         raise UserError(f"--quant {quant}: choose one of {', '.join(QUANT_SCHEMES)}.")
-    if quant == "w8a8" and calib_stats is None:
-        raise UserError("--quant w8a8 needs activation statistics: run `cogvlm2-lite calibrate FP32_BUNDLE` and pass "
+    if QUANT_SCHEMES[quant].calibrated and calib_stats is None:
+        raise UserError(f"--quant {quant} needs activation statistics: run `cogvlm2-lite calibrate FP32_BUNDLE` and pass "
                         "--calib-stats FP32_BUNDLE/calib_stats.safetensors.")
     if not 0.0 <= alpha <= 1.0:
         raise UserError(f"--smooth-alpha must be within 0..1, not {alpha}.")

@@ -1,127 +1,107 @@
 """Give onnxruntime the quantized matmuls it runs fast (a rewrite of the exported ONNX graph).
 
 MindSpore can only write standard ONNX ops, so a quantized graph arrives with its integer arithmetic
-spelled in float (graphs/quant.py). This pass swaps each quantized matmul for onnxruntime's kernel:
-
-  int8x8  Gemm(xq, Cast(W.qweight))              ->  MatMulInteger(uint8(xq + 128), W.qweight, 128)
-          xq holds integers in [-127, 127], so the result is the same integer sum, computed in int32.
-  int4    Gemm(x, dequantize(W.qweight, W.scale)^T)  ->  MatMulNBits(x, W.qweight, W.scale)
-          (com.microsoft, bits 4, block GROUP, zero point 8, fp32 accuracy): W.qweight is declared
-          [N, K/GROUP, GROUP/2] and W.scale [N * K/GROUP], the same bytes as the bundle stores.
-  int4x8  Gemm(blockquant(x), dequantize(...)^T)   ->  MatMulNBits(x, ..., accuracy_level 4): the
-          kernel quantizes x per block of GROUP itself (the block view of x is the Reshape whose
-          output an Abs reads: the start of graphs/quant.int4x8_linear).
-
-Everything else (the int8 weight-only form, the activation scaling around the matmul) stays as
-exported; nodes left without consumers are removed. Lite converts the graph before this pass.
+spelled in float (graphs/quant.py). This pass finds each MatMul/Gemm whose weight is computed from a
+quantized weight's tensors and asks that weight's form (graphs/quant.py `Form.onnx_nodes`) for the
+onnxruntime kernel that replaces it: MatMulInteger for int8x8, MatMulNBits for int4 and int4x8. The
+int8 weight-only form and the activation scaling around the matmul stay as exported; nodes left
+without consumers are removed. Lite converts the graph before this pass.
 """
 import numpy as np
 import onnx
-from onnx import TensorProto, helper, numpy_helper
+from onnx import helper, numpy_helper
 
-from cogvlm2_lite.graphs.quant import GROUP, QWEIGHT, SCALE
-
-
-def _attrs(node) -> dict:
-    return {a.name: helper.get_attribute_value(a) for a in node.attribute}
+from cogvlm2_lite.graphs.quant import Form
 
 
-def _sources(name, producer, stop) -> set:
-    """Graph inputs (names in `stop`) the tensor `name` is computed from."""
-    seen, todo, found = set(), [name], set()
-    while todo:
-        t = todo.pop()
-        if t in seen:
-            continue
-        seen.add(t)
-        if t in stop:
-            found.add(t)
-        elif t in producer:
-            todo.extend(i for i in producer[t].input if i)
-    return found
+class OnnxGraph:
+    """What a form's rewrite needs to know about, and add to, the graph being rewritten."""
+
+    def __init__(self, model: onnx.ModelProto, fp32: bool):
+        g = model.graph
+        self.fp32 = fp32      # MatMulNBits takes fp32 activations: 4-bit kernels only in fp32 graphs
+        self.producer = {o: n for n in g.node for o in n.output}
+        self.readers = {}
+        for n in g.node:
+            for i in n.input:
+                self.readers.setdefault(i, []).append(n)
+        self.inputs = {i.name: i for i in g.input}
+        self.constants = {}
+
+    @staticmethod
+    def attrs(node) -> dict:
+        return {a.name: helper.get_attribute_value(a) for a in node.attribute}
+
+    def sources(self, name: str) -> set:
+        """The graph inputs the tensor `name` is computed from."""
+        seen, todo, found = set(), [name], set()
+        while todo:
+            t = todo.pop()
+            if t in seen:
+                continue
+            seen.add(t)
+            if t in self.inputs:
+                found.add(t)
+            elif t in self.producer:
+                todo.extend(i for i in self.producer[t].input if i)
+        return found
+
+    def shape(self, name: str) -> list:
+        return [d.dim_value for d in self.inputs[name].type.tensor_type.shape.dim]
+
+    def declare(self, name: str, dtype: str, shape: list):
+        """Re-declare graph input `name` (same bytes, the shape a kernel wants)."""
+        elem = helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
+        self.inputs[name].type.CopyFrom(helper.make_tensor_type_proto(elem, shape))
+
+    def constant(self, name: str, value: np.ndarray) -> str:
+        self.constants.setdefault(name, numpy_helper.from_array(value, name))
+        return name
+
+    BLOCK_QUANT_OPS = {"Reshape", "Mul", "Clip", "Floor", "Add", "Div", "Max", "ReduceMax", "Abs", "Identity"}
+
+    def before_block_quantization(self, a: str) -> str | None:
+        """x if the tensor `a` is x quantized per block (graphs/quant.py Int4x8.graph_linear: the input
+        of the Reshape an Abs reads), else None."""
+        seen, todo = set(), [a]
+        while todo:
+            t = todo.pop()
+            node = self.producer.get(t)
+            if t in seen or node is None or node.op_type not in self.BLOCK_QUANT_OPS:
+                continue
+            seen.add(t)
+            if node.op_type == "Reshape" and any(r.op_type == "Abs" for r in self.readers.get(t, ())):
+                return node.input[0]
+            todo.extend(i for i in node.input if i)
+        return None
 
 
 def _is_plain_matmul(node) -> bool:
-    a = _attrs(node)
+    a = OnnxGraph.attrs(node)
     return (node.op_type == "MatMul" or (node.op_type == "Gemm" and len(node.input) == 2 and not a.get("transA", 0)
                                          and a.get("alpha", 1.0) == 1.0))
 
 
-BLOCK_QUANT_OPS = {"Reshape", "Mul", "Clip", "Floor", "Add", "Div", "Max", "ReduceMax", "Abs", "Identity"}
-
-
-def _block_quantized_source(a, producer, readers):
-    """x if the tensor `a` is int4x8_linear's block-quantized x (the input of the Reshape an Abs
-    reads), else None."""
-    seen, todo = set(), [a]
-    while todo:
-        t = todo.pop()
-        node = producer.get(t)
-        if t in seen or node is None or node.op_type not in BLOCK_QUANT_OPS:
-            continue
-        seen.add(t)
-        if node.op_type == "Reshape" and any(r.op_type == "Abs" for r in readers.get(t, ())):
-            return node.input[0]
-        todo.extend(i for i in node.input if i)
-    return None
-
-
-def rewrite_quantized_matmuls(model: onnx.ModelProto, int4: bool = True) -> dict:
-    """Rewrite `model` in place; -> {"MatMulInteger": n, "MatMulNBits": n}. `int4`: also int4 (fp32 graphs)."""
+def rewrite_quantized_matmuls(model: onnx.ModelProto, forms: dict[str, Form], fp32: bool = True) -> dict:
+    """Rewrite `model` in place. forms: {weight name: Form} of the quantized weights (graphs/quant.py);
+    fp32: the graph computes in fp32. -> {onnxruntime op: how many matmuls now use it}."""
     g = model.graph
-    producer = {o: n for n in g.node for o in n.output}
-    readers = {}
-    for n in g.node:
-        for i in n.input:
-            readers.setdefault(i, []).append(n)
-    inputs = {i.name: i for i in g.input}
-    qweights = {n for n, i in inputs.items() if n.endswith(QWEIGHT)}
-    out, counts, shapes = [], {"MatMulInteger": 0, "MatMulNBits": 0}, {}
-    zp = "quant_zero_point_128"
+    graph = OnnxGraph(model, fp32)
+    qweights = {n + ".qweight": f for n, f in forms.items() if n + ".qweight" in graph.inputs}
+    out, counts = [], {}
     for node in g.node:
-        if not _is_plain_matmul(node):
+        q = [s for s in graph.sources(node.input[1]) if s in qweights] if _is_plain_matmul(node) else []
+        nodes = qweights[q[0]].onnx_nodes(node, q[0], graph) if len(q) == 1 else None
+        if nodes is None:
             out.append(node)
             continue
-        a, b, y = node.input[0], node.input[1], node.output[0]
-        trans_b = _attrs(node).get("transB", 0)
-        cast = producer.get(b)
-        if (cast is not None and cast.op_type == "Cast" and cast.input[0] in qweights and not trans_b
-                and inputs[cast.input[0]].type.tensor_type.elem_type == TensorProto.INT8):
-            n = f"{y}_int"
-            out += [helper.make_node("Add", [a, "quant_128f"], [n + "_shift"]),
-                    helper.make_node("Cast", [n + "_shift"], [n + "_u8"], to=TensorProto.UINT8),
-                    helper.make_node("MatMulInteger", [n + "_u8", cast.input[0], zp], [n + "_i32"]),
-                    helper.make_node("Cast", [n + "_i32"], [y], to=TensorProto.FLOAT)]
-            counts["MatMulInteger"] += 1
-            continue
-        src = _sources(b, producer, inputs)
-        q = [s for s in src if s in qweights]
-        if (int4 and trans_b and len(q) == 1 and src == {q[0], q[0][:-len(QWEIGHT)] + SCALE}
-                and inputs[q[0]].type.tensor_type.elem_type == TensorProto.UINT8):
-            qw, sc = inputs[q[0]], inputs[q[0][:-len(QWEIGHT)] + SCALE]
-            n_out, half = (d.dim_value for d in qw.type.tensor_type.shape.dim)
-            k, blocks = 2 * half, 2 * half // GROUP
-            qw.type.CopyFrom(helper.make_tensor_type_proto(TensorProto.UINT8, [n_out, blocks, GROUP // 2]))
-            sc.type.CopyFrom(helper.make_tensor_type_proto(TensorProto.FLOAT, [n_out * blocks]))
-            x = _block_quantized_source(a, producer, readers)
-            if x:  # the exporter may have merged the reshapes of x: view it as [rows, K] again
-                rows = f"quant_rows_{k}"
-                if rows not in shapes:
-                    shapes[rows] = numpy_helper.from_array(np.array([-1, k], np.int64), rows)
-                out.append(helper.make_node("Reshape", [x, rows], [f"{y}_rows"]))
-            out.append(helper.make_node("MatMulNBits", [f"{y}_rows" if x else a, qw.name, sc.name], [y],
-                                        domain="com.microsoft", K=k, N=n_out, bits=4, block_size=GROUP,
-                                        accuracy_level=4 if x else 0))
-            counts["MatMulNBits"] += 1
-            continue
-        out.append(node)
-    if counts["MatMulInteger"]:
-        g.initializer.extend([numpy_helper.from_array(np.array(128, np.uint8), zp),
-                              numpy_helper.from_array(np.array(128, np.float32), "quant_128f")])
-    g.initializer.extend(shapes.values())
+        out += nodes
+        op = qweights[q[0]].onnxruntime["op"]
+        counts[op] = counts.get(op, 0) + 1
+    g.initializer.extend(graph.constants.values())
     del g.node[:]
     g.node.extend(_live(out, {o.name for o in g.output}))
-    if counts["MatMulNBits"] and not any(o.domain == "com.microsoft" for o in model.opset_import):
+    if any(n.domain == "com.microsoft" for n in g.node) and not any(o.domain == "com.microsoft" for o in model.opset_import):
         model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
     used = {i for n in g.node for i in n.input}
     keep = [t for t in g.initializer if t.name in used]
@@ -143,10 +123,11 @@ def _live(nodes, outputs: set) -> list:
     return [n for n in nodes if id(n) in need]
 
 
-def rewrite_file(path, int4: bool = True) -> dict:
+def rewrite_file(path, forms: dict[str, Form], fp32: bool = True) -> dict:
+    """`rewrite_quantized_matmuls` on the ONNX file at `path`, saved back when anything changed."""
     model = onnx.load(str(path))
-    counts = rewrite_quantized_matmuls(model, int4)
-    if any(counts.values()):
+    counts = rewrite_quantized_matmuls(model, forms, fp32)
+    if counts:
         onnx.checker.check_model(model)
         onnx.save(model, str(path))
     return counts

@@ -14,10 +14,8 @@ import mindspore as ms
 from mindspore.common.initializer import Zero
 
 from cogvlm2_lite.graphs.config import CogVLM2Config
-from cogvlm2_lite.graphs.entry import DTYPES, ExtendGraph, VisionGraph, image_prefix_graph
-
-MS_DTYPES = {"int32": ms.int32, "uint8": ms.uint8, "float32": ms.float32, "float16": ms.float16, "bfloat16": ms.bfloat16,
-             "int8": ms.int8}
+from cogvlm2_lite.graphs.entry import NUMPY_NAMES, ExtendGraph, VisionGraph, image_prefix_graph
+from cogvlm2_lite.runtime.mindspore_backend import use_device
 
 
 @dataclass
@@ -36,6 +34,15 @@ class Plan:
     def cfg(self) -> CogVLM2Config:
         return CogVLM2Config.from_hf(self.config)
 
+    def forms(self) -> dict:
+        """{weight name: graphs/quant.py Form} of the quantized weights (empty without quant)."""
+        if self.quant is None:
+            return {}
+        from cogvlm2_lite.graphs.model import weight_specs
+        from cogvlm2_lite.graphs.quant import form_of
+        forms = {s.name: form_of(s, self.quant, self.tp) for s in weight_specs(self.cfg)}
+        return {n: f for n, f in forms.items() if f is not None}
+
     def graphs(self):
         """The graph cells of one rank, in bundle order."""
         cfg = self.cfg
@@ -52,16 +59,17 @@ class Plan:
 
 def example_inputs(graph, dtype: str, tp: int) -> list:
     """Shape-only placeholders: lazily initialised tensors are never allocated by tracing."""
-    data = [(shape, MS_DTYPES[dt]) for _, shape, dt in graph.inputs]
-    weights = [(shape, MS_DTYPES[s.dtype] if s.dtype else DTYPES[dtype])
+    data = [(shape, getattr(ms, dt)) for _, shape, dt in graph.inputs]   # numpy dtype names are MindSpore's too
+    weights = [(shape, getattr(ms, s.dtype or NUMPY_NAMES[dtype]))
                for shape, s in zip(graph.table.local_shapes(tp), graph.table.specs)]
     return [ms.Tensor(shape=shape, dtype=dt, init=Zero()) for shape, dt in data + weights]
 
 
 def trace_rank(plan: Plan, out_dir: Path, on_graph=lambda name: None):
     """Write `<name>.mindir` and/or `<name>.onnx` (plan.formats) for every graph of the plan into out_dir."""
-    use_cpu()
+    use_device()
     out_dir.mkdir(parents=True, exist_ok=True)
+    forms = plan.forms()
     for graph in plan.graphs():
         inputs = example_inputs(graph, plan.dtype, plan.tp)
         if "mindir" in plan.formats:
@@ -76,23 +84,14 @@ def trace_rank(plan: Plan, out_dir: Path, on_graph=lambda name: None):
                 (out_dir / f"{graph.name}.onnx").unlink()
         if "onnx" in plan.formats and plan.quant:  # after Lite: it has no onnxruntime contrib ops
             from .onnx_quant import rewrite_file
-            rewrite_file(out_dir / f"{graph.name}.onnx", int4=plan.dtype == "fp32")
+            rewrite_file(out_dir / f"{graph.name}.onnx", forms, fp32=plan.dtype == "fp32")
         on_graph(graph.name)
-
-
-def use_cpu():
-    """CPU device, graph mode; a no-op when the device is already fixed (msrun workers after init)."""
-    try:
-        ms.set_device("CPU")
-    except RuntimeError:
-        pass
-    ms.set_context(mode=ms.GRAPH_MODE)
 
 
 def _worker(plan_path: str):
     """msrun entry: join the communication group, trace this rank's graphs."""
     from mindspore.communication import get_rank, init
-    use_cpu()
+    use_device()
     init()
     staging = Path(plan_path).parent
     plan = Plan(**json.loads(Path(plan_path).read_text()))

@@ -18,13 +18,12 @@ from .layers import NEG_INF
 from .quant import dequantize, quantized_table
 from .vision import VisionModel
 
-DTYPES = {"fp32": ms.float32, "fp16": ms.float16, "bf16": ms.bfloat16}
-NUMPY_NAMES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+NUMPY_NAMES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}   # --dtype -> the manifest's dtype names
 
 
 def _quantize(cell, table, dtype: str, quant, tp: int):
     """Weight inputs of `cell`: `table` as is, or (quant) its quantized transformation."""
-    cell.compute = DTYPES[dtype]
+    cell.compute = getattr(ms, NUMPY_NAMES[dtype])
     cell.dequant = None
     if quant is None:
         return table

@@ -7,7 +7,6 @@ and softmax in fp32 whatever the matmul dtype (as the release's MindFormers grap
 import mindspore as ms
 from mindspore import nn, ops
 
-from .quant import int4x8_linear, int8_linear
 from .weights import COLUMN, ROW, WeightTable
 
 _matmul_t = ops.MatMul(transpose_b=True)
@@ -17,11 +16,10 @@ NEG_INF = -1e9  # additive mask value: finite so fully-masked rows never produce
 
 
 def linear(x, w, b=None):
-    """PyTorch Linear on the last axis; w is [out, in] as stored in the checkpoint, or quantized
-    inputs that quantize the activations too (quant.py): (qweight, scale, smooth) for w8a8,
-    (qweight, scale) for w4a8."""
+    """PyTorch Linear on the last axis; w is [out, in] as stored in the checkpoint, or (form, tensors...)
+    for a quantized form that quantizes the activations too (quant.py `Form.graph_weight`)."""
     if isinstance(w, tuple):
-        return int8_linear(x, w[0], w[1], w[2], b) if len(w) == 3 else int4x8_linear(x, w[0], w[1], b)
+        return w[0].graph_linear(x, w, b)
     lead = x.shape[:-1]
     y = _matmul_t(x.reshape(-1, x.shape[-1]), w)
     if b is not None:

@@ -1,16 +1,30 @@
 """Backends: run a bundle's graphs with numpy in, numpy out.
 
-The interface is two things: `Backend(bundle, rank)` loads that rank's graphs and weights, and
-`run(graph_name, inputs)` runs one graph on its data inputs (the weights, loaded once, are added
-by the backend). Inputs must be C-contiguous; the backend wraps them without copying.
+The interface is two things (`Backend`): the class, called as `Backend(bundle, rank)`, loads that
+rank's graphs and weights, and `run(graph_name, inputs)` runs one graph on its data inputs (the
+weights, loaded once, are added by the backend) after `GraphInfo.check_inputs`. Inputs should be
+C-contiguous; the backend then wraps them without copying.
 """
+from typing import Protocol
+
+import numpy as np
+
 from .bundle import Bundle
 from .errors import UserError
 from .lite_backend import LiteBackend, lite_available   # starts MindSpore Lite only when opened
 from .mindspore_backend import MindSporeBackend         # imports mindspore only when opened
 from .onnx_backend import OnnxRuntimeBackend            # imports onnxruntime only when opened
 
-BACKENDS = {"mindspore": MindSporeBackend, "onnxruntime": OnnxRuntimeBackend, "lite": LiteBackend}
+class Backend(Protocol):
+    name: str     # as --backend spells it
+    format: str   # the bundle graph format it runs (manifest `formats`)
+
+    def run(self, name: str, inputs: list[np.ndarray]) -> list[np.ndarray]:
+        """Graph `name` on its data inputs -> its outputs. Raises ValueError for inputs of the wrong
+        number, dtype or shape."""
+
+
+BACKENDS: dict[str, type] = {"mindspore": MindSporeBackend, "onnxruntime": OnnxRuntimeBackend, "lite": LiteBackend}
 
 
 def installed(name: str) -> bool:

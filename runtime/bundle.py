@@ -11,23 +11,54 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
+import ml_dtypes  # noqa: F401  (registers numpy's "bfloat16" dtype name, a manifest's dtype for bf16 bundles)
+import numpy as np
+
 from .errors import UserError
 
-FORMAT_VERSION = 2  # 2: chunked prefill (prefill_image_<C>, extend_<C>_<T>) instead of whole-prompt buckets
+FORMAT_VERSION = 3  # 2: chunked prefill graphs; 3: each quantized form lists its weights and onnxruntime kernel
 ALWAYS_HASH_BELOW = 64 << 20  # files smaller than this are hashed on every load
 
 
 @dataclass(frozen=True)
 class GraphInfo:
+    """One graph of a bundle, as its manifest describes it (shapes are per rank)."""
     name: str
-    file: str | None          # the MindIR file (None in an onnx-only bundle)
     weights: str              # "vision" or "language": which weight list follows the data inputs
     inputs: list              # [{"name", "shape", "dtype"}]
     outputs: list
-    files: dict = None        # format -> file in the rank folder, e.g. {"mindir": ..., "onnx": ...}
+    files: dict               # format -> file in the rank folder, e.g. {"mindir": ..., "onnx": ...}
+
+    @staticmethod
+    def _specs(tensors) -> list[tuple[str, np.dtype, tuple]]:
+        return [(d["name"], np.dtype(d["dtype"]), tuple(d["shape"])) for d in tensors]
+
+    @property
+    def input_specs(self) -> list[tuple[str, np.dtype, tuple]]:
+        """(name, dtype, shape) of each data input, in call order."""
+        return self._specs(self.inputs)
+
+    @property
+    def output_specs(self) -> list[tuple[str, np.dtype, tuple]]:
+        return self._specs(self.outputs)
+
+    def check_inputs(self, inputs) -> None:
+        """The one input check of every backend's run(): raises ValueError unless `inputs` are this graph's
+        data inputs, in number, dtype and shape."""
+        specs = self.input_specs
+        if len(inputs) != len(specs):
+            raise ValueError(f"{self.name} takes {len(specs)} inputs, got {len(inputs)}")
+        for (n, dtype, shape), x in zip(specs, inputs):
+            if x.dtype != dtype or x.shape != shape:
+                raise ValueError(f"{self.name} input {n}: expected {dtype.name}{list(shape)}, got {x.dtype}{list(x.shape)}")
 
 
 class Bundle:
+    """A bundle folder (export/bundle.py writes it): manifest.json, the tokenizer, and per rank its graph
+    files and safetensors weights. Construction checks the format version and every file's size (and
+    checksum: always for files under 64 MiB, for all with `verify`); raises UserError, in one sentence,
+    for anything missing, damaged or of another format version."""
+
     def __init__(self, path, verify: bool = False):
         self.path = Path(path)
         mf = self.path / "manifest.json"
@@ -71,17 +102,25 @@ class Bundle:
 
     def graph(self, name: str) -> GraphInfo:
         g = self.manifest["graphs"][name]
-        files = g.get("files") or {"mindir": g["file"]}  # bundles before ONNX had only "file"
-        return GraphInfo(name, files.get("mindir"), g["weights"], g["inputs"], g["outputs"], files)
+        return GraphInfo(name, g["weights"], g["inputs"], g["outputs"], g["files"])
 
     @property
     def formats(self) -> list[str]:
         """Graph file formats present (mindir, onnx): which backends can run this bundle."""
-        return self.manifest.get("formats", ["mindir"])
+        return self.manifest["formats"]
 
     @property
     def graph_names(self) -> list[str]:
         return list(self.manifest["graphs"])
+
+    def require(self, fmt: str, backend: str, export_hint: str, single_rank: bool = True):
+        """What a backend checks before loading: raises UserError unless this bundle has graphs of `fmt`
+        (else `export_hint` says what to do) and, with `single_rank`, only one tensor-parallel rank."""
+        if fmt not in self.formats:
+            raise UserError(f"{self.path} has no {fmt} graphs (formats: {', '.join(self.formats)}): {export_hint}")
+        if single_rank and self.tp > 1:
+            raise UserError(f"{self.path} is split over {self.tp} tensor-parallel ranks, which the {backend} backend "
+                            "cannot run (no collectives): use --backend mindspore under msrun.")
 
     def rank_dir(self, rank: int) -> Path:
         return self.path / self.manifest["ranks"][rank]["dir"]

@@ -9,7 +9,6 @@ from importlib.metadata import entry_points
 import click
 
 from .batch import batch
-from .bench import bench, bench_suite
 from .errors import UserError
 from .msrun import relaunch_under_msrun
 from .options import open_engine, rank0_printer, sampling_options, sampling_params
@@ -161,7 +160,7 @@ def inspect(bundle, verify):
     click.echo(f"weights per rank: {b.weight_bytes(0) / 2**20:.1f} MiB; files ok{' (all hashed)' if verify else ''}")
     q = m.get("quant")
     if q:
-        forms = ", ".join(f"{k} x{v['weights']}" for k, v in q["forms"].items())
+        forms = ", ".join(f"{k} x{len(v['names'])}" for k, v in q["forms"].items())
         extra = "".join(f", {k} {q[k]}" for k in ("group_size", "smooth_alpha") if k in q)
         click.echo(f"quantized: {q['scheme']} ({forms}{extra})")
     if "calibration" in m:
@@ -169,5 +168,4 @@ def inspect(bundle, verify):
         click.echo(f"calibration statistics: {c['file']} ({c.get('samples', '?')} samples)")
 
 
-for command in (batch, bench, bench_suite):
-    main.add_command(command)
+main.add_command(batch)

@@ -50,12 +50,10 @@ def _msrun_rank(tp: int) -> int:
     if "MS_WORKER_NUM" not in os.environ and "RANK_SIZE" not in os.environ:
         raise UserError(f"this bundle is split over {tp} ranks: run it under msrun "
                         f"(`cogvlm2-lite run` launches it for you).")
-    import mindspore as ms
     from mindspore.communication import get_group_size, get_rank, init
-    try:
-        ms.set_device("CPU")
-    except RuntimeError:
-        pass
+
+    from .mindspore_backend import use_device
+    use_device("CPU", mode=None)
     init()
     if get_group_size() != tp:
         raise UserError(f"this bundle has {tp} ranks but msrun started {get_group_size()} processes.")

@@ -9,19 +9,20 @@ to another bucket re-lays the filled slots in place, once per bucket crossing.
 Row b holds `lengths[b]` valid slots; a graph masks every slot at or after it, so whatever an
 earlier request left beyond that point is never read.
 """
-import ml_dtypes
+import ml_dtypes  # noqa: F401  (registers numpy's "bfloat16" dtype name, a manifest's dtype for bf16 bundles)
 import numpy as np
-
-DTYPES = {"float32": np.float32, "float16": np.float16, "bfloat16": ml_dtypes.bfloat16}
 
 
 class KVCache:
+    """K and V of every layer for `batch` rows of up to max(buckets) slots, in the manifest's `dtype`
+    (a numpy dtype name). `bucket` is the current cache length T the views are laid out for."""
+
     def __init__(self, layers: int, batch: int, kv_heads: int, head_dim: int, buckets: list[int], dtype: str):
         self.layers, self.batch, self.kv_heads, self.head_dim = layers, batch, kv_heads, head_dim
         self.buckets = sorted(buckets)
         n = layers * batch * kv_heads * self.buckets[-1] * head_dim
-        self._k = np.zeros(n, DTYPES[dtype])
-        self._v = np.zeros(n, DTYPES[dtype])
+        self._k = np.zeros(n, dtype)
+        self._v = np.zeros(n, dtype)
         self.bucket = self.buckets[0]
         self.lengths = np.zeros(batch, np.int32)   # filled slots per row
         self.held: list = [None] * batch   # per row: what its slots hold, as tagged by the scheduler; any write clears it

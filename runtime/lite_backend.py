@@ -22,7 +22,6 @@ import numpy as np
 from .bundle import Bundle
 from .errors import UserError
 
-NP_DTYPES = {"int32": np.int32, "float32": np.float32, "float16": np.float16}
 WORKER = Path(__file__).with_name("lite_worker.py")
 REPO = Path(__file__).resolve().parents[1]
 
@@ -55,21 +54,14 @@ class LiteBackend:
     format = "lite"
 
     def __init__(self, bundle: Bundle, rank: int = 0, threads: int | None = None, in_process: bool | None = None):
-        if "lite" not in bundle.formats:
-            raise UserError(f"{bundle.path} has no MindSpore Lite graphs (formats: {', '.join(bundle.formats)}): "
-                            "export it with --format lite (e.g. mindir,onnx,lite), or choose another --backend.")
-        if bundle.tp > 1:
-            raise UserError(f"{bundle.path} is split over {bundle.tp} tensor-parallel ranks; the lite backend runs "
-                            "tp 1 bundles: use --backend mindspore under msrun.")
+        bundle.require("lite", self.name, "export it with --format lite (e.g. mindir,onnx,lite), or choose another "
+                       "--backend.")
         from .onnx_backend import physical_cores
         self.threads = threads or physical_cores()
         if in_process is None:
             in_process = lite_in_process()
         self._graphs = {name: bundle.graph(name) for name in bundle.graph_names}
-        self._data = {name: [(d["name"], NP_DTYPES[d["dtype"]], tuple(d["shape"])) for d in g.inputs]
-                      for name, g in self._graphs.items()}
-        self._outs = {name: [(d["name"], NP_DTYPES[d["dtype"]], tuple(d["shape"])) for d in g.outputs]
-                      for name, g in self._graphs.items()}
+        self._outs = {name: g.output_specs for name, g in self._graphs.items()}
         self._proc = None
         if in_process:
             sys.path.insert(0, str(WORKER.parent))
@@ -113,13 +105,7 @@ class LiteBackend:
         return json.loads(self._read(n))
 
     def run(self, name: str, inputs: list[np.ndarray]) -> list[np.ndarray]:
-        data = self._data[name]
-        if len(inputs) != len(data):
-            raise ValueError(f"{name} takes {len(data)} inputs, got {len(inputs)}")
-        for (n, dtype, shape), x in zip(data, inputs):
-            if x.dtype != dtype or x.shape != shape:
-                raise ValueError(f"{name} input {n}: expected {np.dtype(dtype).name}{list(shape)}, "
-                                 f"got {x.dtype}{list(x.shape)}")
+        self._graphs[name].check_inputs(inputs)
         if self._proc is None:
             model, tensors, buffers, _ = self._worker.graphs[name]
             for b, x in zip(buffers, inputs):

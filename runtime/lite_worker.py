@@ -28,7 +28,6 @@ import time
 
 import numpy as np
 
-NP_DTYPES = {"int32": np.int32, "float32": np.float32, "float16": np.float16}
 ST_DTYPES = {"F32": np.float32, "F16": np.float16, "I32": np.int32, "I64": np.int64}
 SUFFIX = ".lite.mindir"
 
@@ -99,14 +98,14 @@ class Worker:
             model = mslite.Model()
             model.build_from_file(os.path.join(rank_dir, g["files"]["lite"]), mslite.ModelType.MINDIR, context)
             tensors = model.get_inputs()
-            data = [np.empty(d["shape"], NP_DTYPES[d["dtype"]]) for d in g["inputs"]]
+            data = [np.empty(d["shape"], np.dtype(d["dtype"])) for d in g["inputs"]]
             by_name = dict(zip([d["name"] for d in g["inputs"]], data))
             by_name.update((n, self.weights[n]) for n in m["weights"][g["weights"]])
             for t in tensors:  # by name: inputs a graph never reads (e.g. the vision expert's weights in
                 if t.name not in by_name:  # a text-only graph) were pruned before conversion
                     raise RuntimeError("%s: Lite graph input %s is not in the manifest" % (name, t.name))
                 bind(t, by_name[t.name])
-            outs = [(d["shape"], NP_DTYPES[d["dtype"]]) for d in g["outputs"]]
+            outs = [(d["shape"], np.dtype(d["dtype"])) for d in g["outputs"]]
             self.graphs[name] = (model, tensors, data, outs)
 
     def run(self, name, inp):

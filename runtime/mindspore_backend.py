@@ -6,15 +6,26 @@ from .errors import UserError
 from .weights import load_rank_weights
 
 
+def use_device(device: str = "CPU", mode: str | None = "GRAPH_MODE"):
+    """Set MindSpore's device (kept where this process already fixed it: an msrun rank after init, or
+    a second backend) and, unless None, its execution mode ("GRAPH_MODE" or "PYNATIVE_MODE")."""
+    import mindspore as ms
+    try:
+        ms.set_device(device)
+    except RuntimeError:
+        pass
+    if mode:
+        ms.set_context(mode=getattr(ms, mode))
+
+
 class MindSporeBackend:
     """MindIR through `mindspore.load` + `nn.GraphCell` (CPU here; Ascend with device='Ascend')."""
     name = "mindspore"
     format = "mindir"
 
     def __init__(self, bundle: Bundle, rank: int = 0, device: str = "CPU"):
-        if "mindir" not in bundle.formats:
-            raise UserError(f"{bundle.path} has no MindIR graphs (formats: {', '.join(bundle.formats)}): run it with "
-                            "--backend onnxruntime, or export it with --format mindir.")
+        bundle.require("mindir", self.name, "run it with --backend onnxruntime, or export it with --format mindir.",
+                       single_rank=False)
         try:
             import mindspore as ms
         except ImportError:
@@ -22,11 +33,7 @@ class MindSporeBackend:
                             "use --backend onnxruntime.") from None
         from mindspore import nn
         self._ms = ms
-        try:
-            ms.set_device(device)
-        except RuntimeError:  # already fixed in this process (msrun rank, or a second backend)
-            pass
-        ms.set_context(mode=ms.GRAPH_MODE)
+        use_device(device)
         weights = load_rank_weights(bundle, rank)
         tensors = {name: ms.Tensor.from_numpy(a) for name, a in weights.items()}  # zero-copy
         self._weights = {family: tuple(tensors[n] for n in bundle.weight_names(family))
@@ -34,15 +41,16 @@ class MindSporeBackend:
         self._graphs = {}
         for name in bundle.graph_names:
             info = bundle.graph(name)
-            path = bundle.rank_dir(rank) / info.file
+            path = bundle.rank_dir(rank) / info.files["mindir"]
             try:
-                self._graphs[name] = (nn.GraphCell(ms.load(str(path))), info.weights)
+                self._graphs[name] = (nn.GraphCell(ms.load(str(path))), info)
             except (RuntimeError, ValueError) as e:
                 raise UserError(f"graph file {path} cannot be loaded by MindSpore {ms.__version__} "
                                 f"({str(e).splitlines()[0]}): export the bundle again.") from None
 
     def run(self, name: str, inputs: list[np.ndarray]) -> list[np.ndarray]:
-        cell, family = self._graphs[name]
+        cell, info = self._graphs[name]
+        info.check_inputs(inputs)
         args = [self._ms.Tensor.from_numpy(x) for x in inputs]
-        outputs = cell(*args, *self._weights[family])
+        outputs = cell(*args, *self._weights[info.weights])
         return [o.asnumpy() for o in outputs] if isinstance(outputs, tuple) else [outputs.asnumpy()]

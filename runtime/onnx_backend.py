@@ -12,40 +12,33 @@ weights it has pre-packed at load, which it does for initializers, not for input
 graphs (the memory-bound loop) the quantized matmul weights are turned into initializers that
 point into the rank's safetensors file, and handed over with `add_initializer` (onnxruntime uses our
 array, then packs its own copy: one packed copy per decode graph). Prefill and vision keep them as
-inputs: with many rows per call, packing on the fly costs little. Except w4a8: MatMulNBits only
-quantizes the activations (accuracy_level 4) on weights it has packed, so there every graph packs.
+inputs: with many rows per call, packing on the fly costs little. Which ops and operands pack, and
+whether a form needs packing in every graph (MatMulNBits quantizes the activations of w4a8 only on
+packed weights), the manifest says per stored form (`quant.forms.*.onnxruntime`, graphs/quant.py).
 
 Nothing here imports MindSpore: `pip install onnxruntime` (or onnxruntime-gpu) is enough to run an
 onnx bundle.
 """
-import os
 from pathlib import Path
 
 import numpy as np
+import psutil
 
 from .bundle import Bundle, safetensors_header
 from .errors import UserError
 from .weights import load_rank_weights
 
-NP_DTYPES = {"int32": np.int32, "float32": np.float32, "float16": np.float16}
-PACKED_OPS = {"MatMulInteger": (1,), "MatMulNBits": (1, 2)}  # op -> the weight operands onnxruntime pre-packs
 
 
 def physical_cores() -> int:
     """Physical cores this process may run on (hyper-threads share a core's load/store units, so
-    more intra-op threads than cores only adds contention for memory-bound decode)."""
-    try:
-        cpus = os.sched_getaffinity(0)
-    except AttributeError:  # not Linux
-        return max(1, (os.cpu_count() or 2) // 2)
-    cores = set()
-    for c in cpus:
-        topo = Path(f"/sys/devices/system/cpu/cpu{c}/topology")
-        try:
-            cores.add(((topo / "physical_package_id").read_text().strip(), (topo / "core_id").read_text().strip()))
-        except OSError:
-            return len(cpus)
-    return max(1, len(cores))
+    more intra-op threads than cores only adds contention for memory-bound decode): the usable
+    logical CPUs scaled by the machine's cores-per-thread ratio."""
+    logical = psutil.cpu_count() or 1
+    physical = psutil.cpu_count(logical=False) or logical
+    process = psutil.Process()
+    usable = len(process.cpu_affinity()) if hasattr(process, "cpu_affinity") else logical
+    return max(1, usable * physical // logical)
 
 
 class OnnxRuntimeBackend:
@@ -65,12 +58,8 @@ class OnnxRuntimeBackend:
         except ImportError:
             raise UserError("the onnxruntime backend needs the onnxruntime package: pip install onnxruntime "
                             "(or onnxruntime-gpu for CUDA).") from None
-        if "onnx" not in bundle.formats:
-            raise UserError(f"{bundle.path} has no ONNX graphs (formats: {', '.join(bundle.formats)}): export it "
-                            "with --format onnx (or mindir,onnx), or run it with --backend mindspore.")
-        if bundle.tp > 1:
-            raise UserError(f"{bundle.path} is split over {bundle.tp} tensor-parallel ranks, which onnxruntime "
-                            "cannot run (no collectives): use --backend mindspore under msrun.")
+        bundle.require("onnx", self.name, "export it with --format onnx (or mindir,onnx), or run it with "
+                       "--backend mindspore.")
         self._ort = ort
         available = ort.get_available_providers()
         device = device.lower()
@@ -92,7 +81,9 @@ class OnnxRuntimeBackend:
         if forms and self.device == "cpu":
             for f in bundle.weight_files(rank):
                 self._offsets.update({n: (f.name, h["data_offsets"]) for n, h in safetensors_header(f).items()})
-        every_graph = "int4x8" in forms  # MatMulNBits quantizes activations only with pre-packed weights
+        kernels = [f["onnxruntime"] for f in forms.values() if "onnxruntime" in f]
+        self._packed_ops = {k["op"]: tuple(k["packed_operands"]) for k in kernels}  # op -> operands it pre-packs
+        every_graph = any(k["every_graph"] for k in kernels)
 
         self.spinning = spinning
         self._graphs = {}
@@ -106,7 +97,7 @@ class OnnxRuntimeBackend:
                 raise UserError(f"graph file {path} cannot be loaded by onnxruntime {ort.__version__} "
                                 f"({str(e).splitlines()[0]}): export the bundle again.") from None
             binding = session.io_binding()
-            data = [(d["name"], NP_DTYPES[d["dtype"]], tuple(d["shape"])) for d in info.inputs]
+            data = info.input_specs
             declared = {i.name: tuple(i.shape) for i in session.get_inputs()}
             weights = set(bundle.weight_names(info.weights))
             if not ({n for n, _, _ in data} <= set(declared) <= {n for n, _, _ in data} | weights):
@@ -114,8 +105,7 @@ class OnnxRuntimeBackend:
                                 "again.")
             for n in weights & set(declared):
                 binding.bind_ortvalue_input(n, self._value(n, declared[n]))
-            outputs = [(d["name"], NP_DTYPES[d["dtype"]], tuple(d["shape"])) for d in info.outputs]
-            self._graphs[name] = (session, binding, data, outputs)
+            self._graphs[name] = (session, binding, info, info.output_specs)
 
         if self.device == "cuda":
             self._arrays = self._values = None  # uploaded: the host copies are no longer needed
@@ -148,7 +138,7 @@ class OnnxRuntimeBackend:
         import onnx
         model = onnx.load(str(path))
         g = model.graph
-        packed = {n.input[i] for n in g.node if n.op_type in PACKED_OPS for i in PACKED_OPS[n.op_type]}
+        packed = {n.input[i] for n in g.node if n.op_type in self._packed_ops for i in self._packed_ops[n.op_type]}
         inputs = [i for i in g.input if i.name in packed]
         if not inputs:
             return self._ort.InferenceSession(str(path), options, providers=providers)
@@ -167,14 +157,10 @@ class OnnxRuntimeBackend:
         return self._ort.InferenceSession(model.SerializeToString(), options, providers=providers)
 
     def run(self, name: str, inputs: list[np.ndarray]) -> list[np.ndarray]:
-        session, binding, data, outputs = self._graphs[name]
-        if len(inputs) != len(data):
-            raise ValueError(f"{name} takes {len(data)} inputs, got {len(inputs)}")
+        session, binding, info, outputs = self._graphs[name]
+        info.check_inputs(inputs)
         keep = []
-        for (n, dtype, shape), x in zip(data, inputs):
-            if x.dtype != dtype or x.shape != shape:
-                raise ValueError(f"{name} input {n}: expected {np.dtype(dtype).name}{list(shape)}, "
-                                 f"got {x.dtype}{list(x.shape)}")
+        for (n, dtype, shape), x in zip(info.input_specs, inputs):
             if not x.flags.c_contiguous:
                 x = np.ascontiguousarray(x)
                 keep.append(x)

@@ -4,7 +4,7 @@ so it shares nothing with the runtime's cache, buckets or decode graphs."""
 import mindspore as ms
 import numpy as np
 
-from cogvlm2_lite.export.trace import use_cpu
+from cogvlm2_lite.runtime.mindspore_backend import use_device
 from cogvlm2_lite.graphs.entry import PrefillGraph, VisionGraph
 
 
@@ -24,14 +24,14 @@ def weight_args(table, weights):
 
 
 def image_embeds(cfg, weights, pixels):
-    use_cpu()
+    use_device()
     g = cell(VisionGraph, cfg, 1)
     return g(ms.Tensor(pixels[None]), *weight_args(g.table, weights)).asnumpy()
 
 
 def full_logits(cfg, weights, ids, positions, embeds=None, length=None):
     """Logits [S, V] of every position of one sequence (padded to `length`: causal, so harmless)."""
-    use_cpu()
+    use_device()
     s = length or len(ids)
     g = cell(PrefillGraph, cfg, s, 1, image=embeds is not None, all_logits=True)
     x = np.zeros((1, s), np.int32)

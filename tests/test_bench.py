@@ -11,7 +11,9 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-from cogvlm2_lite.runtime import bench
+from cogvlm2_lite.bench.costs import model_costs
+from cogvlm2_lite.bench.report import SCHEMA, compare
+from cogvlm2_lite.bench.timing import stats
 from cogvlm2_lite.runtime.bundle import Bundle
 from cogvlm2_lite.runtime.cli import main
 
@@ -63,7 +65,7 @@ def test_report_has_every_section_with_sane_values(smoke):
     for key in ("schema", "created", "bundle", "settings", "machine", "reference", "backends", "eager", "summary",
                 "targets"):
         assert key in rep, key
-    assert rep["schema"] == bench.SCHEMA
+    assert rep["schema"] == SCHEMA
     m = rep["machine"]
     assert m["cpu_model"] and m["usable_cores"] >= 1 and m["ram_bytes"] > 0 and "mindspore" in m["versions"]
 
@@ -146,27 +148,31 @@ def test_plot_and_compare_and_text(smoke):
         assert len(set(np.asarray(img.convert("L")).ravel().tolist())) > 10   # something was drawn
     assert "targets:" in output and "[mindspore]" in output and "decode_256" in output
     assert "mindspore.load_s" in output and "mindspore.tpot_s[256]" in output and "machine.memory_bandwidth" in output
-    rows = bench.compare(rep, rep)
+    rows = compare(rep, rep)
     assert rows and all(r[3] == pytest.approx(1.0) for r in rows)
 
 
 def test_decode_costs_from_headers(tiny_bundle):
-    costs = bench.model_costs(Bundle(tiny_bundle))
+    costs = model_costs(Bundle(tiny_bundle))
     weights, kv_256 = expected_costs()
     assert costs["decode_weight_bytes"] == weights and costs["kv_read_bytes"]["256"] == kv_256
     assert all(len(s) == 2 for s in costs["gemv_shapes"])
 
 
 def test_stats_and_bad_counts():
-    st = bench.stats([3.0, 1.0, 2.0])
+    st = stats([3.0, 1.0, 2.0])
     assert st["median"] == 2.0 and st["min"] == 1.0 and st["max"] == 3.0 and st["n"] == 3
-    assert bench.stats([]) == {"n": 0}
+    assert stats([]) == {"n": 0}
     r = CliRunner().invoke(main, ["bench", "nowhere", "--reps", "0"])
     assert r.exit_code == 1 and "--reps must be at least 1" in r.output
 
 
-def test_runtime_bench_does_not_import_the_model_code():
-    code = ("import sys, cogvlm2_lite.runtime.bench, cogvlm2_lite.runtime.machine, cogvlm2_lite.runtime.cli; "
-            "bad = [m for m in sys.modules if m.startswith(('cogvlm2_lite.graphs', 'cogvlm2_lite.export', 'mindspore'))]; "
-            "assert not bad, bad")
+def test_the_runtime_imports_no_model_exporter_calibration_or_benchmark_code():
+    """Every runtime module, imported: nothing of graphs/, export/, calib/, bench/ (nor MindSpore) comes with it."""
+    code = ("import pkgutil, importlib, sys, cogvlm2_lite.runtime as r; "
+            "mods = [m.name for m in pkgutil.iter_modules(r.__path__) if m.name not in ('msrun_main', 'lite_worker')]; "
+            "[importlib.import_module('cogvlm2_lite.runtime.' + m) for m in mods]; "
+            "bad = [m for m in sys.modules if m.startswith(('cogvlm2_lite.graphs', 'cogvlm2_lite.export', "
+            "'cogvlm2_lite.calib', 'cogvlm2_lite.bench', 'mindspore'))]; "
+            "assert len(mods) > 15 and not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True)

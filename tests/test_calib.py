@@ -8,9 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cogvlm2_lite.calib.quant import (Quantizer, dequantize, is_linear_weight, quantize_groups4, quantize_rows,
-                                      quantized_bytes, reference_linear, smoothing, unpack4)
-from cogvlm2_lite.graphs.quant import GROUP, kind_of, stored_specs
+from cogvlm2_lite.calib.report import quantized_bytes
+from cogvlm2_lite.graphs.quant import (FORMS, GROUP, Quantizer, form_of, is_linear_weight, quantize_groups4,
+                                       quantize_rows, smoothing, unpack4)
 from cogvlm2_lite.graphs.weights import REPLICATED, WeightSpec
 
 REPO = Path(__file__).resolve().parents[1]
@@ -35,7 +35,7 @@ def test_int8_round_trip_bound_per_channel():
     ref_scale = np.abs(w.astype(np.float64)).max(1) / 127
     nz = ref_scale > 0
     np.testing.assert_allclose(scale[nz], ref_scale[nz], rtol=1e-6)
-    err = np.abs(w.astype(np.float64) - dequantize({"w.qweight": q, "w.scale": scale}, "w", "int8"))
+    err = np.abs(w.astype(np.float64) - FORMS["int8"].dequantize([q, scale]))
     bound = ref_scale[:, None] / 2 * (1 + 1e-5) + 1e-30
     assert (err <= bound).all(), float((err / bound).max())
     assert (err[5] == 0).all() and (q[5] == 0).all()
@@ -47,7 +47,7 @@ def test_conv_weight_quantized_per_output_channel():
     w = np.random.default_rng(1).standard_normal((8, 3, 2, 2)).astype(np.float32)
     q, scale = quantize_rows(w)
     assert q.shape == w.shape and scale.shape == (8,)
-    err = np.abs(w - dequantize({"c.qweight": q, "c.scale": scale}, "c", "int8")).reshape(8, -1).max(1)
+    err = np.abs(w - FORMS["int8"].dequantize([q, scale])).reshape(8, -1).max(1)
     assert (err <= np.abs(w).reshape(8, -1).max(1) / 127 / 2 * (1 + 1e-5)).all()
 
 
@@ -71,7 +71,7 @@ def test_int4_round_trip_bound_per_group_and_packing_layout():
     bound = ref_scale[:, :, None] / 2 * (1 + 1e-5) + 1e-30
     assert (np.abs(groups - deq) <= bound).all()
     assert (codes.reshape(12, 4, GROUP)[3, 1] == 0).all()
-    np.testing.assert_allclose(dequantize({"w.qweight": packed, "w.scale": scale}, "w", "int4"), deq.reshape(12, -1),
+    np.testing.assert_allclose(FORMS["int4"].dequantize([packed, scale]), deq.reshape(12, -1),
                                rtol=1e-6)
 
 
@@ -90,11 +90,10 @@ def test_smoothing_balances_activation_and_weight_ranges():
 
 
 def test_int8x8_linear_cell_matches_numpy_and_bounds_its_error():
-    """graphs/quant.int8_linear (MindSpore ops) against calib/quant.reference_linear (numpy), and the
+    """graphs/quant.py Int8x8.graph_linear (MindSpore ops) against its `reference` (numpy), and the
     error of per-token int8 activations x int8 weights against the float product."""
     import mindspore as ms
 
-    from cogvlm2_lite.graphs.quant import int8_linear
     rng = np.random.default_rng(5)
     w = rng.standard_normal((48, 64)).astype(np.float32)
     x = (rng.standard_normal((9, 64)) * np.exp(rng.uniform(-2, 2, 64))).astype(np.float32)
@@ -102,8 +101,9 @@ def test_int8x8_linear_cell_matches_numpy_and_bounds_its_error():
     qz = Quantizer("w8a8", stats={"l.weight": np.abs(x).max(0)}, alpha=0.5)
     stored = {spec.name: a for spec, a in qz.tensors(WeightSpec("l.weight", w.shape, REPLICATED), w)}
     assert stored["l.weight.qweight"].shape == (64, 48) and stored["l.weight.qweight"].dtype == np.int8
-    ref = reference_linear(x, stored, "l.weight", "int8x8")
-    got = int8_linear(ms.Tensor(x), *[ms.Tensor(stored["l.weight" + k]) for k in (".qweight", ".scale", ".smooth")])
+    form = FORMS["int8x8"]
+    ref = form.reference(x, form.arrays(stored, "l.weight"))
+    got = form.graph_linear(ms.Tensor(x), (form, *[ms.Tensor(a) for a in form.arrays(stored, "l.weight")]))
     np.testing.assert_allclose(got.asnumpy(), ref, rtol=1e-5, atol=1e-5)
     assert (ref[4] == 0).all()
     exact = x.astype(np.float64) @ w.T
@@ -118,10 +118,11 @@ def test_stored_forms_agree_between_graphs_and_quantizer(scheme, tiny_weights):
     kinds = {}
     for name, w in tiny_weights.items():
         spec = WeightSpec(name, w.shape, REPLICATED)
-        kinds[name] = kind_of(spec, scheme)
+        form = form_of(spec, scheme)
+        kinds[name] = form and form.name
         got = qz.tensors(spec, w)
         assert [(s.name, s.shape) for s, _ in got] == [(s.name, a.shape) for s, a in got]
-        assert [s for s, _ in got] == stored_specs(spec, kinds[name])
+        assert [s for s, _ in got] == (form.stored(spec) if form else [spec])
         for s, a in got:
             assert s.dtype is None or a.dtype == np.dtype(s.dtype), s
     linears = [n for n, w in tiny_weights.items() if is_linear_weight(n, w.shape)]
@@ -142,7 +143,7 @@ def test_stored_forms_agree_between_graphs_and_quantizer(scheme, tiny_weights):
 def test_quantizing_in_row_chunks_is_bit_identical(scheme, monkeypatch):
     """Export quantizes big tensors a few thousand rows at a time (bounded memory for the 19B's
     lm_head): the result must not depend on where the chunks fall."""
-    import cogvlm2_lite.calib.quant as cq
+    import cogvlm2_lite.graphs.quant as cq
     rng = np.random.default_rng(7)
     w = _spread_weights(rng, 37, 2 * GROUP)
     spec = WeightSpec("model.layers.0.mlp.language_mlp.down_proj.weight", w.shape, REPLICATED)
@@ -298,7 +299,9 @@ def test_quantized_bundle_stores_the_quantizer_output_and_its_graphs_compute_it(
     for n in expected:
         assert stored[n].dtype == expected[n].dtype, n
         np.testing.assert_array_equal(stored[n], expected[n], err_msg=n)
-    kinds = {n: kind_of(WeightSpec(n, w.shape, REPLICATED), scheme) for n, w in tiny_weights.items()}
+    from cogvlm2_lite.graphs.quant import weight_forms
+    forms = {s.name: form_of(s, scheme) for s in weight_specs(tiny_cfg)}
+    assert weight_forms(b.manifest["quant"]) == {n: f for n, f in forms.items() if f is not None}
     decode = onnx.load(str(b.rank_dir(0) / "decode_32.onnx"))
     ops = [n.op_type for n in decode.graph.node]
     lm_linears = sum(1 for n in b.weight_names("language") if n.endswith(".qweight")
@@ -395,7 +398,7 @@ def test_w4a16_tp2_under_msrun_equals_tp1(tiny_cfg, tmp_path):
     kw = dict(hf_dir=hf, buckets=QUANT_BUCKETS, progress=False, quant="w4a16")
     b1, b2 = export_bundle(tmp_path / "tp1", **kw), export_bundle(tmp_path / "tp2", tp=2, **kw)
     forms = [json.loads((b / "manifest.json").read_text())["quant"]["forms"] for b in (b1, b2)]
-    assert forms[0] == forms[1] and forms[0]["int4"]["weights"] >= 11
+    assert forms[0] == forms[1] and len(forms[0]["int4"]["names"]) >= 11
     got, want = run_tp2_logits(b2, tmp_path / "tp2.npz"), probe_logits(Engine(b1))
     for name in want:
         assert np.abs(got[name] - want[name]).max() <= 1e-5, name
@@ -404,7 +407,7 @@ def test_w4a16_tp2_under_msrun_equals_tp1(tiny_cfg, tmp_path):
 def test_bench_sees_the_matrices_behind_the_stored_forms(quant_bundle, tiny_bundle):
     """The bench's decode roofline reads a quantized bundle's own bytes, and its GEMV probe the same
     [out, in] matrices as the fp32 bundle's (w8a8 stores [in, out], 4-bit two codes per byte)."""
-    from cogvlm2_lite.runtime.bench import model_costs
+    from cogvlm2_lite.bench.costs import model_costs
     from cogvlm2_lite.runtime.bundle import Bundle
     scheme, path = quant_bundle
     q, f = model_costs(Bundle(path)), model_costs(Bundle(tiny_bundle))

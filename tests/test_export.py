@@ -64,7 +64,7 @@ def test_exported_vision_and_prefill_match_eager(engine, tiny_cfg, tiny_weights,
 
 def test_exported_decode_matches_eager_cell_for_16_greedy_steps(engine, tiny_cfg, tiny_weights):
     """Each step: the exported decode graph and the eager decode cell (ExtendGraph, C = 1) on the same cache."""
-    eager.use_cpu()
+    eager.use_device()
     ids, pos = prompt(engine, "count to ten", image=False)
     logits = engine.prefill([ids], None, [pos])
     cell = eager.cell(ExtendGraph, tiny_cfg, 1, 32, 1)

@@ -51,8 +51,6 @@ def test_manifest_lists_onnx_graphs_and_they_pass_the_checker(onnx_bundle, tiny_
         assert [i.name for i in model.graph.input] == [i["name"] for i in g["inputs"]] + m["weights"][g["weights"]]
         assert [o.name for o in model.graph.output] == [o["name"] for o in g["outputs"]]
         assert sum(t.ByteSize() for t in model.graph.initializer) < 64 * 1024
-    # a MindIR bundle keeps the format-1 `file` key next to `files`
-    assert mindir["graphs"]["vision"]["file"] == "vision.mindir"
     assert mindir["graphs"]["vision"]["files"] == {"mindir": "vision.mindir"}
     # weights are the same bytes: only the graph files differ
     assert {k: v for k, v in m["files"].items() if "weights" in k} == \
@@ -177,13 +175,3 @@ print("tokens", r.token_ids)
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert p.returncode == 0, p.stderr[-2000:]
     assert "tokens [" in p.stdout
-
-
-def test_old_manifest_without_files_key_still_reads(tiny_bundle):
-    b = Bundle(tiny_bundle)
-    g = b.manifest["graphs"]["vision"]
-    g.pop("files")
-    info = b.graph("vision")
-    assert info.file == "vision.mindir" and info.files == {"mindir": "vision.mindir"}
-    b.manifest.pop("formats")
-    assert b.formats == ["mindir"]

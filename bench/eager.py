@@ -1,40 +1,41 @@
 """The "no AOT" baseline: a bundle's decode step run eagerly, op by op (MindSpore PyNative mode), with
 the graphs/ cells the bundle was traced from and the bundle's own weights.
 
-It lives beside the exporter, not in runtime/, because it needs the model code (graphs/) that the
-runtime never imports. `cogvlm2-lite bench` runs it in its own process:
+It needs the model code (graphs/) that the runtime never imports. `cogvlm2-lite bench` runs it in
+its own process:
 
-    python -m cogvlm2_lite.export.eager BUNDLE [--steps 3 --warmup 1 --bucket T --ref LOGITS.npy]
+    python -m cogvlm2_lite.bench.eager BUNDLE [--steps 3 --warmup 1 --bucket T --ref LOGITS.npy]
 
 and reads the one JSON line it prints: the eager decode step times, and (with --ref, the exported
 graph's logits for the same input) the largest logit difference, proof that both run the same model.
 PyNative pays a Python dispatch per op, so keep --steps small.
 """
-import argparse
 import json
-import sys
 import time
 
+import click
 import numpy as np
+
+from .timing import stats
 
 
 def eager_decode(bundle_path, steps: int = 3, warmup: int = 1, bucket: int | None = None, ref=None) -> dict:
+    """Decode step times (s) of a tp-1 bundle's decode_<bucket> run eagerly on its own weights; with `ref`
+    (a .npy of the exported graph's logits for the same input) the largest logit difference.
+    Raises UserError for a tensor-parallel bundle."""
     import mindspore as ms
 
     from cogvlm2_lite.graphs.config import CogVLM2Config
     from cogvlm2_lite.graphs.entry import ExtendGraph
     from cogvlm2_lite.runtime.weights import load_rank_weights
     from cogvlm2_lite.runtime.bundle import Bundle
+    from cogvlm2_lite.runtime.mindspore_backend import use_device
     from cogvlm2_lite.runtime.errors import UserError
 
     b = Bundle(bundle_path)
     if b.tp > 1:
         raise UserError("the eager baseline runs tp 1 bundles only.")
-    try:
-        ms.set_device("CPU")
-    except RuntimeError:
-        pass
-    ms.set_context(mode=ms.PYNATIVE_MODE)
+    use_device("CPU", "PYNATIVE_MODE")
     m = b.manifest
     cfg = CogVLM2Config.from_hf(m["model"])
     t_bucket = bucket or min(b.buckets["decode"])
@@ -65,11 +66,8 @@ def eager_decode(bundle_path, steps: int = 3, warmup: int = 1, bucket: int | Non
         logits = step()
         if i >= warmup:
             times.append(time.perf_counter() - t)
-    a = np.asarray(times)
     out = {"mode": "PYNATIVE", "bucket": t_bucket, "steps": steps, "warmup": warmup, "build_s": build_s,
-           "decode_step_s": {"median": float(np.median(a)), "p90": float(np.percentile(a, 90)),
-                             "p99": float(np.percentile(a, 99)), "mean": float(a.mean()), "min": float(a.min()),
-                             "max": float(a.max()), "n": int(a.size)}}
+           "decode_step_s": stats(times)}
     if ref is not None:
         r = np.load(ref)
         out["max_abs_diff_vs_exported"] = float(np.max(np.abs(r.astype(np.float64) - logits.astype(np.float64))))
@@ -77,20 +75,20 @@ def eager_decode(bundle_path, steps: int = 3, warmup: int = 1, bucket: int | Non
     return out
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("bundle")
-    p.add_argument("--steps", type=int, default=3)
-    p.add_argument("--warmup", type=int, default=1)
-    p.add_argument("--bucket", type=int, default=None)
-    p.add_argument("--ref", default=None, help="exported logits (.npy) for the same input")
-    a = p.parse_args(argv)
+@click.command()
+@click.argument("bundle")
+@click.option("--steps", type=int, default=3, show_default=True)
+@click.option("--warmup", type=int, default=1, show_default=True)
+@click.option("--bucket", type=int, default=None, help="Decode bucket (default: the smallest).")
+@click.option("--ref", default=None, help="Exported logits (.npy) for the same input.")
+def main(bundle, steps, warmup, bucket, ref):
+    """Time the eager decode step; print one JSON line."""
     from cogvlm2_lite.runtime.errors import UserError
     try:
-        res = eager_decode(a.bundle, a.steps, a.warmup, a.bucket, a.ref)
+        res = eager_decode(bundle, steps, warmup, bucket, ref)
     except UserError as e:
         res = {"error": str(e)}
-    sys.stdout.write("\n" + json.dumps(res) + "\n")
+    click.echo("\n" + json.dumps(res))
 
 
 if __name__ == "__main__":

@@ -10,9 +10,11 @@
   numpy: what a BLAS implementation of decode reaches on this machine, the bar the graphs are
   compared with when they miss the roofline.
 
-Runs in its own process (`python -m cogvlm2_lite.runtime.machine SPEC.json`) so that its large
+Runs in its own process (`python -m cogvlm2_lite.bench.machine SPEC.json`) so that its large
 probe arrays neither count in the benchmark's peak RSS nor compete with the model's threads.
-Needs numpy only: this module must not import MindSpore.
+Needs numpy and psutil only: this module must not import MindSpore. psutil gives the process and
+memory facts; the CPU model, its SIMD flags and cache sizes (which psutil does not) come from
+/proc/cpuinfo and /sys.
 """
 import json
 import os
@@ -23,6 +25,7 @@ from concurrent.futures import ThreadPoolExecutor
 from importlib import metadata
 
 import numpy as np
+import psutil
 
 
 def _read(path):
@@ -34,16 +37,13 @@ def _read(path):
 
 
 def machine_info() -> dict:
+    """CPU model, SIMD flags, cores (all, usable by this process), RAM, caches, load, library versions."""
     cpuinfo = _read("/proc/cpuinfo")
     model = next((line.split(":", 1)[1].strip() for line in cpuinfo.splitlines() if line.startswith("model name")),
                  platform.processor() or platform.machine())
     flags = next((line.split(":", 1)[1].split() for line in cpuinfo.splitlines() if line.startswith("flags")), [])
-    mem_kb = next((int(line.split()[1]) for line in _read("/proc/meminfo").splitlines()
-                   if line.startswith("MemTotal:")), 0)
-    try:
-        usable = len(os.sched_getaffinity(0))
-    except AttributeError:
-        usable = os.cpu_count()
+    process = psutil.Process()
+    usable = len(process.cpu_affinity()) if hasattr(process, "cpu_affinity") else psutil.cpu_count()
     caches = {}
     for idx in sorted(os.listdir("/sys/devices/system/cpu/cpu0/cache")) if os.path.isdir(
             "/sys/devices/system/cpu/cpu0/cache") else []:
@@ -59,31 +59,25 @@ def machine_info() -> dict:
             pass
     return {
         "cpu_model": model,
-        "logical_cores": os.cpu_count(),
+        "logical_cores": psutil.cpu_count(),
         "usable_cores": usable,
-        "ram_bytes": mem_kb * 1024,
+        "ram_bytes": psutil.virtual_memory().total,
         "cpu_caches": caches,
         "simd": [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile", "neon", "asimd") if f in flags],
         "os": platform.platform(),
-        "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+        "load_average": list(psutil.getloadavg()),
         "versions": versions,
     }
 
 
 def cpu_counters() -> dict:
-    """Machine-wide busy and total CPU seconds (/proc/stat) and this process tree's own CPU seconds: two
-    readings give the share of the machine that OTHER processes used in between (a busy-machine warning)."""
-    import resource
-    busy = total = 0.0
-    line = next((x for x in _read("/proc/stat").splitlines() if x.startswith("cpu ")), "")
-    if line:
-        v = [float(x) for x in line.split()[1:]]
-        hz = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
-        idle = v[3] + (v[4] if len(v) > 4 else 0)   # idle + iowait
-        total, busy = sum(v[:8]) / hz, (sum(v[:8]) - idle) / hz
-    own = sum(getattr(resource.getrusage(who), f) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)
-              for f in ("ru_utime", "ru_stime"))
-    return {"busy_s": busy, "total_s": total, "own_s": own, "wall_s": time.time()}
+    """Machine-wide busy and total CPU seconds and this process tree's own CPU seconds: two readings
+    give the share of the machine that OTHER processes used in between (a busy-machine warning)."""
+    t = psutil.cpu_times()
+    idle = t.idle + getattr(t, "iowait", 0.0)
+    total = sum(t[:8])   # Linux: user .. steal (guest time is already inside user)
+    own = sum(psutil.Process().cpu_times()[:4])   # user, system, children's user and system
+    return {"busy_s": total - idle, "total_s": total, "own_s": own, "wall_s": time.time()}
 
 
 def others_cpu_share(before: dict, after: dict) -> float | None:

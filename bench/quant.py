@@ -14,7 +14,13 @@ from pathlib import Path
 import click
 import numpy as np
 
+from cogvlm2_lite.calib.stats import STATS_FILE
+from cogvlm2_lite.runtime.backends import BACKENDS
+from cogvlm2_lite.runtime.bundle import Bundle, sha256
 from cogvlm2_lite.runtime.errors import UserError
+
+from .suite import SUITE_PRESETS, cogvlm2_cli, demo_tokenizer, ensure_bundle, source_hash
+from .timing import rss_bytes
 
 
 def decode_inputs(bundle, name: str, rng) -> list:
@@ -34,14 +40,13 @@ def decode_inputs(bundle, name: str, rng) -> list:
 
 
 def measure(paths, backend: str, steps: int, warmup: int, log) -> dict:
-    from cogvlm2_lite.runtime.backends import BACKENDS
-    from cogvlm2_lite.runtime.bundle import Bundle
+    """Decode ms/token of each bundle per shared decode bucket (the bundles taking turns step by step) and
+    the resident memory each adds when loaded. Raises UserError when the bundles share no decode bucket."""
     bundles = [Bundle(p) for p in paths]
     decode = sorted(set.intersection(*[{g for g in b.graph_names if g.startswith("decode_")} for b in bundles]),
                     key=lambda g: int(g.split("_")[1]))
     if not decode:
         raise UserError("the bundles share no decode bucket: export them with the same --buckets decode=...")
-    from cogvlm2_lite.runtime.bench import rss_bytes
     loaded, resident = [], []
     for b in bundles:
         t, before = time.perf_counter(), rss_bytes()
@@ -87,10 +92,7 @@ SUITE_SCHEMES = ("w8a8", "w4a16", "w4a8")
 
 def suite_bundles(folder: Path, log) -> list[Path]:
     """bundles/bench (fp32, the bench suite's) with its statistics, and bundles/bench-<scheme>."""
-    from cogvlm2_lite.runtime.bench import SUITE_PRESETS, cogvlm2_cli, ensure_bundle, source_hash
-    from cogvlm2_lite.runtime.bundle import sha256
-    from cogvlm2_lite.calib.stats import STATS_FILE
-    tokenizer = Path(__file__).resolve().parents[1] / "demo" / "assets" / "tokenizer.model"
+    tokenizer = demo_tokenizer()
     fp32 = ensure_bundle("bench", folder, tokenizer, log)
     stats = fp32 / STATS_FILE
     if not stats.is_file():
