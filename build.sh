@@ -12,10 +12,13 @@ setup() {
     fi
     local stamp="$VENV/.installed-$(sha256sum pyproject.toml build.sh | sha256sum | cut -c1-16)"
     if [ ! -f "$stamp" ]; then
-        "$VENV/bin/python" -m pip install -q --upgrade pip
-        "$VENV/bin/python" -m pip install -q -e ".[test]"
-        # data-only wheels for tests: the real Llama-3 tokenizer file and real photographs
-        "$VENV/bin/python" -m pip install -q --no-deps llama-models==0.3.0 scikit-image==0.25.2
+        echo "setting up $VENV (pinned dependencies; a few minutes the first time; log: $VENV/setup.log)" >&2
+        {
+            "$VENV/bin/python" -m pip install --upgrade pip &&
+            "$VENV/bin/python" -m pip install -e ".[test]" &&
+            # data-only wheels for tests: the real Llama-3 tokenizer file and real photographs
+            "$VENV/bin/python" -m pip install --no-deps llama-models==0.3.0 scikit-image==0.25.2
+        } > "$VENV/setup.log" 2>&1 || { tail -n 30 "$VENV/setup.log" >&2; echo "set-up failed: see $VENV/setup.log" >&2; exit 1; }
         rm -f "$VENV"/.installed-*
         touch "$stamp"
     fi
@@ -36,7 +39,7 @@ setup_lite() {
         echo "note: no CPython 3.7 found: the lite backend and its tests are skipped" >&2; return
     fi
     [ -x .venv-lite/bin/python ] || "$py37" -m venv .venv-lite
-    if .venv-lite/bin/python -m pip install -q "mindspore-lite==2.0.0" "numpy==1.21.6"; then
+    if .venv-lite/bin/python -m pip install -q "mindspore-lite==2.0.0" "numpy==1.21.6" > .venv-lite/setup.log 2>&1; then
         touch .venv-lite/.installed-mslite-2.0.0
     else
         echo "note: installing mindspore-lite 2.0.0 failed: the lite backend and its tests are skipped" >&2

@@ -21,14 +21,7 @@ import click
 import httpx
 import numpy as np
 
-
-def percentiles(xs) -> dict:
-    xs = list(xs)
-    if not xs:
-        return {"n": 0}
-    a = np.asarray(xs, dtype=np.float64)
-    return {"n": len(xs), "mean": float(a.mean()), "p50": float(np.percentile(a, 50)),
-            "p90": float(np.percentile(a, 90)), "p99": float(np.percentile(a, 99))}
+from .timing import stats
 
 
 def workload(n: int, seed: int, words: int = 120) -> list[dict]:
@@ -87,10 +80,10 @@ async def closed_loop(url: str, bodies: list, concurrency: int) -> dict:
     tokens = sum(r["tokens"] for r in ok)
     return {"concurrency": concurrency, "requests": len(bodies), "ok": len(ok), "wall_s": wall,
             "requests_per_s": len(ok) / wall, "output_tokens": tokens, "output_tokens_per_s": tokens / wall,
-            "ttft_s": percentiles(r["ttft_s"] for r in ok if "ttft_s" in r),
-            "tpot_s": percentiles(r["tpot_s"] for r in ok if "tpot_s" in r),
-            "itl_s": percentiles(x for r in ok for x in r.get("itl_s", [])),
-            "e2e_s": percentiles(r["e2e_s"] for r in ok),
+            "ttft_s": stats(r["ttft_s"] for r in ok if "ttft_s" in r),
+            "tpot_s": stats(r["tpot_s"] for r in ok if "tpot_s" in r),
+            "itl_s": stats(x for r in ok for x in r.get("itl_s", [])),
+            "e2e_s": stats(r["e2e_s"] for r in ok),
             "errors": [r for r in results if r not in ok][:5]}
 
 
@@ -144,7 +137,7 @@ def plot(report: dict, path: Path):
     a.plot(c, [r["output_tokens_per_s"] for r in runs], "o-")
     a.set(xlabel="concurrent clients", ylabel="output tokens/s", title="throughput", xscale="log", xticks=c)
     a.set_xticklabels(c)
-    for key, style in (("p50", "o-"), ("p90", "s--"), ("p99", "^:")):
+    for key, style in (("median", "o-"), ("p90", "s--"), ("p99", "^:")):
         b.plot(c, [r["ttft_s"].get(key, np.nan) * 1e3 for r in runs], style, label=f"TTFT {key}")
         b.plot(c, [r["tpot_s"].get(key, np.nan) * 1e3 for r in runs], style, label=f"TPOT {key}", alpha=0.6)
     b.set(xlabel="concurrent clients", ylabel="ms", title="latency", xscale="log", xticks=c)
@@ -211,8 +204,8 @@ def bench_serve(bundle, n, concurrency, soak_n, backend, seed, json_out, plot_ou
                 run["http_overhead_ttft_ratio"] = run["ttft_s"]["mean"] / eng if eng > 0 else None
             report["runs"].append(run)
             click.echo(f"concurrency {c:3d}: {run['requests_per_s']:.2f} req/s, {run['output_tokens_per_s']:.1f} "
-                       f"tok/s; TTFT p50 {run['ttft_s'].get('p50', 0) * 1e3:.0f} ms p99 "
-                       f"{run['ttft_s'].get('p99', 0) * 1e3:.0f} ms; TPOT p50 {run['tpot_s'].get('p50', 0) * 1e3:.1f} "
+                       f"tok/s; TTFT p50 {run['ttft_s'].get('median', 0) * 1e3:.0f} ms p99 "
+                       f"{run['ttft_s'].get('p99', 0) * 1e3:.0f} ms; TPOT p50 {run['tpot_s'].get('median', 0) * 1e3:.1f} "
                        f"ms; ITL p99 {run['itl_s'].get('p99', 0) * 1e3:.1f} ms"
                        + (f"; HTTP overhead x{run['http_overhead_ttft_ratio']:.3f}" if c == 1 and
                           run.get("http_overhead_ttft_ratio") else ""), err=True)

@@ -61,8 +61,6 @@ class EagerModel:
     """Vision tower + full-sequence prefill with logits at every position, run op by op."""
 
     def __init__(self, cfg, tokenizer_path, preprocess_cfg: dict, quant: str | None = None):
-        import mindspore as ms
-
         from cogvlm2_lite.runtime.mindspore_backend import use_device
         use_device("CPU", mode=None)
         from cogvlm2_lite.graphs.entry import VisionGraph

@@ -22,9 +22,7 @@ default) and tokenizer.model. Same seed and arguments -> the same weights on the
 from __future__ import annotations
 
 import argparse
-import json
 import math
-import os
 import shutil
 import sys
 import time
@@ -218,7 +216,6 @@ def train(out_dir, steps=3000, seed=0, batch=64, lr=2e-3, n_train=40000, n_val=5
           eval_every=250, dtype="float16", threads=2, keep_latest=False, aux=1.0, log=print):
     import mindspore as ms
     from mindspore import nn, ops
-    from cogvlm2_lite.export.hf_checkpoint import write_checkpoint
     from cogvlm2_lite.runtime.mindspore_backend import use_device
     from cogvlm2_lite.runtime.tokenizer import Tokenizer
 
@@ -268,7 +265,6 @@ def train(out_dir, steps=3000, seed=0, batch=64, lr=2e-3, n_train=40000, n_val=5
     order = rng.permutation(len(train_set))
     cursor = 0
     t_train = time.perf_counter()
-    best = -1.0
     losses = []
     for step in range(1, steps + 1):
         if cursor + batch > len(order):

@@ -34,6 +34,7 @@ from cogvlm2_lite.graphs.model import weight_specs
 from cogvlm2_lite.graphs.quant import SCHEMES as QUANT_SCHEMES, Quantizer
 from cogvlm2_lite.runtime.bundle import FORMAT_VERSION, sha256
 from cogvlm2_lite.runtime.errors import UserError
+from cogvlm2_lite.runtime.preprocess import MEAN, STD
 
 from .hf_checkpoint import Checkpoint, random_tensor
 from .tp import check_tp, shard_index
@@ -41,8 +42,6 @@ from . import trace as trace_module
 from .trace import Plan, trace_rank
 
 SHARD_BYTES = 256 << 20  # weight files are cut at 256 MiB: bounds the memory of export and of loading
-IMAGE_MEAN = (0.48145466, 0.4578275, 0.40821073)
-IMAGE_STD = (0.26862954, 0.26130258, 0.27577711)
 FORMATS = ("mindir", "onnx", "lite")
 GRAPH_SUFFIX = {"mindir": ".mindir", "onnx": ".onnx", "lite": ".lite.mindir"}
 
@@ -107,6 +106,7 @@ def write_weights(source: Source, tp: int, dtype: str, staging: Path, bar, quant
 
 
 def read_tokenizer_ranks(path: Path) -> int:
+    """The number of BPE ranks of a tiktoken file (its special tokens follow). Raises UserError for another file."""
     try:
         lines = [ln for ln in path.read_bytes().splitlines() if ln.strip()]
         ranks = [int(ln.split()[1]) for ln in lines]
@@ -118,6 +118,7 @@ def read_tokenizer_ranks(path: Path) -> int:
 
 
 def check_tokenizer(path: Path, cfg: CogVLM2Config) -> int:
+    """The tokenizer's BPE ranks, checked against the model's bos id and vocabulary (UserError otherwise)."""
     n = read_tokenizer_ranks(path)
     if n != cfg.bos_token_id or n + 256 > cfg.vocab_size:
         raise UserError(f"tokenizer {path} has {n} BPE ranks, so its special tokens are {n}..{n + 255}, but the "
@@ -127,12 +128,14 @@ def check_tokenizer(path: Path, cfg: CogVLM2Config) -> int:
 
 
 def generation_defaults(folder: Path | None) -> dict:
+    """The sampling defaults of the checkpoint's generation_config.json that the manifest carries."""
     f = folder / "generation_config.json" if folder else None
     g = json.loads(f.read_text()) if f and f.is_file() else {}
     return {k: g[k] for k in ("do_sample", "temperature", "top_p", "top_k", "max_length", "eos_token_id") if k in g}
 
 
 def tool_versions(formats=("mindir",)) -> dict:
+    """Versions of the tools that wrote the bundle (the manifest's `tools`)."""
     v = {"python": platform.python_version()}
     for pkg in ("cogvlm2-lite", "mindspore", "numpy", "safetensors") + (("onnx",) if "onnx" in formats or "lite" in formats else ()):
         v[pkg] = metadata.version(pkg)
@@ -165,12 +168,14 @@ def trace_all_ranks(plan: Plan, staging: Path, bar):
 
 
 def stats_metadata(path: Path) -> dict:
+    """The metadata a calibration statistics file carries (samples, source), for the manifest."""
     with safe_open(str(path), "numpy") as f:
         return {k: json.loads(v) for k, v in (f.metadata() or {}).items()}
 
 
 def build_manifest(plan: Plan, staging: Path, tokenizer_ranks: int, generation: dict, weight_files: list,
                    quantizer=None) -> dict:
+    """The manifest of the bundle staged in `staging`: everything a runtime needs to run it, and every file's size and sha256."""
     cfg = plan.cfg
     graphs = {}
     for g in plan.graphs():
@@ -199,7 +204,7 @@ def build_manifest(plan: Plan, staging: Path, tokenizer_ranks: int, generation: 
         "template": cfg.template_version,
         "generation": generation,
         "preprocess": {"image_size": cfg.vision.image_size, "resample": "bicubic", "rescale": 1 / 255,
-                       "mean": list(IMAGE_MEAN), "std": list(IMAGE_STD)},
+                       "mean": list(MEAN), "std": list(STD)},
         "tools": tool_versions(plan.formats),
     }
     if quantizer is not None:
@@ -216,6 +221,20 @@ def export_bundle(out: Path, *, hf_dir: Path | None = None, random_init: CogVLM2
                   buckets: dict | None = None, force: bool = False, seed: int = 0, progress: bool = True,
                   formats=("mindir",), quant: str | None = None, calib_stats: Path | None = None,
                   smooth_alpha: float = 0.5) -> Path:
+    """Export a CogVLM2 model into the bundle folder `out` -> out.
+
+    The weights come from `hf_dir` (a HF checkpoint folder: config.json + safetensors, read tensor by
+    tensor) or, with `random_init`, are drawn for that config from `seed`. `tokenizer`: the tiktoken file
+    (default hf_dir/tokenizer.model). `tp`: tensor-parallel ranks (1, 2, 4, 8; the graphs are traced under
+    msrun when > 1). `dtype`: fp32 | fp16 | bf16 of weights and compute. `batch`: rows B of the decode
+    graphs. `buckets`: {"chunk": [C...], "decode": [T...]} (default: default_buckets(cfg)).
+    `formats`: any of mindir, onnx, lite. `quant`: w8a16 | w8a8 | w4a16 | w4a8 (graphs/quant.py), with
+    `calib_stats` (calibrate's file; needed by w8a8) and SmoothQuant's `smooth_alpha`. `force` replaces a
+    non-empty `out`; `progress` shows a bar.
+
+    The bundle is built in a hidden sibling folder and moved into place when complete; memory stays
+    bounded by one tensor plus the pending weight shard. Raises UserError, before any work where it can,
+    for every argument this model or machine cannot take (docs/bundle.md)."""
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
         raise UserError(f"{out} already exists and is not empty: choose another folder or pass --force to replace it.")

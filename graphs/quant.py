@@ -157,10 +157,12 @@ class Form:
         return [stored[name + s] for s in self.suffixes]
 
     def manifest(self) -> dict:
+        """This form's entry in the manifest's quant.forms (the weights' names are added by Quantizer.manifest)."""
         return {"layout": self.layout, **({"onnxruntime": self.onnxruntime} if self.onnxruntime else {})}
 
 
 class Int8(Form):
+    """int8 weight-only, per output channel (w8a16, and every scheme's fallback: convolutions)."""
     name = "int8"
     layout = "NAME.qweight int8 [out, in] + NAME.scale fp32 [out]: symmetric per output channel, dequantized in graph"
 
@@ -184,6 +186,7 @@ class Int8(Form):
 
 
 class Int4(Form):
+    """4-bit weight-only, per group of GROUP inputs (w4a16)."""
     name = "int4"
     layout = (f"NAME.qweight uint8 [out, in/2] (4-bit codes q+8, low nibble first) + NAME.scale fp32 [out, in/{GROUP}]: "
               "symmetric per group, dequantized in graph (onnxruntime: MatMulNBits)")
@@ -242,6 +245,7 @@ class Int4(Form):
 
 
 class Int4x8(Int4):
+    """int4's tensors with int8 activations per group at run time (w4a8: llama.cpp's Q4_0 x Q8_0)."""
     name = "int4x8"
     layout = ("int4's tensors; activations quantized to int8 per group of a token at run time "
               "(onnxruntime: MatMulNBits, accuracy_level 4)")
@@ -282,6 +286,7 @@ class Int4x8(Int4):
 
 
 class Int8x8(Form):
+    """SmoothQuant int8 weights x int8 activations per token (w8a8)."""
     name = "int8x8"
     suffixes = (".qweight", ".scale", ".smooth")
     layout = ("NAME.qweight int8 [in, out] + NAME.scale fp32 [out] + NAME.smooth fp32 [in]: SmoothQuant, activations "
@@ -424,6 +429,7 @@ class Quantizer:
         self.scheme, self.tp, self.stats, self.alpha = scheme, tp, stats or {}, alpha
 
     def form(self, spec: WeightSpec) -> Form | None:
+        """The stored form of `spec` under this scheme (None: kept as it is)."""
         return form_of(spec, self.scheme, self.tp)
 
     def tensors(self, spec: WeightSpec, w: np.ndarray) -> list[tuple[WeightSpec, np.ndarray]]:

@@ -26,7 +26,6 @@ class Split:
 REPLICATED = Split()
 COLUMN = Split(0)      # output features split: no communication after
 ROW = Split(1)         # input features split: all-reduce after
-VOCAB = Split(0)       # embedding / lm_head rows split by vocabulary range
 
 
 def fused(*parts: int) -> Split:

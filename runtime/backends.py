@@ -16,6 +16,7 @@ from .mindspore_backend import MindSporeBackend         # imports mindspore only
 from .onnx_backend import OnnxRuntimeBackend            # imports onnxruntime only when opened
 
 class Backend(Protocol):
+    """What every backend is: constructed as Backend(bundle, rank, **options), it loads that rank's graphs and weights."""
     name: str     # as --backend spells it
     format: str   # the bundle graph format it runs (manifest `formats`)
 

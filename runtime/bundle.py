@@ -40,6 +40,7 @@ class GraphInfo:
 
     @property
     def output_specs(self) -> list[tuple[str, np.dtype, tuple]]:
+        """(name, dtype, shape) of each output, in order."""
         return self._specs(self.outputs)
 
     def check_inputs(self, inputs) -> None:
@@ -90,17 +91,21 @@ class Bundle:
     # --- what the runtime reads ------------------------------------------------------
     @property
     def tp(self) -> int:
+        """Tensor-parallel ranks."""
         return self.manifest["tp"]
 
     @property
     def batch(self) -> int:
+        """Rows B of the decode graphs (requests decoded together)."""
         return self.manifest["batch"]
 
     @property
     def buckets(self) -> dict:
+        """{"chunk": prefill chunk sizes C, "decode": cache lengths T}."""
         return self.manifest["buckets"]
 
     def graph(self, name: str) -> GraphInfo:
+        """The manifest entry of graph `name` (KeyError for another name)."""
         g = self.manifest["graphs"][name]
         return GraphInfo(name, g["weights"], g["inputs"], g["outputs"], g["files"])
 
@@ -111,6 +116,7 @@ class Bundle:
 
     @property
     def graph_names(self) -> list[str]:
+        """Every graph, in trace order."""
         return list(self.manifest["graphs"])
 
     def require(self, fmt: str, backend: str, export_hint: str, single_rank: bool = True):
@@ -123,19 +129,24 @@ class Bundle:
                             "cannot run (no collectives): use --backend mindspore under msrun.")
 
     def rank_dir(self, rank: int) -> Path:
+        """The folder of one rank's graphs and weights."""
         return self.path / self.manifest["ranks"][rank]["dir"]
 
     def weight_files(self, rank: int) -> list[Path]:
+        """The safetensors files of one rank, in order."""
         return [self.rank_dir(rank) / f for f in self.manifest["ranks"][rank]["weight_files"]]
 
     def weight_names(self, family: str) -> list[str]:
+        """The weights a "vision" or "language" graph takes after its data inputs, in order."""
         return self.manifest["weights"][family]
 
     @property
     def tokenizer_path(self) -> Path:
+        """The tiktoken BPE file."""
         return self.path / self.manifest["tokenizer"]["file"]
 
     def weight_bytes(self, rank: int = 0) -> int:
+        """Bytes of one rank's weight files."""
         files = self.manifest["files"]
         return sum(files[str(p.relative_to(self.path))]["bytes"] for p in self.weight_files(rank))
 
@@ -152,6 +163,7 @@ def safetensors_header(path: Path) -> dict:
 
 
 def sha256(path: Path) -> str:
+    """Hex sha256 of a file, read in 16 MiB blocks."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 24), b""):

@@ -24,7 +24,7 @@ from .backends import open_backend
 from .bundle import Bundle
 from .errors import UserError
 from .kv_cache import KVCache
-from .preprocess import load_image, preprocess
+from .preprocess import batch_pixels
 from .request import Request, Result  # noqa: F401  (the public API: engine.Request, engine.Result)
 from .scheduler import Scheduler
 from .tokenizer import Tokenizer
@@ -142,16 +142,7 @@ class Engine:
     def pixels(self, images) -> np.ndarray:
         """Images (path, bytes, PIL, or float32 [3, S, S] already preprocessed) -> float32 [N, 3, S, S].
         Raises UserError for a file that is not a readable image."""
-        s = self.pre["image_size"]
-        out = np.empty((len(images), 3, s, s), np.float32)
-        for i, img in enumerate(images):
-            if isinstance(img, np.ndarray):
-                if img.shape != (3, s, s):
-                    raise UserError(f"preprocessed pixels must have shape (3, {s}, {s}), not {img.shape}.")
-                out[i] = img
-            else:
-                preprocess(load_image(img), s, self.pre["mean"], self.pre["std"], out=out[i])
-        return out
+        return batch_pixels(images, self.pre["image_size"], self.pre["mean"], self.pre["std"])
 
     def image_embeddings(self, pixel_values: np.ndarray) -> np.ndarray:
         """float32 [N, 3, S, S] -> [N, num_image_tokens, hidden] (boi, patches, eoi), one image per call."""

@@ -29,10 +29,12 @@ class KVCache:
 
     @property
     def max_len(self) -> int:
+        """Slots per row in the largest bucket: the longest sequence the cache holds."""
         return self.buckets[-1]
 
     @property
     def nbytes(self) -> int:
+        """Bytes of the K and V buffers."""
         return self._k.nbytes + self._v.nbytes
 
     def _view(self, buf, t):

@@ -158,8 +158,14 @@ def preprocess(image, size=SIZE, mean=MEAN, std=STD, out=None):
 
 
 def batch_pixels(images, size=SIZE, mean=MEAN, std=STD):
-    """Several images (anything `load_image` takes) -> float32 [B, 3, size, size]."""
+    """Several images (anything `load_image` takes, or float32 [3, size, size] already preprocessed)
+    -> float32 [B, 3, size, size]. Raises UserError for an unreadable image or pixels of another shape."""
     out = np.empty((len(images), 3, size, size), dtype=np.float32)
     for i, img in enumerate(images):
-        preprocess(load_image(img), size, mean, std, out=out[i])
+        if isinstance(img, np.ndarray):
+            if img.shape != (3, size, size):
+                raise UserError(f"preprocessed pixels must have shape (3, {size}, {size}), not {img.shape}.")
+            out[i] = img
+        else:
+            preprocess(load_image(img), size, mean, std, out=out[i])
     return out

@@ -161,9 +161,3 @@ def _search_cumsum(z, value, side):
     b = min(int(np.searchsorted(blocks, value, side)), blocks.size - 1)
     inner = np.cumsum(z[starts[b]:starts[b] + _BLOCK], dtype=np.float64) + (blocks[b - 1] if b else 0.0)
     return int(starts[b]) + min(int(np.searchsorted(inner, value, side)), inner.size - 1)
-
-
-def sample_batch(samplers, logits):
-    """logits [B, V] -> next ids [B] (int64), one Sampler per row."""
-    logits = np.asarray(logits)
-    return np.fromiter((s(logits[b]) for b, s in enumerate(samplers)), dtype=np.int64, count=len(samplers))
