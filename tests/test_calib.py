@@ -174,9 +174,9 @@ def test_quantized_bytes_against_fp16():
 @pytest.fixture(scope="module")
 def model(tiny_cfg):
     from cogvlm2_lite.calib.eager import EagerModel
-    from cogvlm2_lite.export.bundle import IMAGE_MEAN, IMAGE_STD
+    from cogvlm2_lite.runtime.preprocess import MEAN, STD
     return EagerModel(tiny_cfg, DEMO_TOKENIZER, {"image_size": tiny_cfg.vision.image_size,
-                                                 "mean": IMAGE_MEAN, "std": IMAGE_STD})
+                                                 "mean": MEAN, "std": STD})
 
 
 def test_stats_cover_every_linear_and_match_an_independent_patch_absmax(model, tiny_cfg, tiny_weights):
