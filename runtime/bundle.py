@@ -119,11 +119,12 @@ class Bundle:
         """Every graph, in trace order."""
         return list(self.manifest["graphs"])
 
-    def require(self, fmt: str, backend: str, export_hint: str, single_rank: bool = True):
+    def require(self, fmt: str, label: str, backend: str, export_hint: str, single_rank: bool = True):
         """What a backend checks before loading: raises UserError unless this bundle has graphs of `fmt`
-        (else `export_hint` says what to do) and, with `single_rank`, only one tensor-parallel rank."""
+        (`label`: its name for people; else `export_hint` says what to do) and, with `single_rank`, only
+        one tensor-parallel rank."""
         if fmt not in self.formats:
-            raise UserError(f"{self.path} has no {fmt} graphs (formats: {', '.join(self.formats)}): {export_hint}")
+            raise UserError(f"{self.path} has no {label} graphs (formats: {', '.join(self.formats)}): {export_hint}")
         if single_rank and self.tp > 1:
             raise UserError(f"{self.path} is split over {self.tp} tensor-parallel ranks, which the {backend} backend "
                             "cannot run (no collectives): use --backend mindspore under msrun.")

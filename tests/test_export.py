@@ -27,7 +27,7 @@ from conftest import BUCKETS, DEMO_TOKENIZER, prompt
 
 def test_manifest_describes_everything(tiny_bundle, tiny_cfg):
     m = json.loads((tiny_bundle / "manifest.json").read_text())
-    assert m["format_version"] == 2 and m["tp"] == 1 and m["batch"] == 1 and m["dtype"] == "fp32"
+    assert m["format_version"] == 3 and m["tp"] == 1 and m["batch"] == 1 and m["dtype"] == "fp32"
     assert m["buckets"] == {"chunk": [8, 16], "decode": [32, 64]}
     assert set(m["graphs"]) == {"vision", "prefill_image_8", "prefill_image_16", "extend_8_32", "extend_16_32",
                                 "extend_8_64", "extend_16_64", "decode_32", "decode_64"}
