@@ -115,7 +115,7 @@ def memory_bandwidth(total_bytes: int = 1 << 30, reps: int = 5, threads=None) ->
                 times = _timed(lambda: list(pool.map(kernel, arrays)), reps)
                 best = max(best, nbytes / float(np.median(times)))
         by_threads[str(n)] = best
-        del arrays
+        arrays = None   # freed before the next thread count allocates
     best_n = max(by_threads, key=by_threads.get)
     return {"bytes_per_s": by_threads[best_n], "threads": int(best_n), "by_threads": by_threads,
             "single_thread_bytes_per_s": by_threads.get("1"), "bytes_per_thread_pass": total_bytes,

@@ -19,7 +19,7 @@ from cogvlm2_lite.runtime.backends import BACKENDS
 from cogvlm2_lite.runtime.bundle import Bundle, sha256
 from cogvlm2_lite.runtime.errors import UserError
 
-from .suite import SUITE_PRESETS, cogvlm2_cli, demo_tokenizer, ensure_bundle, source_hash
+from .suite import SUITE_PRESETS, cached_export, cogvlm2_cli, demo_tokenizer, ensure_bundle
 from .timing import rss_bytes
 
 
@@ -100,16 +100,9 @@ def suite_bundles(folder: Path, log) -> list[Path]:
         subprocess.run(cogvlm2_cli() + ["calibrate", str(fp32), "-n", "8"], check=True)
     out = [fp32]
     for scheme in SUITE_SCHEMES:
-        path = folder / f"bench-{scheme}"
-        key = json.dumps({"scheme": scheme, "src": source_hash(), "stats": sha256(stats)})
-        stamp = path / ".bench-key"
-        if not (stamp.is_file() and stamp.read_text() == key):
-            log(f"exporting {path} ...")
-            subprocess.run(cogvlm2_cli() + ["export", "--random-init", "bench", "--tokenizer", str(tokenizer), str(path),
-                                            "--force", "--format", "onnx", "--buckets", SUITE_PRESETS["bench"],
-                                            "--quant", scheme, "--calib-stats", str(stats)], check=True)
-            stamp.write_text(key)
-        out.append(path)
+        args = ["--random-init", "bench", "--tokenizer", str(tokenizer), "--format", "onnx", "--buckets",
+                SUITE_PRESETS["bench"], "--quant", scheme, "--calib-stats", str(stats)]
+        out.append(cached_export(folder / f"bench-{scheme}", {"scheme": scheme, "stats": sha256(stats)}, args, log))
     return out
 
 

@@ -51,28 +51,31 @@ def demo_tokenizer() -> Path:
     return tokenizer
 
 
-def ensure_bundle(preset: str, folder: Path, tokenizer: Path, log) -> Path:
-    """Export `preset` with random weights into folder/<preset> unless an up-to-date one is there."""
-    out = folder / preset
-    formats = "mindir,onnx"
-    key = json.dumps({"preset": preset, "buckets": SUITE_PRESETS[preset], "formats": formats, "src": source_hash()})
+def cached_export(out: Path, key: dict, export_args: list[str], log) -> Path:
+    """`cogvlm2-lite export ... out --force` unless `out` holds a valid bundle made under the same `key`
+    (any JSON: what the bundle depends on). Raises UserError when the export fails."""
     stamp = out / ".bench-key"
+    key = json.dumps({**key, "src": source_hash()}, sort_keys=True)
     if stamp.is_file() and stamp.read_text() == key:
         try:
             Bundle(out)
             return out
         except UserError:
             pass
-    log(f"exporting the {preset} preset (random weights) into {out}...")
-    cmd = cogvlm2_cli() + ["export", "--random-init", preset, "--tokenizer", str(tokenizer), str(out), "--force",
-                           "--format", formats]
-    if SUITE_PRESETS[preset]:
-        cmd += ["--buckets", SUITE_PRESETS[preset]]
-    p = subprocess.run(cmd, capture_output=True, text=True)
+    log(f"exporting {out} ...")
+    p = subprocess.run(cogvlm2_cli() + ["export", *export_args, str(out), "--force"], capture_output=True, text=True)
     if p.returncode != 0:
-        raise UserError(f"exporting the {preset} preset failed: {(p.stderr.strip().splitlines() or ['?'])[-1]}")
+        raise UserError(f"exporting {out} failed: {(p.stderr.strip().splitlines() or ['?'])[-1]}")
     stamp.write_text(key)
     return out
+
+
+def ensure_bundle(preset: str, folder: Path, tokenizer: Path, log) -> Path:
+    """The `preset` with random weights (MindIR and ONNX) in folder/<preset>, exported unless up to date."""
+    args = ["--random-init", preset, "--tokenizer", str(tokenizer), "--format", "mindir,onnx"]
+    if SUITE_PRESETS[preset]:
+        args += ["--buckets", SUITE_PRESETS[preset]]
+    return cached_export(folder / preset, {"preset": preset, "args": args[2:]}, args, log)
 
 
 @click.command("bench-suite")
