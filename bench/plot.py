@@ -23,7 +23,7 @@ def plot(report: dict, path):
         left.plot([d["bucket"] for d in r["decode"]], [d["step_s"]["median"] * 1e3 for d in r["decode"]], "o-", label=n)
     if ok:
         first = next(iter(ok.values()))["decode"]
-        left.plot([d["bucket"] for d in first], [d["roofline_s"] * 1e3 for d in first], "k--", label="memory roofline")
+        left.plot([d["bucket"] for d in first], [d["roofline_s"] * 1e3 for d in first], "k^--", label="memory roofline")
     e = report.get("eager", {})
     if "decode_step_s" in e:   # usually far above the exported graphs: noted, not plotted to scale
         left.annotate(f"eager (PyNative) decode_{e['bucket']}: {e['decode_step_s']['median'] * 1e3:.0f} ms",
