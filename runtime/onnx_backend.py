@@ -28,6 +28,7 @@ from .errors import UserError
 from .weights import load_rank_weights
 
 NP_DTYPES = {"int32": np.int32, "float32": np.float32, "float16": np.float16}
+PRESENT = "present."  # a graph output present.<input> is written into that input's buffer (export/onnx_fuse.py)
 PACKED_OPS = {"MatMulInteger": (1,), "MatMulNBits": (1, 2)}  # op -> the weight operands onnxruntime pre-packs
 
 
@@ -115,7 +116,9 @@ class OnnxRuntimeBackend:
             for n in weights & set(declared):
                 binding.bind_ortvalue_input(n, self._value(n, declared[n]))
             outputs = [(d["name"], NP_DTYPES[d["dtype"]], tuple(d["shape"])) for d in info.outputs]
-            self._graphs[name] = (session, binding, data, outputs)
+            aliases = [(o.name, o.name[len(PRESENT):]) for o in session.get_outputs()
+                       if o.name.startswith(PRESENT) and o.name[len(PRESENT):] in declared]
+            self._graphs[name] = (session, binding, data, outputs, aliases)
 
         if self.device == "cuda":
             self._arrays = self._values = None  # uploaded: the host copies are no longer needed
@@ -167,10 +170,10 @@ class OnnxRuntimeBackend:
         return self._ort.InferenceSession(model.SerializeToString(), options, providers=providers)
 
     def run(self, name: str, inputs: list[np.ndarray]) -> list[np.ndarray]:
-        session, binding, data, outputs = self._graphs[name]
+        session, binding, data, outputs, aliases = self._graphs[name]
         if len(inputs) != len(data):
             raise ValueError(f"{name} takes {len(data)} inputs, got {len(inputs)}")
-        keep = []
+        keep, bound = [], {}
         for (n, dtype, shape), x in zip(data, inputs):
             if x.dtype != dtype or x.shape != shape:
                 raise ValueError(f"{name} input {n}: expected {np.dtype(dtype).name}{list(shape)}, "
@@ -179,9 +182,13 @@ class OnnxRuntimeBackend:
                 x = np.ascontiguousarray(x)
                 keep.append(x)
             binding.bind_input(n, "cpu", 0, dtype, shape, x.ctypes.data)  # onnxruntime reads the numpy memory
+            bound[n] = x
         results = [np.empty(shape, dtype) for _, dtype, shape in outputs]
         for (n, dtype, shape), y in zip(outputs, results):
             binding.bind_output(n, "cpu", 0, dtype, shape, y.ctypes.data)  # and writes into these
+        for out, inp in aliases:  # a fused decode graph's KV-cache update, in place (export/onnx_fuse.py)
+            x = bound[inp]
+            binding.bind_output(out, "cpu", 0, x.dtype, x.shape, x.ctypes.data)
         session.run_with_iobinding(binding)
         del keep
         return results
