@@ -327,3 +327,81 @@ def fuse_file(path, cfg) -> dict:
         onnx.checker.check_model(model)
         onnx.save(model, str(path))
     return counts
+
+
+def fuse_int8_activations(model: onnx.ModelProto) -> int:
+    """After export/onnx_quant.py, in decode graphs of one row (B = 1): w8a8's per-token activation
+    quantization and the integer matmul's rescale around each MatMulInteger, spelled in float
+
+        xq = Clip(Floor(Div(xs, step) + 0.5), -127, 127); u8 = Cast(xq + 128)
+        y  = Cast(MatMulInteger(u8, W, 128)) * step * scale
+
+    ->  u8 = QuantizeLinear(xs, step, 128); y = MatMulIntegerToFloat(u8, W, step, scale, 128) (com.microsoft).
+    One row means one step, the scalar both operators take. The integer sums are the same; QuantizeLinear
+    rounds half to even where the graph rounds half up (a difference only on exact .5 ties, as w4a8's
+    MatMulNBits already has), and the rescale multiplies by step * scale once. -> the number of matmuls."""
+    g = model.graph
+    token = next((i for i in g.input if i.name == "token"), None)
+    if token is None or token.type.tensor_type.shape.dim[0].dim_value != 1:
+        return 0
+    G = _Graph.__new__(_Graph)
+    G.model, G.g = model, g
+    G.consts = {t.name: numpy_helper.to_array(t) for t in g.initializer}
+    for n in g.node:
+        if n.op_type == "Constant":
+            G.consts[n.output[0]] = numpy_helper.to_array(n.attribute[0].t)
+    G.refresh()
+
+    def prod(name, op):
+        p = G.producer.get(name)
+        return p if p is not None and p.op_type == op else None
+
+    replace, count = {}, 0
+    for mm in g.node:
+        if mm.op_type != "MatMulInteger" or len(mm.input) != 3 or G.scalar(mm.input[2]) != 128:
+            continue
+        cast_u8 = prod(mm.input[0], "Cast")
+        shift = cast_u8 and prod(cast_u8.input[0], "Add")
+        clip = shift and prod(shift.input[0], "Clip")
+        floor = clip and prod(clip.input[0], "Floor")
+        half = floor and prod(floor.input[0], "Add")
+        div = half and prod(half.input[0], "Div")
+        out_cast = G.only_reader(mm.output[0], "Cast")
+        m_step = out_cast and G.only_reader(out_cast.output[0], "Mul")
+        m_scale = m_step and G.only_reader(m_step.output[0], "Mul")
+        if not (div and m_scale and G.scalar(shift.input[1]) == 128 and G.scalar(half.input[1]) == 0.5
+                and [G.scalar(i) for i in clip.input[1:]] == [-127, 127]):
+            continue
+        xs, step = div.input
+        if _other(m_step, out_cast.output[0]) != step:
+            continue
+        scale = _other(m_scale, m_step.output[0])
+        p = f"fuse_i8_{count}_"
+        zp = G.add_const("fuse_u8_128", np.array(128, np.uint8))
+        one = G.add_const("fuse_scalar_shape", np.zeros(0, np.int64))
+        replace[id(mm)] = [helper.make_node("Reshape", [step, one], [p + "step"]),
+                           helper.make_node("QuantizeLinear", [xs, p + "step", zp], [p + "u8"]),
+                           helper.make_node("MatMulIntegerToFloat", [p + "u8", mm.input[1], p + "step", scale, zp],
+                                            [m_scale.output[0]], domain=MS)]
+        replace[id(m_scale)] = []
+        count += 1
+    if not count:
+        return 0
+    nodes = []
+    for n in g.node:
+        nodes.extend(replace.get(id(n), [n]))
+    del g.node[:]
+    g.node.extend(nodes)
+    _live(g)
+    if not any(o.domain == MS for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid(MS, 1))
+    return count
+
+
+def fuse_int8_file(path) -> int:
+    model = onnx.load(str(path))
+    n = fuse_int8_activations(model)
+    if n:
+        onnx.checker.check_model(model)
+        onnx.save(model, str(path))
+    return n

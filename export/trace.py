@@ -82,6 +82,9 @@ def trace_rank(plan: Plan, out_dir: Path, on_graph=lambda name: None):
         if "onnx" in plan.formats and plan.quant:  # after Lite: it has no onnxruntime contrib ops
             from .onnx_quant import rewrite_file
             rewrite_file(out_dir / f"{graph.name}.onnx", int4=plan.dtype == "fp32")
+            if graph.name.startswith("decode_"):  # w8a8: quantize-and-rescale around the integer matmuls
+                from .onnx_fuse import fuse_int8_file
+                fuse_int8_file(out_dir / f"{graph.name}.onnx")
         on_graph(graph.name)
 
 

@@ -29,7 +29,7 @@ from .weights import load_rank_weights
 
 NP_DTYPES = {"int32": np.int32, "float32": np.float32, "float16": np.float16}
 PRESENT = "present."  # a graph output present.<input> is written into that input's buffer (export/onnx_fuse.py)
-PACKED_OPS = {"MatMulInteger": (1,), "MatMulNBits": (1, 2)}  # op -> the weight operands onnxruntime pre-packs
+PACKED_OPS = {"MatMulInteger": (1,), "MatMulIntegerToFloat": (1,), "MatMulNBits": (1, 2)}  # op -> the weight operands onnxruntime pre-packs
 
 
 def physical_cores() -> int:

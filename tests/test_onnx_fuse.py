@@ -118,3 +118,41 @@ def test_a_row_with_a_full_cache_is_left_alone(decode_onnx, tiny_cfg, tiny_weigh
     feed2 = dict(feed, write_index=np.array([5, 9], np.int32))
     ref, _ = _run(model, feed2, in_place=False)
     assert np.abs(got["logits"][1] - ref["logits"][1]).max() <= 1e-5
+
+
+def test_w8a8_decode_quantizes_activations_in_two_operators(tmp_path, tiny_cfg, tiny_weights):
+    """B = 1: per-token int8 quantization + MatMulInteger + rescale -> QuantizeLinear + MatMulIntegerToFloat,
+    the integer sums unchanged (only exact .5 ties could round differently)."""
+    from cogvlm2_lite.calib.quant import Quantizer, is_linear_weight
+    from cogvlm2_lite.export.onnx_export import export_onnx
+    from cogvlm2_lite.export.onnx_fuse import fuse_int8_activations
+    from cogvlm2_lite.export.onnx_quant import rewrite_quantized_matmuls
+    from cogvlm2_lite.export.trace import example_inputs, use_cpu
+    from cogvlm2_lite.graphs.entry import ExtendGraph
+    use_cpu()
+    g = ExtendGraph(tiny_cfg, 1, T, 1, quant="w8a8")
+    export_onnx(g, example_inputs(g, "fp32", 1), tmp_path / "d.onnx")
+    model = onnx.load(str(tmp_path / "d.onnx"))
+    rewrite_quantized_matmuls(model)
+    rng = np.random.default_rng(0)
+    stats = {n: rng.uniform(0.5, 3, int(np.prod(w.shape[1:]))).astype(np.float32)
+             for n, w in tiny_weights.items() if is_linear_weight(n, w.shape)}
+    q = Quantizer("w8a8", 1, stats).quantize(tiny_weights)
+    fused = onnx.ModelProto()
+    fused.CopyFrom(model)
+    n = fuse_int8_activations(fused)
+    onnx.checker.check_model(fused)
+    ops = [x.op_type for x in fused.graph.node]
+    assert n == ops.count("MatMulIntegerToFloat") == [x.op_type for x in model.graph.node].count("MatMulInteger") > 0
+    assert "MatMulInteger" not in ops and "Floor" not in ops
+    for wi in (0, 13, 31):
+        feed = {"token": np.array([[wi * 7 + 3]], np.int32), "position": np.array([wi + 2], np.int32),
+                "write_index": np.array([wi], np.int32)}
+        for i in range(g.layers):
+            for x in "kv":
+                feed[f"{x}_{i}"] = rng.standard_normal((1, 2, T, 8)).astype(np.float32)
+        feed.update({name: q[name] for name in g.table.names})
+        ref = ort.InferenceSession(model.SerializeToString()).run(None, feed)
+        got = ort.InferenceSession(fused.SerializeToString()).run(None, feed)
+        for a, b in zip(ref, got):
+            assert np.abs(a - b).max() <= 1e-5
