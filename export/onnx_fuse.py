@@ -27,7 +27,7 @@ onnxruntime-genai's models use):
              an idle entry (query_seqlens 0): nothing is written and its logits are undefined.
 
 Only the patterns above are touched; the rest of the graph, the quantized matmuls included (export/
-onnx_quant.py runs after this pass), stays as exported. Decode graphs only (C = 1, fp32 or fp16 compute):
+onnx_quant.py runs after this pass), stays as exported. Decode graphs only (C = 1; exercised with fp32 compute; fp16 graphs, whose norms carry Casts, keep their norms):
 extend and prefill read many tokens per weight read, where these ops do not matter.
 """
 import numpy as np
@@ -39,9 +39,9 @@ PRESENT = "present."  # an output named present.<input> aliases that input's buf
 
 
 class _Graph:
-    def __init__(self, model: onnx.ModelProto):
+    def __init__(self, model: onnx.ModelProto, shapes: bool = True):
         self.model, self.g = model, model.graph
-        inferred = onnx.shape_inference.infer_shapes(model)
+        inferred = onnx.shape_inference.infer_shapes(model) if shapes else onnx.ModelProto()
         self.shapes = {}
         for v in list(inferred.graph.value_info) + list(inferred.graph.input) + list(inferred.graph.output):
             t = v.type.tensor_type
@@ -344,13 +344,7 @@ def fuse_int8_activations(model: onnx.ModelProto) -> int:
     token = next((i for i in g.input if i.name == "token"), None)
     if token is None or token.type.tensor_type.shape.dim[0].dim_value != 1:
         return 0
-    G = _Graph.__new__(_Graph)
-    G.model, G.g = model, g
-    G.consts = {t.name: numpy_helper.to_array(t) for t in g.initializer}
-    for n in g.node:
-        if n.op_type == "Constant":
-            G.consts[n.output[0]] = numpy_helper.to_array(n.attribute[0].t)
-    G.refresh()
+    G = _Graph(model, shapes=False)  # onnx cannot infer shapes through the contrib ops by now
 
     def prod(name, op):
         p = G.producer.get(name)
