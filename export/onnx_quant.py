@@ -96,8 +96,9 @@ def rewrite_quantized_matmuls(model: onnx.ModelProto, forms: dict[str, Form], fp
             out.append(node)
             continue
         out += nodes
-        op = qweights[q[0]].onnxruntime["op"]
-        counts[op] = counts.get(op, 0) + 1
+        for n in nodes:
+            if n.op_type in qweights[q[0]].onnxruntime["ops"]:
+                counts[n.op_type] = counts.get(n.op_type, 0) + 1
     g.initializer.extend(graph.constants.values())
     del g.node[:]
     g.node.extend(_live(out, {o.name for o in g.output}))

@@ -82,9 +82,17 @@ def trace_rank(plan: Plan, out_dir: Path, on_graph=lambda name: None):
             convert_to_lite(out_dir / f"{graph.name}.onnx", out_dir / f"{graph.name}{SUFFIX}")
             if "onnx" not in plan.formats:
                 (out_dir / f"{graph.name}.onnx").unlink()
+        if "onnx" in plan.formats and graph.name.startswith("decode_"):  # after Lite, before the quantized matmuls
+            from .onnx_fuse import fuse_file
+            cfg = plan.cfg
+            fuse_file(out_dir / f"{graph.name}.onnx", (cfg.num_hidden_layers, cfg.num_attention_heads // plan.tp,
+                                                      cfg.num_multi_query_heads // plan.tp, cfg.head_dim, graph.cache_len))
         if "onnx" in plan.formats and plan.quant:  # after Lite: it has no onnxruntime contrib ops
             from .onnx_quant import rewrite_file
             rewrite_file(out_dir / f"{graph.name}.onnx", forms, fp32=plan.dtype == "fp32")
+            if graph.name.startswith("decode_"):  # w8a8: quantize-and-rescale around the integer matmuls
+                from .onnx_fuse import fuse_int8_file
+                fuse_int8_file(out_dir / f"{graph.name}.onnx")
         on_graph(graph.name)
 
 

@@ -114,7 +114,9 @@ class Form:
     name = ""
     suffixes = (".qweight", ".scale")
     layout = ""
-    onnxruntime = None   # {"op", "packed_operands", "every_graph"}: the kernel the ONNX rewrite uses
+    # the onnxruntime kernels this form's matmuls run as: {"ops": {op: [weight operands it pre-packs]},
+    # "every_graph": whether every graph must pre-pack (else decode graphs only)}; None: plain float ops
+    onnxruntime = None
     calibrated = False   # quantizing needs activation statistics (`cogvlm2-lite calibrate`)
 
     def takes(self, spec: WeightSpec, tp: int) -> bool:
@@ -190,7 +192,7 @@ class Int4(Form):
     name = "int4"
     layout = (f"NAME.qweight uint8 [out, in/2] (4-bit codes q+8, low nibble first) + NAME.scale fp32 [out, in/{GROUP}]: "
               "symmetric per group, dequantized in graph (onnxruntime: MatMulNBits)")
-    onnxruntime = {"op": "MatMulNBits", "packed_operands": [1, 2], "every_graph": False}
+    onnxruntime = {"ops": {"MatMulNBits": [1, 2]}, "every_graph": False}
     accuracy_level = 0   # MatMulNBits: fp32 activations
 
     def takes(self, spec, tp):
@@ -250,7 +252,7 @@ class Int4x8(Int4):
     layout = ("int4's tensors; activations quantized to int8 per group of a token at run time "
               "(onnxruntime: MatMulNBits, accuracy_level 4)")
     # MatMulNBits quantizes the activations (accuracy_level 4) only with weights it has pre-packed
-    onnxruntime = {"op": "MatMulNBits", "packed_operands": [1, 2], "every_graph": True}
+    onnxruntime = {"ops": {"MatMulNBits": [1, 2]}, "every_graph": True}
     accuracy_level = 4
 
     def graph_weight(self, w, i, rank, dtype):
@@ -291,7 +293,8 @@ class Int8x8(Form):
     suffixes = (".qweight", ".scale", ".smooth")
     layout = ("NAME.qweight int8 [in, out] + NAME.scale fp32 [out] + NAME.smooth fp32 [in]: SmoothQuant, activations "
               "x*smooth quantized per token to int8 at run time, integer matmul (onnxruntime: MatMulInteger)")
-    onnxruntime = {"op": "MatMulInteger", "packed_operands": [1], "every_graph": False}
+    # MatMulIntegerToFloat: what export/onnx_fuse.py makes of a one-row decode graph's quantize + MatMulInteger
+    onnxruntime = {"ops": {"MatMulInteger": [1], "MatMulIntegerToFloat": [1]}, "every_graph": False}
     # 7-bit weights (onnxruntime's `reduce_range`): without VNNI, MLAS's uint8 x int8 kernel adds pairs of
     # products in int16 (AVX2 vpmaddubsw), which saturates past 255 * 63 * 2. Measured on an AVX2-only AMD
     # EPYC: 8-bit weights put w8a8 decode logits 0.8 off the exact integer result; 7-bit ones match it.

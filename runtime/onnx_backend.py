@@ -28,6 +28,7 @@ from .bundle import Bundle, safetensors_header
 from .errors import UserError
 from .weights import load_rank_weights
 
+PRESENT = "present."  # a graph output present.<input> is written into that input's buffer (export/onnx_fuse.py)
 
 
 def physical_cores() -> int:
@@ -82,7 +83,7 @@ class OnnxRuntimeBackend:
             for f in bundle.weight_files(rank):
                 self._offsets.update({n: (f.name, h["data_offsets"]) for n, h in safetensors_header(f).items()})
         kernels = [f["onnxruntime"] for f in forms.values() if "onnxruntime" in f]
-        self._packed_ops = {k["op"]: tuple(k["packed_operands"]) for k in kernels}  # op -> operands it pre-packs
+        self._packed_ops = {op: tuple(i) for k in kernels for op, i in k["ops"].items()}  # op -> operands it pre-packs
         every_graph = any(k["every_graph"] for k in kernels)
 
         self.spinning = spinning
@@ -105,7 +106,9 @@ class OnnxRuntimeBackend:
                                 "again.")
             for n in weights & set(declared):
                 binding.bind_ortvalue_input(n, self._value(n, declared[n]))
-            self._graphs[name] = (session, binding, info, info.output_specs)
+            aliases = [(o.name, o.name[len(PRESENT):]) for o in session.get_outputs()
+                       if o.name.startswith(PRESENT) and o.name[len(PRESENT):] in declared]
+            self._graphs[name] = (session, binding, info, info.output_specs, aliases)
 
         if self.device == "cuda":
             self._arrays = self._values = None  # uploaded: the host copies are no longer needed
@@ -157,17 +160,21 @@ class OnnxRuntimeBackend:
         return self._ort.InferenceSession(model.SerializeToString(), options, providers=providers)
 
     def run(self, name: str, inputs: list[np.ndarray]) -> list[np.ndarray]:
-        session, binding, info, outputs = self._graphs[name]
+        session, binding, info, outputs, aliases = self._graphs[name]
         info.check_inputs(inputs)
-        keep = []
+        keep, bound = [], {}
         for (n, dtype, shape), x in zip(info.input_specs, inputs):
             if not x.flags.c_contiguous:
                 x = np.ascontiguousarray(x)
                 keep.append(x)
             binding.bind_input(n, "cpu", 0, dtype, shape, x.ctypes.data)  # onnxruntime reads the numpy memory
+            bound[n] = x
         results = [np.empty(shape, dtype) for _, dtype, shape in outputs]
         for (n, dtype, shape), y in zip(outputs, results):
             binding.bind_output(n, "cpu", 0, dtype, shape, y.ctypes.data)  # and writes into these
+        for out, inp in aliases:  # a fused decode graph's KV-cache update, in place (export/onnx_fuse.py)
+            x = bound[inp]
+            binding.bind_output(out, "cpu", 0, x.dtype, x.shape, x.ctypes.data)
         session.run_with_iobinding(binding)
         del keep
         return results

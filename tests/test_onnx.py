@@ -49,7 +49,10 @@ def test_manifest_lists_onnx_graphs_and_they_pass_the_checker(onnx_bundle, tiny_
         onnx.checker.check_model(model, full_check=True)
         # self-describing: data inputs, then the weights by HF name; no weight is baked in
         assert [i.name for i in model.graph.input] == [i["name"] for i in g["inputs"]] + m["weights"][g["weights"]]
-        assert [o.name for o in model.graph.output] == [o["name"] for o in g["outputs"]]
+        # decode graphs also write their KV-cache slot in place: present.<k_i|v_i> (export/onnx_fuse.py)
+        extra = [f"present.{x}_{i}" for i in range(m["model"]["num_hidden_layers"]) for x in "kv"] \
+            if name.startswith("decode_") else []
+        assert [o.name for o in model.graph.output] == [o["name"] for o in g["outputs"]] + extra
         assert sum(t.ByteSize() for t in model.graph.initializer) < 64 * 1024
     assert mindir["graphs"]["vision"]["files"] == {"mindir": "vision.mindir"}
     # weights are the same bytes: only the graph files differ
