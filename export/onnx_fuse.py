@@ -32,63 +32,12 @@ extend and prefill read many tokens per weight read, where these ops do not matt
 """
 import numpy as np
 import onnx
-from onnx import TensorProto, helper, numpy_helper
+from onnx import TensorProto, helper
+
+from .onnx_graph import OnnxGraph, rewrite_file, toposort
 
 MS = "com.microsoft"
 PRESENT = "present."  # an output named present.<input> aliases that input's buffer (runtime/onnx_backend.py)
-
-
-class _Graph:
-    def __init__(self, model: onnx.ModelProto, shapes: bool = True):
-        self.model, self.g = model, model.graph
-        inferred = onnx.shape_inference.infer_shapes(model) if shapes else onnx.ModelProto()
-        self.shapes = {}
-        for v in list(inferred.graph.value_info) + list(inferred.graph.input) + list(inferred.graph.output):
-            t = v.type.tensor_type
-            if t.HasField("shape") and all(d.HasField("dim_value") for d in t.shape.dim):
-                self.shapes[v.name] = tuple(d.dim_value for d in t.shape.dim)
-        self.consts = {t.name: numpy_helper.to_array(t) for t in self.g.initializer}
-        for n in self.g.node:
-            if n.op_type == "Constant":
-                self.consts[n.output[0]] = numpy_helper.to_array(n.attribute[0].t)
-        self.refresh()
-
-    def refresh(self):
-        self.producer = {o: n for n in self.g.node for o in n.output}
-        self.readers = {}
-        for n in self.g.node:
-            for i in n.input:
-                self.readers.setdefault(i, []).append(n)
-
-    def const(self, name):
-        """The value of a constant tensor (through Casts of constants), else None."""
-        if name in self.consts:
-            return self.consts[name]
-        p = self.producer.get(name)
-        if p is not None and p.op_type == "Cast" and p.input[0] in self.consts:
-            return self.consts[p.input[0]]
-        return None
-
-    def scalar(self, name):
-        c = self.const(name)
-        return None if c is None or c.size != 1 else float(c.reshape(()))
-
-    def only_reader(self, name, op):
-        r = self.readers.get(name, [])
-        return r[0] if len(r) == 1 and r[0].op_type == op else None
-
-    def add_const(self, name, array):
-        if name not in self.consts:
-            self.g.initializer.append(numpy_helper.from_array(array, name))
-            self.consts[name] = array
-        return name
-
-
-def _attr(node, name, default=None):
-    for a in node.attribute:
-        if a.name == name:
-            return helper.get_attribute_value(a)
-    return default
 
 
 def _other(node, name):
@@ -96,7 +45,7 @@ def _other(node, name):
     return node.input[1] if node.input[0] == name else node.input[0]
 
 
-def fuse_rms_norms(G: _Graph) -> int:
+def fuse_rms_norms(G: OnnxGraph) -> int:
     """Add + RMSNorm -> SkipSimplifiedLayerNormalization (module docstring)."""
     replace = {}  # id(Add node) -> the fused node; the norm's own nodes die with their last reader
     for pw in G.g.node:
@@ -108,8 +57,8 @@ def fuse_rms_norms(G: _Graph) -> int:
         eps = [G.scalar(i) for i in add_eps.input]
         mean = G.producer.get(add_eps.input[0] if eps[1] is not None else add_eps.input[1])
         eps = eps[1] if eps[1] is not None else eps[0]
-        if (eps is None or mean is None or mean.op_type != "ReduceMean" or list(_attr(mean, "axes", [])) != [-1]
-                or _attr(mean, "keepdims", 1) != 1):
+        if (eps is None or mean is None or mean.op_type != "ReduceMean" or list(OnnxGraph.attr(mean, "axes", [])) != [-1]
+                or OnnxGraph.attr(mean, "keepdims", 1) != 1):
             continue
         sq = G.producer.get(mean.input[0])
         if sq is None or sq.op_type != "Mul" or sq.input[0] != sq.input[1]:
@@ -143,7 +92,7 @@ def fuse_rms_norms(G: _Graph) -> int:
     return len(replace)
 
 
-def _ancestor_with_shape(G: _Graph, name, shape, limit=40):
+def _ancestor_with_shape(G: OnnxGraph, name, shape, limit=40):
     """The nearest tensor upstream of `name` of exactly `shape` (breadth-first), else None."""
     todo, seen = [name], set()
     while todo and len(seen) < limit:
@@ -159,7 +108,7 @@ def _ancestor_with_shape(G: _Graph, name, shape, limit=40):
     return None
 
 
-def _attention_output(G: _Graph, v_input):
+def _attention_output(G: OnnxGraph, v_input):
     """The ungrouped attention output downstream of the product with the cache `v_input`: the Reshape
     after the Transpose of cached_attention's _ungrouped, else None."""
     mm = G.only_reader(v_input, "MatMul")
@@ -179,7 +128,7 @@ def _attention_output(G: _Graph, v_input):
     return None
 
 
-def fuse_decode_attention(G: _Graph, cfg) -> int:
+def fuse_decode_attention(G: OnnxGraph, cfg) -> int:
     """RoPE + attention over the cache -> RotaryEmbedding + GroupQueryAttention (module docstring).
     cfg: (layers, heads, kv_heads, head_dim, cache_len) of the graph."""
     layers, heads, kv, d, t = cfg
@@ -256,7 +205,7 @@ def fuse_decode_attention(G: _Graph, cfg) -> int:
     replaced = {out for _, out in plan}
     kept = [n for n in g.node if not (set(n.output) & replaced)]
     del g.node[:]
-    g.node.extend(_toposort(kept + new, g))
+    g.node.extend(toposort(kept + new, g))
     for i in range(layers):
         for x in "kv":
             g.output.append(helper.make_tensor_value_info(PRESENT + f"{x}_{i}", elem, [b, kv, t, d]))
@@ -264,69 +213,21 @@ def fuse_decode_attention(G: _Graph, cfg) -> int:
     return layers
 
 
-def _toposort(nodes, g):
-    """Nodes in an order where every input is produced before it is read (ONNX requires it)."""
-    ready = {i.name for i in g.input} | {t.name for t in g.initializer} | {""}
-    producer = {o: n for n in nodes for o in n.output}
-    out, done = [], set()
-
-    def visit(n):
-        stack = [(n, False)]
-        while stack:
-            m, expanded = stack.pop()
-            if id(m) in done:
-                continue
-            if expanded:
-                done.add(id(m))
-                out.append(m)
-                continue
-            stack.append((m, True))
-            for i in reversed(m.input):
-                p = producer.get(i)
-                if i not in ready and p is not None and id(p) not in done:
-                    stack.append((p, False))
-    for n in nodes:
-        visit(n)
-    return out
-
-
-def _live(g):
-    """Drop nodes no graph output depends on, and initializers no node reads."""
-    producer = {o: n for n in g.node for o in n.output}
-    need, todo = set(), [o.name for o in g.output]
-    while todo:
-        n = producer.get(todo.pop())
-        if n is not None and id(n) not in need:
-            need.add(id(n))
-            todo.extend(i for i in n.input if i)
-    nodes = [n for n in g.node if id(n) in need]
-    del g.node[:]
-    g.node.extend(nodes)
-    used = {i for n in g.node for i in n.input}
-    keep = [t for t in g.initializer if t.name in used]
-    del g.initializer[:]
-    g.initializer.extend(keep)
-
-
 def fuse_decode(model: onnx.ModelProto, cfg) -> dict:
     """Rewrite a decode_<T> graph in place; cfg = (layers, heads, kv_heads, head_dim, cache_len) per rank.
     -> {"SkipSimplifiedLayerNormalization": n, "GroupQueryAttention": n}."""
-    G = _Graph(model)
+    G = OnnxGraph(model, shapes=True)
     counts = {"GroupQueryAttention": fuse_decode_attention(G, cfg)}
     counts["SkipSimplifiedLayerNormalization"] = fuse_rms_norms(G)
-    _live(model.graph)
-    if any(counts.values()) and not any(o.domain == MS for o in model.opset_import):
-        model.opset_import.append(helper.make_opsetid(MS, 1))
+    G.prune()
+    if any(counts.values()):
+        G.use_domain(MS)
     return counts
 
 
 def fuse_file(path, cfg) -> dict:
-    model = onnx.load(str(path))
-    counts = fuse_decode(model, cfg)
-    if any(counts.values()):
-        onnx.checker.check_model(model)
-        onnx.save(model, str(path))
-    return counts
+    """`fuse_decode` on the ONNX file at `path`, saved back when it fused anything."""
+    return rewrite_file(path, lambda model: {k: v for k, v in fuse_decode(model, cfg).items() if v})
 
 
 def fuse_int8_activations(model: onnx.ModelProto) -> int:
@@ -344,7 +245,7 @@ def fuse_int8_activations(model: onnx.ModelProto) -> int:
     token = next((i for i in g.input if i.name == "token"), None)
     if token is None or token.type.tensor_type.shape.dim[0].dim_value != 1:
         return 0
-    G = _Graph(model, shapes=False)  # onnx cannot infer shapes through the contrib ops by now
+    G = OnnxGraph(model)  # onnx cannot infer shapes through the contrib ops by now
 
     def prod(name, op):
         p = G.producer.get(name)
@@ -386,16 +287,11 @@ def fuse_int8_activations(model: onnx.ModelProto) -> int:
         nodes.extend(replace.get(id(n), [n]))
     del g.node[:]
     g.node.extend(nodes)
-    _live(g)
-    if not any(o.domain == MS for o in model.opset_import):
-        model.opset_import.append(helper.make_opsetid(MS, 1))
+    G.prune()
+    G.use_domain(MS)
     return count
 
 
 def fuse_int8_file(path) -> int:
-    model = onnx.load(str(path))
-    n = fuse_int8_activations(model)
-    if n:
-        onnx.checker.check_model(model)
-        onnx.save(model, str(path))
-    return n
+    """`fuse_int8_activations` on the ONNX file at `path`, saved back when it fused anything."""
+    return rewrite_file(path, fuse_int8_activations)

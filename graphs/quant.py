@@ -151,7 +151,7 @@ class Form:
 
     def onnx_nodes(self, node, qweight: str, graph) -> list | None:
         """The nodes replacing the exported MatMul/Gemm `node` whose weight is computed from `qweight`
-        (export/onnx_quant.py's OnnxGraph), or None to keep it as exported."""
+        (export/onnx_quant.py's QuantGraph), or None to keep it as exported."""
         return None
 
     def arrays(self, stored: dict, name: str) -> list:
@@ -234,7 +234,7 @@ class Int4(Form):
         graph.declare(scale, "float32", [n_out * blocks])
         nodes = []
         if x != node.input[0]:  # the exporter may have merged the reshapes of x: view it as [rows, K] again
-            nodes.append(helper.make_node("Reshape", [x, graph.constant(f"quant_rows_{k}", np.array([-1, k], np.int64))],
+            nodes.append(helper.make_node("Reshape", [x, graph.add_const(f"quant_rows_{k}", np.array([-1, k], np.int64))],
                                           [f"{y}_rows"]))
             x = f"{y}_rows"
         nodes.append(helper.make_node("MatMulNBits", [x, qweight, scale], [y], domain="com.microsoft", K=k, N=n_out,
@@ -352,8 +352,8 @@ class Int8x8(Form):
         from onnx import TensorProto, helper
         y = node.output[0]
         n = f"{y}_int"
-        shift = graph.constant("quant_128f", np.array(128, np.float32))
-        zero = graph.constant("quant_zero_point_128", np.array(128, np.uint8))
+        shift = graph.add_const("quant_128f", np.array(128, np.float32))
+        zero = graph.add_const("quant_zero_point_128", np.array(128, np.uint8))
         return [helper.make_node("Add", [node.input[0], shift], [n + "_shift"]),
                 helper.make_node("Cast", [n + "_shift"], [n + "_u8"], to=TensorProto.UINT8),
                 helper.make_node("MatMulInteger", [n + "_u8", qweight, zero], [n + "_i32"]),
