@@ -128,7 +128,7 @@ class Worker:
         results = model.predict(tensors)
         arrays = []
         for r, (shape, dtype) in zip(results, outs):
-            a = r.get_data_to_numpy()
+            a = np.array(r.get_data_to_numpy())  # a copy: the array Lite returns aliases a buffer it reuses
             if a.size != int(np.prod(shape)) or a.dtype != dtype:
                 raise RuntimeError("%s output %s: got %s%s, expected %s%s" % (
                     name, r.name, a.dtype, list(a.shape), np.dtype(dtype).name, shape))
