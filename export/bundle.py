@@ -185,6 +185,9 @@ def build_manifest(plan: Plan, staging: Path, tokenizer_ranks: int, generation: 
             "files": files, "weights": family,
             "inputs": [{"name": n, "shape": list(s), "dtype": d} for n, s, d in g.inputs],
             "outputs": [{"name": n, "shape": list(s), "dtype": d} for n, s, d in g.outputs]}
+        if "lite" in plan.formats:  # how its Lite file takes and multiplies its weights (export/lite_export.py)
+            from .lite_export import lite_form
+            graphs[g.name]["lite"] = lite_form(g.name, plan.batch)
     vision_names = next(plan.graphs()).table.names
     language_names = [s.name for s in weight_specs(cfg, plan.quant, plan.tp)][len(vision_names):]
     stop_ids = list(dict.fromkeys(cfg.stop_ids() + list(np.atleast_1d(generation.get("eos_token_id", [])).tolist())))

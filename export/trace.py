@@ -78,8 +78,9 @@ def trace_rank(plan: Plan, out_dir: Path, on_graph=lambda name: None):
             from .onnx_export import export_onnx  # imports onnx only when asked for
             export_onnx(graph, inputs, out_dir / f"{graph.name}.onnx")
         if "lite" in plan.formats:  # MindSpore Lite's MindIR, converted from the ONNX graph
-            from .lite_export import SUFFIX, convert_to_lite
-            convert_to_lite(out_dir / f"{graph.name}.onnx", out_dir / f"{graph.name}{SUFFIX}")
+            from .lite_export import SUFFIX, convert_to_lite, lite_form
+            convert_to_lite(out_dir / f"{graph.name}.onnx", out_dir / f"{graph.name}{SUFFIX}",
+                            lite_form(graph.name, plan.batch))
             if "onnx" not in plan.formats:
                 (out_dir / f"{graph.name}.onnx").unlink()
         if "onnx" in plan.formats and graph.name.startswith("decode_"):  # after Lite, before the quantized matmuls

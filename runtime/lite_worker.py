@@ -95,6 +95,10 @@ class Worker:
         context.cpu.thread_affinity_mode = 0
         self.graphs = {}
         for name, g in m["graphs"].items():
+            form = g.get("lite", {"weights": "inputs"})  # export/lite_export.py: how the file gets its weights
+            if form["weights"] != "inputs":
+                raise RuntimeError("%s: this worker binds weights as inputs, the bundle says %r"
+                                   % (name, form["weights"]))
             model = mslite.Model()
             model.build_from_file(os.path.join(rank_dir, g["files"]["lite"]), mslite.ModelType.MINDIR, context)
             tensors = model.get_inputs()
@@ -124,7 +128,7 @@ class Worker:
         results = model.predict(tensors)
         arrays = []
         for r, (shape, dtype) in zip(results, outs):
-            a = r.get_data_to_numpy()
+            a = np.array(r.get_data_to_numpy())  # a copy: the array Lite returns aliases a buffer it reuses
             if a.size != int(np.prod(shape)) or a.dtype != dtype:
                 raise RuntimeError("%s output %s: got %s%s, expected %s%s" % (
                     name, r.name, a.dtype, list(a.shape), np.dtype(dtype).name, shape))

@@ -6,6 +6,7 @@ import json
 import numpy as np
 import pytest
 
+from cogvlm2_lite.export.lite_export import LINEAR_GEMV, lite_form
 from cogvlm2_lite.runtime.backends import BACKENDS, open_backend, usable_backends
 from cogvlm2_lite.runtime.bundle import Bundle
 from cogvlm2_lite.runtime.engine import Engine, Request
@@ -43,6 +44,9 @@ def test_manifest_lists_lite_graphs(lite_bundle, tiny_bundle):
         assert f"rank0/{name}.lite.mindir" in m["files"]
         assert not (lite_bundle / "rank0" / f"{name}.onnx").exists()  # the ONNX step left nothing behind
         assert g["inputs"] == mindir["graphs"][name]["inputs"]
+        assert g["lite"] == lite_form(name, m["batch"])  # decode: W @ x^T, the rest Gemm; weights as inputs
+    assert {n for n, g in m["graphs"].items() if g["lite"]["linear"] == LINEAR_GEMV} == {
+        n for n in m["graphs"] if n.startswith("decode")}
 
 
 def _parity(engines, photo):
