@@ -22,10 +22,12 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-from onnx import helper, numpy_helper
+from onnx import helper
 
 from cogvlm2_lite.runtime.errors import UserError
 from cogvlm2_lite.runtime.lite_backend import WORKER, lite_python
+
+from .onnx_graph import OnnxGraph
 
 SUFFIX = ".lite.mindir"
 LINEAR_GEMM = "gemm"  # x @ W^T as exported (Lite packs W per call; fine when many rows share the pack)
@@ -57,13 +59,11 @@ def prune_unused_inputs(model: onnx.ModelProto) -> list[str]:
 def weight_first_matvec(model: onnx.ModelProto) -> int:
     """Rewrite each one-row `Gemm(x, W, transB=1)` whose W is a graph input as `W @ x^T` (module docstring).
     Returns how many were rewritten."""
-    g = model.graph
-    shapes = {v.name: [d.dim_value for d in v.type.tensor_type.shape.dim]
-              for v in list(onnx.shape_inference.infer_shapes(model).graph.value_info) + list(g.input)}
-    inputs = {i.name for i in g.input}
+    G = OnnxGraph(model, shapes=True)
+    g, shapes, inputs = G.g, G.shapes, G.inputs
     nodes, done = [], 0
     for n in g.node:
-        attrs = {a.name: helper.get_attribute_value(a) for a in n.attribute}
+        attrs = OnnxGraph.attrs(n)
         x_shape = shapes.get(n.input[0]) if n.op_type == "Gemm" else None
         if (n.op_type != "Gemm" or len(n.input) != 2 or n.input[1] not in inputs or attrs.get("transA", 0)
                 or attrs.get("transB", 0) != 1 or attrs.get("alpha", 1.0) != 1.0 or x_shape is None
@@ -72,8 +72,8 @@ def weight_first_matvec(model: onnx.ModelProto) -> int:
             continue
         out_dim, in_dim = shapes[n.input[1]]
         col, to_col, to_row, y_col = (f"{n.name}/{s}" for s in ("x_col", "shape_col", "shape_row", "y_col"))
-        g.initializer.extend([numpy_helper.from_array(np.array([in_dim, 1], np.int64), to_col),
-                              numpy_helper.from_array(np.array([1, out_dim], np.int64), to_row)])
+        G.add_const(to_col, np.array([in_dim, 1], np.int64))
+        G.add_const(to_row, np.array([1, out_dim], np.int64))
         nodes += [helper.make_node("Reshape", [n.input[0], to_col], [col], name=f"{n.name}/reshape_x"),
                   helper.make_node("MatMul", [n.input[1], col], [y_col], name=n.name),
                   helper.make_node("Reshape", [y_col, to_row], [n.output[0]], name=f"{n.name}/reshape_y")]

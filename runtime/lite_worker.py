@@ -95,7 +95,7 @@ class Worker:
         context.cpu.thread_affinity_mode = 0
         self.graphs = {}
         for name, g in m["graphs"].items():
-            form = g.get("lite", {"weights": "inputs"})  # export/lite_export.py: how the file gets its weights
+            form = g["lite"]  # export/lite_export.py: how the file gets its weights
             if form["weights"] != "inputs":
                 raise RuntimeError("%s: this worker binds weights as inputs, the bundle says %r"
                                    % (name, form["weights"]))
