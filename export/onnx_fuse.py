@@ -34,7 +34,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
-from .onnx_graph import OnnxGraph, rewrite_file, toposort
+from .onnx_graph import OnnxGraph, toposort
 
 MS = "com.microsoft"
 PRESENT = "present."  # an output named present.<input> aliases that input's buffer (runtime/onnx_backend.py)
@@ -225,11 +225,6 @@ def fuse_decode(model: onnx.ModelProto, cfg) -> dict:
     return counts
 
 
-def fuse_file(path, cfg) -> dict:
-    """`fuse_decode` on the ONNX file at `path`, saved back when it fused anything."""
-    return rewrite_file(path, lambda model: {k: v for k, v in fuse_decode(model, cfg).items() if v})
-
-
 def fuse_int8_activations(model: onnx.ModelProto) -> int:
     """After export/onnx_quant.py, in decode graphs of one row (B = 1): w8a8's per-token activation
     quantization and the integer matmul's rescale around each MatMulInteger, spelled in float
@@ -290,8 +285,3 @@ def fuse_int8_activations(model: onnx.ModelProto) -> int:
     G.prune()
     G.use_domain(MS)
     return count
-
-
-def fuse_int8_file(path) -> int:
-    """`fuse_int8_activations` on the ONNX file at `path`, saved back when it fused anything."""
-    return rewrite_file(path, fuse_int8_activations)

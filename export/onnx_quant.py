@@ -11,7 +11,7 @@ import onnx
 
 from cogvlm2_lite.graphs.quant import Form
 
-from .onnx_graph import OnnxGraph, rewrite_file as _rewrite_file
+from .onnx_graph import OnnxGraph
 
 
 class QuantGraph(OnnxGraph):
@@ -68,8 +68,3 @@ def rewrite_quantized_matmuls(model: onnx.ModelProto, forms: dict[str, Form], fp
     if any(n.domain == "com.microsoft" for n in g.node):
         graph.use_domain("com.microsoft")
     return counts
-
-
-def rewrite_file(path, forms: dict[str, Form], fp32: bool = True) -> dict:
-    """`rewrite_quantized_matmuls` on the ONNX file at `path`, saved back when anything changed."""
-    return _rewrite_file(path, rewrite_quantized_matmuls, forms, fp32)

@@ -83,18 +83,30 @@ def trace_rank(plan: Plan, out_dir: Path, on_graph=lambda name: None):
                             lite_form(graph.name, plan.batch))
             if "onnx" not in plan.formats:
                 (out_dir / f"{graph.name}.onnx").unlink()
-        if "onnx" in plan.formats and graph.name.startswith("decode_"):  # after Lite, before the quantized matmuls
-            from .onnx_fuse import fuse_file
-            cfg = plan.cfg
-            fuse_file(out_dir / f"{graph.name}.onnx", (cfg.num_hidden_layers, cfg.num_attention_heads // plan.tp,
-                                                      cfg.num_multi_query_heads // plan.tp, cfg.head_dim, graph.cache_len))
-        if "onnx" in plan.formats and plan.quant:  # after Lite: it has no onnxruntime contrib ops
-            from .onnx_quant import rewrite_file
-            rewrite_file(out_dir / f"{graph.name}.onnx", forms, fp32=plan.dtype == "fp32")
-            if graph.name.startswith("decode_"):  # w8a8: quantize-and-rescale around the integer matmuls
-                from .onnx_fuse import fuse_int8_file
-                fuse_int8_file(out_dir / f"{graph.name}.onnx")
+        if "onnx" in plan.formats:  # after Lite: it has none of onnxruntime's contrib ops
+            from .onnx_graph import rewrite_file
+            rewrite_file(out_dir / f"{graph.name}.onnx", for_onnxruntime, graph, plan, forms)
         on_graph(graph.name)
+
+
+def for_onnxruntime(model, graph, plan: Plan, forms: dict) -> bool:
+    """The rewrites for onnxruntime of one exported graph, in order, on one loaded copy -> whether any
+    changed it: a decode graph's fused kernels (export/onnx_fuse.py), the quantized matmuls
+    (export/onnx_quant.py), then w8a8's one-row activation quantization around them (onnx_fuse.py)."""
+    from .onnx_fuse import fuse_decode, fuse_int8_activations
+    from .onnx_quant import rewrite_quantized_matmuls
+    decode = graph.name.startswith("decode_")
+    changed = False
+    if decode:
+        cfg = plan.cfg
+        changed |= any(fuse_decode(model, (cfg.num_hidden_layers, cfg.num_attention_heads // plan.tp,
+                                           cfg.num_multi_query_heads // plan.tp, cfg.head_dim,
+                                           graph.cache_len)).values())
+    if plan.quant:
+        changed |= bool(rewrite_quantized_matmuls(model, forms, fp32=plan.dtype == "fp32"))
+        if decode:
+            changed |= bool(fuse_int8_activations(model))
+    return changed
 
 
 def _worker(plan_path: str):

@@ -9,6 +9,7 @@ import hashlib
 import json
 import struct
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import ml_dtypes  # noqa: F401  (registers numpy's "bfloat16" dtype name, a manifest's dtype for bf16 bundles)
@@ -33,12 +34,12 @@ class GraphInfo:
     def _specs(tensors) -> list[tuple[str, np.dtype, tuple]]:
         return [(d["name"], np.dtype(d["dtype"]), tuple(d["shape"])) for d in tensors]
 
-    @property
+    @cached_property   # read on every graph call: computed once per GraphInfo
     def input_specs(self) -> list[tuple[str, np.dtype, tuple]]:
         """(name, dtype, shape) of each data input, in call order."""
         return self._specs(self.inputs)
 
-    @property
+    @cached_property
     def output_specs(self) -> list[tuple[str, np.dtype, tuple]]:
         """(name, dtype, shape) of each output, in order."""
         return self._specs(self.outputs)

@@ -280,9 +280,8 @@ def test_sigterm_finishes_or_ends_running_requests_within_the_bound(tiny_bundle)
         lines = r.iter_lines()
         next(lines)
         s.proc.terminate()
-        t = time.time()
         events = [line[6:] for line in lines if line.startswith("data: ")]
-    assert s.proc.wait(timeout=30) == 0 and time.time() - t < 15
+    assert s.proc.wait(timeout=15) == 0   # the bound: --shutdown-timeout 1 plus start-up slack; a hang fails here
     assert events[-1] == "[DONE]"
     last = json.loads(events[-2])
     assert ("error" in last and "shut down before this request finished" in last["error"]["message"]) or \
