@@ -20,6 +20,8 @@ from .profile import Recorder, mindspore_cell_call, profile_mindspore
 from .timing import minor_faults, peak_rss_bytes, repeat, rss_bytes, stats
 
 PROMPT = "Describe the image in detail."
+# what `bench --sections` chooses from, in the order they run (generate needs decode)
+SECTIONS = ("preprocess", "vision", "ttft", "prefill", "ttft_curve", "serving", "decode", "generate", "profile")
 TORCHVISION_1344_S = 0.030  # FINDINGS: torchvision's Compose 27-32 ms per photo at 1344 on this machine class
 
 
@@ -46,21 +48,34 @@ def measure_backend(bundle_path: str, backend: str, o: dict) -> dict:
     if o.get("ref_out"):
         np.save(o["ref_out"], ref)
 
-    res["preprocess"] = _preprocess(engine, photo, o)
-    res["vision"], embeds = _vision(engine, photo, o)
-    first_calls["vision"] = res["vision"]["first_call_s"]
-    rss["after_vision"] = (rss_bytes(), peak_rss_bytes())
-    res["ttft"] = _ttft(engine, photo, o, first_calls)
-    rss["after_ttft"] = (rss_bytes(), peak_rss_bytes())
-    res["prefill"] = _prefill(engine, embeds, rng, o, rss)
-    res["ttft_by_prompt_length"] = _ttft_curve(engine, rng, photo, max(1, o["reps"] // 3))
-    res["serving"] = _serving(engine, rng, o)
-    res["decode"], last_call = _decode(engine, o, rss)
-    res["generate"] = _generate(engine, photo, o, _host(engine, res["decode"], last_call, ref, o))
-    if o.get("profile") and engine.backend.name == "mindspore":
+    want = set(o.get("sections") or SECTIONS)
+    if "preprocess" in want:
+        res["preprocess"] = _preprocess(engine, photo, o)
+    embeds = None
+    if "vision" in want:
+        res["vision"], embeds = _vision(engine, photo, o)
+        first_calls["vision"] = res["vision"]["first_call_s"]
+        rss["after_vision"] = (rss_bytes(), peak_rss_bytes())
+    if "ttft" in want:
+        res["ttft"] = _ttft(engine, photo, o, first_calls)
+        rss["after_ttft"] = (rss_bytes(), peak_rss_bytes())
+    if "prefill" in want:
+        if embeds is None:
+            embeds = _vision(engine, photo, {**o, "warmup": 0, "reps": 1})[1]
+        res["prefill"] = _prefill(engine, embeds, rng, o, rss)
+    if "ttft_curve" in want:
+        res["ttft_by_prompt_length"] = _ttft_curve(engine, rng, photo, max(1, o["reps"] // 3))
+    if "serving" in want:
+        res["serving"] = _serving(engine, rng, o)
+    if "decode" in want:
+        res["decode"], last_call = _decode(engine, o, rss)
+        if "generate" in want:
+            res["generate"] = _generate(engine, photo, o, _host(engine, res["decode"], last_call, ref, o))
+    if "profile" in want and o.get("profile") and engine.backend.name == "mindspore":
         res["profile"] = _profile(engine, rng, o)
     rss["end"] = (rss_bytes(), peak_rss_bytes())
     res["memory"] = {"peak_rss_bytes": peak_rss_bytes(), "kv_cache_bytes": int(engine.cache.nbytes),
+                     "packed_weight_bytes": sum(getattr(engine.backend, "packed_bytes", {}).values()),
                      "weight_bytes": int(engine.bundle.weight_bytes(0)),
                      "rss_by_phase": {k: {"rss_bytes": a, "peak_rss_bytes": b} for k, (a, b) in rss.items()}}
     return res
@@ -150,9 +165,23 @@ def _ttft(engine, photo: bytes, o: dict, first_calls: dict) -> dict:
         if i >= o["warmup"]:
             for k, dt in zip(phases, (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4)):
                 phases[k].append(dt)
-    gen = [engine.generate([Request(PROMPT, image=photo, params=greedy)])[0].ttft_s for _ in range(max(1, o["reps"] // 2))]
+    # generate()'s own TTFT, from reps // 2 more prompts (none with one rep: at full size an image prompt takes minutes)
+    gen = [engine.generate([Request(PROMPT, image=photo, params=greedy)])[0].ttft_s for _ in range(o["reps"] // 2)]
+    text = {k: [] for k in ("tokenize", "prefill", "first_sample")}
+    for i in range(o["warmup"] + o["reps"]):   # the same question without the image
+        t0 = time.perf_counter()
+        tids, ttypes = engine.tokenizer.build_inputs(PROMPT, (), engine.template, 0)
+        t1 = time.perf_counter()
+        logits = engine.prefill([tids], None, [position_ids(ttypes)])
+        t2 = time.perf_counter()
+        Sampler(greedy, tids)(logits[0])
+        if i >= o["warmup"]:
+            for k, dt in zip(text, (t1 - t0, t2 - t1, time.perf_counter() - t2)):
+                text[k].append(dt)
     return {"prompt_tokens": len(ids), "s": stats([sum(p) for p in zip(*phases.values())]),
-            "breakdown": {k: stats(v) for k, v in phases.items()}, "generate_ttft_s": stats(gen)}
+            "breakdown": {k: stats(v) for k, v in phases.items()}, "generate_ttft_s": stats(gen),
+            "text": {"prompt_tokens": len(tids), "s": stats([sum(p) for p in zip(*text.values())]),
+                     "breakdown": {k: stats(v) for k, v in text.items()}}}
 
 
 def _prefill(engine, embeds, rng, o: dict, rss: dict) -> list:
@@ -245,7 +274,7 @@ def _decode(engine, o: dict, rss: dict):
     cache, warmup = engine.cache, o["warmup"]
     decode, prev, last = [], 0, None
     tokens = np.full(engine.batch, 7, np.int32)
-    for t_bucket in engine.bundle.buckets["decode"]:
+    for t_bucket in engine.cache.buckets:
         n = min(warmup + o["decode_reps"], t_bucket - prev)
         w = min(warmup, n - 1)
         if n - w < 1:
@@ -356,8 +385,8 @@ def _profile(engine, rng, o: dict) -> dict:
     try:
         name, fn = decode_call(0)
         out["decode"] = {"graph": name, **profile_mindspore(fn, o["profile_steps"])}
-        if len(engine.bundle.buckets["decode"]) > 1:   # the largest bucket too: does the cache length matter?
-            name, fn = decode_call(engine.bundle.buckets["decode"][-1] - 2)
+        if len(engine.cache.buckets) > 1:   # the largest bucket too: does the cache length matter?
+            name, fn = decode_call(engine.cache.max_len - 2)
             fn()
             out["decode_largest"] = {"graph": name, **profile_mindspore(fn, o["profile_steps"])}
         c = engine.chunks[-1]

@@ -35,10 +35,12 @@ def plot(report: dict, path):
 
     bars = []
     for n, r in ok.items():
-        bars.append((f"{n} TTFT", [(k, v["median"] * 1e3) for k, v in r["ttft"]["breakdown"].items()]))
-        h = r["generate"]["host_breakdown"]
-        bars.append((f"{n} decode step", [("graph", h["graph_per_step_s"] * 1e3),
-                                          ("host", max(0.0, h["loop_step_s"] - h["graph_per_step_s"]) * 1e3)]))
+        if "ttft" in r:
+            bars.append((f"{n} TTFT", [(k, v["median"] * 1e3) for k, v in r["ttft"]["breakdown"].items()]))
+        if "generate" in r:
+            h = r["generate"]["host_breakdown"]
+            bars.append((f"{n} decode step", [("graph", h["graph_per_step_s"] * 1e3),
+                                              ("host", max(0.0, h["loop_step_s"] - h["graph_per_step_s"]) * 1e3)]))
     phases = list(dict.fromkeys(k for _, segs in bars for k, _ in segs))
     colors = dict(zip(phases, plt.get_cmap("tab10").colors))
     labelled = set()
@@ -54,9 +56,9 @@ def plot(report: dict, path):
     right.set(title="time breakdown", xlabel="ms")
     right.legend(fontsize=8, ncol=4, loc="lower right")
 
-    lines = [f"{n}: decode {100 * (s['decode_roofline_fraction'] or 0):.0f}% of roofline, host "
-             f"{100 * s['host_overhead_share']:.1f}%, TTFT {s['ttft_s'] * 1e3:.0f} ms, e2e "
-             f"{s['e2e_tokens_per_s'] or 0:.1f} tok/s"
+    lines = [f"{n}: decode {100 * (s.get('decode_roofline_fraction') or 0):.0f}% of roofline, host "
+             f"{100 * (s.get('host_overhead_share') or 0):.1f}%, TTFT {(s.get('ttft_s') or 0) * 1e3:.0f} ms, e2e "
+             f"{s.get('e2e_tokens_per_s') or 0:.1f} tok/s"
              + (f", exported {s['eager_over_exported']:.1f}x faster than eager" if "eager_over_exported" in s else "")
              for n, s in report["summary"].items()]
     fig.text(0.01, 0.01, "\n".join(lines), fontsize=9, va="bottom")

@@ -18,7 +18,7 @@ def derive(report: dict):
     for name, r in report["backends"].items():
         if "error" in r or "skipped" in r:
             continue
-        for d in r["decode"]:
+        for d in r.get("decode", []):
             need = ref["decode_weight_bytes"] + ref["kv_read_bytes"][str(d["bucket"])]
             d["bytes_read"] = need
             d["roofline_s"] = need / bw
@@ -26,28 +26,37 @@ def derive(report: dict):
             d["graph_roofline_fraction"] = d["roofline_s"] / d["graph_s"]["median"]
             d["effective_bytes_per_s"] = need / d["step_s"]["median"]
             d["roofline_fraction_best"] = d["roofline_s"] / d["step_s"]["min"]   # fastest step: what contention hides
-        for p in r["prefill"]:
+        for p in r.get("prefill", []):
             p["flops"] = ref["prefill_flops"][p["kind"]][str(p["bucket"])]
             p["flop_per_s"] = p["flops"] / p["s"]["median"]
             p["peak_fraction"] = p["flop_per_s"] / peak
-        d0 = r["decode"][0] if r["decode"] else None
+        d0 = r["decode"][0] if r.get("decode") else None
         s = {"load_s": r["load"]["load_s"], "peak_rss_bytes": r["memory"]["peak_rss_bytes"],
-             "kv_cache_bytes": r["memory"]["kv_cache_bytes"],
-             "preprocess_bundle_size_s": r["preprocess"]["bundle_size"]["s"]["median"],
-             "preprocess_1344_s": r["preprocess"]["size_1344"]["s"]["median"],
-             "vision_s": r["vision"]["s"]["median"], "ttft_s": r["ttft"]["s"]["median"],
-             "ttft_breakdown_s": {k: v["median"] for k, v in r["ttft"]["breakdown"].items()},
-             "prefill_tokens_per_s": {f"{p['kind']}_{p['bucket']}": p["tokens_per_s"] for p in r["prefill"]},
-             "prefill_peak_fraction": max((p["peak_fraction"] for p in r["prefill"]), default=None),
-             "tpot_s": {str(d["bucket"]): d["step_s"]["median"] for d in r["decode"]},
-             "decode_roofline_fraction": d0["roofline_fraction"] if d0 else None,
-             "decode_roofline_fraction_by_bucket": {str(d["bucket"]): d["roofline_fraction"] for d in r["decode"]},
-             "decode_roofline_fraction_best_step": d0["roofline_fraction_best"] if d0 else None,
-             "serving_output_tokens_per_s": {f"{x['policy']}_x{x['concurrency']}": x["output_tokens_per_s"]
-                                             for x in r.get("serving", {}).get("runs", [])},
-             "e2e_tokens_per_s": r["generate"]["e2e_tokens_per_s"].get("median"),
-             "decode_tokens_per_s": r["generate"]["decode_tokens_per_s"].get("median"),
-             "host_overhead_share": r["generate"]["host_overhead_share"]}
+             "kv_cache_bytes": r["memory"]["kv_cache_bytes"]}
+        if "preprocess" in r:
+            s["preprocess_bundle_size_s"] = r["preprocess"]["bundle_size"]["s"]["median"]
+            s["preprocess_1344_s"] = r["preprocess"]["size_1344"]["s"]["median"]
+        if "vision" in r:
+            s["vision_s"] = r["vision"]["s"]["median"]
+        if "ttft" in r:
+            s["ttft_s"] = r["ttft"]["s"]["median"]
+            s["ttft_breakdown_s"] = {k: v["median"] for k, v in r["ttft"]["breakdown"].items()}
+            s["text_ttft_s"] = r["ttft"]["text"]["s"]["median"]
+        if "prefill" in r:
+            s["prefill_tokens_per_s"] = {f"{p['kind']}_{p['bucket']}": p["tokens_per_s"] for p in r["prefill"]}
+            s["prefill_peak_fraction"] = max((p["peak_fraction"] for p in r["prefill"]), default=None)
+        if "decode" in r:
+            s["tpot_s"] = {str(d["bucket"]): d["step_s"]["median"] for d in r["decode"]}
+            s["decode_roofline_fraction"] = d0["roofline_fraction"] if d0 else None
+            s["decode_roofline_fraction_by_bucket"] = {str(d["bucket"]): d["roofline_fraction"] for d in r["decode"]}
+            s["decode_roofline_fraction_best_step"] = d0["roofline_fraction_best"] if d0 else None
+        if "serving" in r:
+            s["serving_output_tokens_per_s"] = {f"{x['policy']}_x{x['concurrency']}": x["output_tokens_per_s"]
+                                                for x in r["serving"]["runs"]}
+        if "generate" in r:
+            s["e2e_tokens_per_s"] = r["generate"]["e2e_tokens_per_s"].get("median")
+            s["decode_tokens_per_s"] = r["generate"]["decode_tokens_per_s"].get("median")
+            s["host_overhead_share"] = r["generate"]["host_overhead_share"]
         e = report.get("eager", {})
         if d0 and "decode_step_s" in e and e.get("bucket") == d0["bucket"]:
             s["eager_decode_step_s"] = e["decode_step_s"]["median"]
@@ -90,9 +99,9 @@ def targets(report) -> list:
     out = []
     for name, s in report["summary"].items():
         r = report["backends"][name]
-        d0 = r["decode"][0] if r["decode"] else None
+        d0 = r["decode"][0] if r.get("decode") else None
         prof = r.get("profile", {}).get("decode", {})
-        host = r["generate"]["host_breakdown"]
+        host = r.get("generate", {}).get("host_breakdown", {})
 
         if d0:
             frac = d0["roofline_fraction"]
@@ -122,17 +131,18 @@ def targets(report) -> list:
                                   f"-> roofline {d0['roofline_s'] * 1e3:.1f} ms; measured {d0['step_s']['median'] * 1e3:.1f} ms",
                         "limits": why})
 
-        share = s["host_overhead_share"]
-        why = [f"outside the graph call, per step: sampling {host['sample_s'] * 1e3:.3f} ms, engine.decode's own work "
+        share = s.get("host_overhead_share")
+        why = [] if share is None else [f"outside the graph call, per step: sampling {host['sample_s'] * 1e3:.3f} ms, engine.decode's own work "
                f"{host.get('engine_decode_outside_graph_s', float('nan')) * 1e3:.3f} ms (of which the cache append "
                f"{host['cache_append_s'] * 1e3:.3f} ms)"]
         if "backend_adapter_s" in host:
             why.append(f"inside the timed graph call (not counted as host): the backend adapter wrapping "
                        f"{host['inputs_per_decode_call']} inputs and copying outputs, {host['backend_adapter_s'] * 1e3:.2f} ms")
-        out.append({"backend": name, "target": "host overhead <= 3% of a decode step", "value": share,
-                    "goal": TARGETS["host_overhead_share"], "met": share <= TARGETS["host_overhead_share"],
-                    "detail": f"loop step {host['loop_step_s'] * 1e3:.2f} ms, in graph calls "
-                              f"{host['graph_per_step_s'] * 1e3:.2f} ms", "limits": why})
+        if share is not None:
+            out.append({"backend": name, "target": "host overhead <= 3% of a decode step", "value": share,
+                        "goal": TARGETS["host_overhead_share"], "met": share <= TARGETS["host_overhead_share"],
+                        "detail": f"loop step {host['loop_step_s'] * 1e3:.2f} ms, in graph calls "
+                                  f"{host['graph_per_step_s'] * 1e3:.2f} ms", "limits": why})
 
         if "eager_over_exported" in s:
             e = report["eager"]
@@ -147,6 +157,8 @@ def targets(report) -> list:
                         "goal": TARGETS["eager_over_exported"], "met": ratio >= TARGETS["eager_over_exported"],
                         "detail": f"decode_{e['bucket']}", "limits": why if ratio < TARGETS["eager_over_exported"] else []})
 
+        if "preprocess" not in r:
+            continue
         p = r["preprocess"]
         v = p["size_1344"]["s"]["median"]
         tv = p["torchvision_1344_s"]
@@ -214,20 +226,26 @@ def format_report(report: dict) -> str:
             f"{k} {_ms(v)}" for k, v in ld.get("first_call_s", {}).items()))
         L.append(f"  memory: peak RSS {r['memory']['peak_rss_bytes'] / 2**20:.0f} MiB for "
                  f"{r['memory']['weight_bytes'] / 2**20:.0f} MiB of weights; KV cache "
-                 f"{r['memory']['kv_cache_bytes'] / 2**20:.1f} MiB")
-        p = r["preprocess"]
-        L.append(f"  preprocess {p['bundle_size']['size']}px: {_st(p['bundle_size']['s'])}")
-        L.append(f"  preprocess 1344px: {_st(p['size_1344']['s'])}; into a reused buffer "
-                 f"{_ms(p['size_1344_reused_output_s']['median'])} = resize {_ms(p['resize_1344_s']['median'])} + "
-                 f"normalize {_ms(p['normalize_1344_s']['median'])}; JPEG decode {_ms(p['jpeg_decode_s']['median'])}")
-        L.append(f"  vision graph: {_st(r['vision']['s'])} (first call {_ms(r['vision']['first_call_s'])})")
-        t = r["ttft"]
-        L.append(f"  TTFT ({t['prompt_tokens']} prompt tokens): {_st(t['s'])}; generate() {_ms(t['generate_ttft_s'].get('median'))}")
-        L.append("    " + ", ".join(f"{k} {_ms(v['median'])}" for k, v in t["breakdown"].items()))
-        for pf in r["prefill"]:
+                 f"{r['memory']['kv_cache_bytes'] / 2**20:.1f} MiB; onnxruntime's packed copies "
+                 f"{r['memory'].get('packed_weight_bytes', 0) / 2**20:.0f} MiB")
+        if "preprocess" in r:
+            p = r["preprocess"]
+            L.append(f"  preprocess {p['bundle_size']['size']}px: {_st(p['bundle_size']['s'])}")
+            L.append(f"  preprocess 1344px: {_st(p['size_1344']['s'])}; into a reused buffer "
+                     f"{_ms(p['size_1344_reused_output_s']['median'])} = resize {_ms(p['resize_1344_s']['median'])} + "
+                     f"normalize {_ms(p['normalize_1344_s']['median'])}; JPEG decode {_ms(p['jpeg_decode_s']['median'])}")
+        if "vision" in r:
+            L.append(f"  vision graph: {_st(r['vision']['s'])} (first call {_ms(r['vision']['first_call_s'])})")
+        if "ttft" in r:
+            t = r["ttft"]
+            L.append(f"  TTFT ({t['prompt_tokens']} prompt tokens): {_st(t['s'])}; generate() "
+                     f"{_ms(t['generate_ttft_s'].get('median'))}")
+            L.append("    " + ", ".join(f"{k} {_ms(v['median'])}" for k, v in t["breakdown"].items()))
+            L.append(f"  TTFT text-only ({t['text']['prompt_tokens']} prompt tokens): {_st(t['text']['s'])}")
+        for pf in r.get("prefill", []):
             L.append(f"  {pf['kind']}_{pf['bucket']}: {_st(pf['s'])} -> {pf['tokens_per_s']:.0f} tokens/s, "
                      f"{pf['flop_per_s'] / 1e9:.0f} GFLOP/s = {_pct(pf['peak_fraction'])} of GEMM peak")
-        for d in r["decode"]:
+        for d in r.get("decode", []):
             L.append(f"  decode_{d['bucket']} (cache {d['cache_len_from']}..{d['cache_len_to']}): step {_st(d['step_s'])}; "
                      f"graph {_ms(d['graph_s']['median'])}, roofline {_ms(d['roofline_s'])} -> "
                      f"{_pct(d['roofline_fraction'])} ({d['effective_bytes_per_s'] / 1e9:.1f} GB/s effective)")
@@ -241,10 +259,11 @@ def format_report(report: dict) -> str:
         if sv:
             L.append(f"  serving (mixed stream, {sv['runs'][0]['requests']} requests, B = {sv['batch']}): " + ", ".join(
                 f"{x['policy']} x{x['concurrency']} {x['output_tokens_per_s']:.1f} tok/s" for x in sv["runs"]))
-        g = r["generate"]
-        L.append(f"  generate {g['new_tokens']} tokens: e2e {g['e2e_tokens_per_s'].get('median', 0):.2f} tokens/s, decode "
-                 f"{g['decode_tokens_per_s'].get('median', 0):.2f} tokens/s, TPOT {_ms(g['tpot_s'].get('median'))}; "
-                 f"host overhead {100 * g['host_overhead_share']:.2f}% of a step")
+        g = r.get("generate")
+        if g:
+            L.append(f"  generate {g['new_tokens']} tokens: e2e {g['e2e_tokens_per_s'].get('median', 0):.2f} tokens/s, "
+                     f"decode {g['decode_tokens_per_s'].get('median', 0):.2f} tokens/s, TPOT "
+                     f"{_ms(g['tpot_s'].get('median'))}; host overhead {100 * g['host_overhead_share']:.2f}% of a step")
         for kind in ("decode", "decode_largest", "prefill"):
             prof = r.get("profile", {}).get(kind, {})
             if prof.get("by_type"):

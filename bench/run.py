@@ -33,6 +33,7 @@ from cogvlm2_lite.runtime.options import stack
 
 from .costs import model_costs
 from .machine import cpu_counters, others_cpu_share
+from .measure import SECTIONS
 from .plot import plot
 from .report import SCHEMA, compare, derive, format_compare, format_report
 
@@ -85,7 +86,7 @@ def _measure(bundle_path, name: str, options: dict, tmp: Path) -> dict:
 
 
 def run_bench(bundle_path, *, backends=(), reps=10, warmup=2, decode_reps=16, gen_tokens=32, gen_reps=3,
-              eager_steps=3, profile=True, quick=False, log=print) -> dict:
+              eager_steps=3, profile=True, quick=False, sections=(), log=print) -> dict:
     """The whole benchmark of one tp-1 bundle -> the report dict (module docstring; bench/report.py).
     Raises UserError for a tensor-parallel bundle or a failed machine probe."""
     bundle = Bundle(bundle_path)
@@ -97,7 +98,7 @@ def run_bench(bundle_path, *, backends=(), reps=10, warmup=2, decode_reps=16, ge
     costs = model_costs(bundle)
     options = {"reps": reps, "warmup": warmup, "decode_reps": decode_reps, "gen_tokens": gen_tokens,
                "gen_reps": gen_reps, "eager_steps": eager_steps, "profile": profile, "quick": quick,
-               "profile_steps": 2 if quick else 5}
+               "profile_steps": 2 if quick else 5, "sections": list(sections)}
     cfg = m["model"]
     report = {
         "schema": SCHEMA, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -186,7 +187,23 @@ options = stack(
     click.option("--eager-steps", type=int, default=3, show_default=True, help="PyNative decode steps (0: skip)."),
     click.option("--profile/--no-profile", default=True, show_default=True, help="Per-op MindSpore profile."),
     click.option("--quick", is_flag=True, help="Small machine probes (smoke runs; reference figures are rough)."),
+    click.option("--sections", default=None, callback=lambda ctx, param, v: parse_sections(v),
+                 help=f"Comma-separated sections to measure (default all: {','.join(SECTIONS)}); load and memory are "
+                      "always measured. At full size: ttft,decode."),
 )
+
+
+def parse_sections(text) -> tuple:
+    """'ttft,decode' -> ('ttft', 'decode'); None -> () (all). Raises UserError for an unknown section."""
+    if not text:
+        return ()
+    names = tuple(dict.fromkeys(x.strip() for x in text.split(",") if x.strip()))
+    unknown = [n for n in names if n not in SECTIONS]
+    if unknown or not names:
+        raise UserError(f"--sections {text}: choose from {', '.join(SECTIONS)}.")
+    if "generate" in names and "decode" not in names:
+        raise UserError("--sections: generate needs decode (its host figures come from the decode section).")
+    return names
 
 
 def check_counts(o):

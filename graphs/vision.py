@@ -5,6 +5,10 @@ from .config import CogVLM2Config, VisionConfig
 from .layers import SwiGLU, TensorParallel, attention, gelu, layer_norm, linear
 from .weights import COLUMN, ROW, WeightTable, fused
 
+# Vision attention is full (non-causal) over every patch: at 1344 px that is 9217 x 9217 scores per head,
+# 5.4 GB of fp32 for the 16 heads at once. Queries go in blocks of this many rows instead (layers.attention).
+QUERY_BLOCK = 1024
+
 
 def patchify(x, k):
     """[B, C, H, W] -> [B, (H/k)*(W/k), C*k*k]: a kernel=stride=k Conv2d becomes one matmul with the
@@ -25,6 +29,7 @@ class VisionAttention(TensorParallel):
         super().__init__(tp)
         h = cfg.hidden_size
         self.heads, self.head_dim = cfg.num_heads // tp, cfg.head_dim
+        self.query_block = QUERY_BLOCK
         self.qkv_w = table.add(f"{prefix}.query_key_value.weight", (3 * h, h), fused(h, h, h))
         self.qkv_b = table.add(f"{prefix}.query_key_value.bias", (3 * h,), fused(h, h, h))
         self.dense_w = table.add(f"{prefix}.dense.weight", (h, h), ROW)
@@ -35,7 +40,7 @@ class VisionAttention(TensorParallel):
         qkv = linear(x, w[self.qkv_w], w[self.qkv_b]).reshape(b, s, 3, self.heads, self.head_dim)
         k = qkv[:, :, 1].transpose(0, 2, 1, 3)
         v = qkv[:, :, 2].transpose(0, 2, 1, 3)
-        o = attention(qkv[:, :, 0], k, v, None)
+        o = attention(qkv[:, :, 0], k, v, None, self.query_block)
         return self.reduce(linear(o, w[self.dense_w])) + w[self.dense_b]
 
 

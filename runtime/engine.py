@@ -14,20 +14,24 @@ The raw graph calls (image_embeddings, prefill_image, extend, prefill, decode) a
 implementations can be compared against the bundle.
 """
 import functools
+import logging
 import os
 import time
 from dataclasses import dataclass, field
 
 import numpy as np
+import psutil
 
 from .backends import open_backend
 from .bundle import Bundle
 from .errors import UserError
-from .kv_cache import KVCache
+from .kv_cache import KVCache, affordable_buckets
 from .preprocess import batch_pixels
 from .request import Request, Result  # noqa: F401  (the public API: engine.Request, engine.Result)
 from .scheduler import Scheduler
 from .tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -106,8 +110,13 @@ class Engine:
         self.vocab_size = m["model"]["vocab_size"]
         self.chunks = sorted(self.bundle.buckets["chunk"])
         kv = m["kv_cache"]
-        self.cache = KVCache(kv["layers"], self.batch, kv["kv_heads"], kv["head_dim"], self.bundle.buckets["decode"],
-                             kv["dtype"])
+        shape = (kv["layers"], self.batch, kv["kv_heads"], kv["head_dim"])
+        buckets = self.bundle.buckets["decode"]
+        fits = affordable_buckets(buckets, KVCache.slot_bytes(*shape, kv["dtype"]), psutil.virtual_memory().available)
+        if len(fits) < len(buckets):
+            log.warning(f"the KV cache is sized to the memory free after loading: decode buckets {fits} of {buckets}, "
+                        f"so prompts and answers together hold at most {max(fits)} tokens.")
+        self.cache = KVCache(*shape, fits, kv["dtype"])
         self.timings = Timings()
         self.scheduler = Scheduler(self, prefix_cache=prefix_cache)
 

@@ -12,6 +12,24 @@ earlier request left beyond that point is never read.
 import ml_dtypes  # noqa: F401  (registers numpy's "bfloat16" dtype name, a manifest's dtype for bf16 bundles)
 import numpy as np
 
+from .errors import UserError
+
+CACHE_SHARE = 0.5  # the cache may take this share of the memory free after loading; the rest is for activations
+
+
+def affordable_buckets(buckets: list[int], slot_bytes: int, free_bytes: int) -> list[int]:
+    """The decode buckets whose cache (`slot_bytes` per slot: K and V of every layer and row) fits
+    in CACHE_SHARE of `free_bytes`, the memory free once the weights are loaded: the largest ones
+    are dropped, which shortens the longest prompt rather than failing later in a graph. Raises
+    UserError when not even the smallest fits."""
+    fits = [t for t in sorted(buckets) if t * slot_bytes <= CACHE_SHARE * free_bytes]
+    if not fits:
+        t = min(buckets)
+        raise UserError(f"the KV cache of the smallest decode bucket ({t} slots, {t * slot_bytes / 2**30:.1f} GiB) "
+                        f"does not fit in the {free_bytes / 2**30:.1f} GiB of memory free after loading the weights: "
+                        "free memory, or export with a smaller --batch or smaller --buckets.")
+    return fits
+
 
 class KVCache:
     """K and V of every layer for `batch` rows of up to max(buckets) slots, in the manifest's `dtype`
@@ -26,6 +44,11 @@ class KVCache:
         self.bucket = self.buckets[0]
         self.lengths = np.zeros(batch, np.int32)   # filled slots per row
         self.held: list = [None] * batch   # per row: what its slots hold, as tagged by the scheduler; any write clears it
+
+    @staticmethod
+    def slot_bytes(layers: int, batch: int, kv_heads: int, head_dim: int, dtype: str) -> int:
+        """Bytes of one cache slot: K and V of every layer, row and KV head."""
+        return 2 * layers * batch * kv_heads * head_dim * np.dtype(dtype).itemsize
 
     @property
     def max_len(self) -> int:

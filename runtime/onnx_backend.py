@@ -11,7 +11,9 @@ Quantized bundles: a weight is bound as the graph declares it (MatMulNBits wants
 weights it has pre-packed at load, which it does for initializers, not for inputs: so in the decode
 graphs (the memory-bound loop) the quantized matmul weights are turned into initializers that
 point into the rank's safetensors file, and handed over with `add_initializer` (onnxruntime uses our
-array, then packs its own copy: one packed copy per decode graph). Prefill and vision keep them as
+array, then packs its own copy: one packed copy per decode graph, since onnxruntime's Python API
+cannot share packed weights across sessions; `packed_bytes` counts them, and a copy that would not
+fit in the free memory is refused with the export that avoids it). Prefill and vision keep them as
 inputs: with many rows per call, packing on the fly costs little. Which ops and operands pack, and
 whether a form needs packing in every graph (MatMulNBits quantizes the activations of w4a8 only on
 packed weights), the manifest says per stored form (`quant.forms.*.onnxruntime`, graphs/quant.py).
@@ -28,6 +30,7 @@ from .bundle import Bundle, safetensors_header
 from .errors import UserError
 from .weights import load_rank_weights
 
+PACK_SHARE = 0.9  # a packed copy may take this share of the free memory (packing needs a little scratch)
 PRESENT = "present."  # a graph output present.<input> is written into that input's buffer (export/onnx_fuse.py)
 
 
@@ -88,12 +91,16 @@ class OnnxRuntimeBackend:
 
         self.spinning = spinning
         self._graphs = {}
+        self._packing = [n for n in bundle.graph_names if self._offsets and (n.startswith("decode") or every_graph)]
+        self._every_graph = every_graph
+        self.packed_bytes = {}  # graph -> bytes of the weights onnxruntime packs a copy of for it
         for name in bundle.graph_names:
             info = bundle.graph(name)
             path = bundle.rank_dir(rank) / info.files["onnx"]
             try:
-                session = self._session(path, providers, prepack=bool(self._offsets) and (
-                    name.startswith("decode") or every_graph))
+                session = self._session(name, path, providers)
+            except UserError:
+                raise
             except Exception as e:  # onnxruntime raises its own exception types for damaged models
                 raise UserError(f"graph file {path} cannot be loaded by onnxruntime {ort.__version__} "
                                 f"({str(e).splitlines()[0]}): export the bundle again.") from None
@@ -132,11 +139,12 @@ class OnnxRuntimeBackend:
         options.add_session_config_entry("session.intra_op.allow_spinning", "1" if self.spinning else "0")
         return options
 
-    def _session(self, path: Path, providers, prepack: bool):
-        """An InferenceSession of `path`; with `prepack`, the quantized matmul weights become shared
-        initializers that onnxruntime packs once (module docstring)."""
+    def _session(self, name: str, path: Path, providers):
+        """The InferenceSession of graph `name` (file `path`); in the graphs that pre-pack, the quantized
+        matmul weights become shared initializers that onnxruntime packs a copy of (module docstring).
+        Raises UserError, before packing, when that copy would not fit in the memory free now."""
         options = self._options()
-        if not prepack:
+        if name not in self._packing:
             return self._ort.InferenceSession(str(path), options, providers=providers)
         import onnx
         model = onnx.load(str(path))
@@ -145,6 +153,7 @@ class OnnxRuntimeBackend:
         inputs = [i for i in g.input if i.name in packed]
         if not inputs:
             return self._ort.InferenceSession(str(path), options, providers=providers)
+        self._check_room(name, sum(self._arrays[i.name].nbytes for i in inputs))
         options.add_session_config_entry("session.model_external_initializers_file_folder_path", str(path.parent))
         for i in inputs:
             t = i.type.tensor_type
@@ -158,6 +167,20 @@ class OnnxRuntimeBackend:
             g.input.remove(i)
             options.add_initializer(i.name, self._value(i.name, shape))
         return self._ort.InferenceSession(model.SerializeToString(), options, providers=providers)
+
+    def _check_room(self, name: str, nbytes: int):
+        """Refuse a packed copy of `nbytes` that the free memory cannot take (PACK_SHARE of it), naming the
+        fix: the copies are one per graph that packs, so fewer decode buckets (or w4a16 for w4a8) bound them."""
+        free = psutil.virtual_memory().available
+        if nbytes > PACK_SHARE * free:
+            fix = "export with one decode bucket (--buckets 'decode=T')"
+            if self._every_graph:
+                fix = ("export with --quant w4a16, whose prefill and vision graphs read the weights unpacked, or with one "
+                       "chunk and one decode bucket")
+            raise UserError(f"onnxruntime keeps a packed copy of the quantized weights for each of the {len(self._packing)} "
+                            f"graphs that pre-pack them ({', '.join(self._packing)}), and {name}'s copy "
+                            f"({nbytes / 2**20:,.0f} MiB) does not fit in the {free / 2**20:,.0f} MiB free: {fix}.")
+        self.packed_bytes[name] = nbytes
 
     def run(self, name: str, inputs: list[np.ndarray]) -> list[np.ndarray]:
         session, binding, info, outputs, aliases = self._graphs[name]

@@ -85,13 +85,16 @@ def test_report_has_every_section_with_sane_values(smoke):
     assert ms["preprocess"]["bundle_size"]["size"] == 56 and ms["preprocess"]["size_1344"]["size"] == 1344
     check_stats(ms["preprocess"]["size_1344"]["s"], "preprocess 1344")
     check_stats(ms["vision"]["s"], "vision")
+    buckets = rep["bundle"]["buckets"]
+    n_image = rep["bundle"]["num_image_tokens"]
     t = ms["ttft"]
     check_stats(t["s"], "ttft")
     assert set(t["breakdown"]) == {"tokenize", "preprocess", "vision", "prefill", "first_sample"}
     assert sum(v["mean"] for v in t["breakdown"].values()) == pytest.approx(t["s"]["mean"], rel=1e-6)
+    check_stats(t["text"]["s"], "text ttft")
+    assert set(t["text"]["breakdown"]) == {"tokenize", "prefill", "first_sample"}
+    assert t["text"]["prompt_tokens"] == t["prompt_tokens"] - n_image   # the same question without the image slots
 
-    buckets = rep["bundle"]["buckets"]
-    n_image = rep["bundle"]["num_image_tokens"]
     assert [(p["kind"], p["bucket"]) for p in ms["prefill"]] == \
         [("prefill_image", c) for c in buckets["chunk"]] + [("extend", c) for c in buckets["chunk"]]
     for p in ms["prefill"]:
@@ -150,6 +153,23 @@ def test_plot_and_compare_and_text(smoke):
     assert "mindspore.load_s" in output and "mindspore.tpot_s[256]" in output and "machine.memory_bandwidth" in output
     rows = compare(rep, rep)
     assert rows and all(r[3] == pytest.approx(1.0) for r in rows)
+
+
+def test_sections_measure_only_what_is_asked(tiny_bundle, tmp_path):
+    """What a full-size run can afford (issue 20): TTFT (one image, one text-only prompt) and decode, one rep each."""
+    out = tmp_path / "r.json"
+    r = CliRunner().invoke(main, ["bench", str(tiny_bundle), "--sections", "ttft,decode", "--json", str(out),
+                                  "--plot", str(tmp_path / "r.png"), "--reps", "1", "--warmup", "0", "--decode-reps", "2",
+                                  "--eager-steps", "0", "--quick"])
+    assert r.exit_code == 0, r.output
+    ms = json.loads(out.read_text())["backends"]["mindspore"]
+    assert {"ttft", "decode", "load", "memory"} <= set(ms)
+    assert not {"preprocess", "vision", "prefill", "ttft_by_prompt_length", "serving", "generate", "profile"} & set(ms)
+    assert ms["ttft"]["s"]["n"] == 1 and ms["ttft"]["generate_ttft_s"] == {"n": 0}   # one image prompt, not two
+    assert ms["ttft"]["text"]["s"]["n"] == 1
+    assert "TTFT text-only" in r.output and "decode_256" in r.output
+    bad = CliRunner().invoke(main, ["bench", str(tiny_bundle), "--sections", "ttft,warp"])
+    assert bad.exit_code == 1 and "--sections ttft,warp: choose from preprocess, vision" in bad.output
 
 
 def test_decode_costs_from_headers(tiny_bundle):

@@ -43,6 +43,22 @@ def test_vision_embeddings_match_numpy(tiny_cfg, tiny_weights, pixels):
     assert np.abs(ours - ref).max() <= 1e-4
 
 
+def test_vision_attention_in_query_blocks_is_the_same(tiny_cfg, tiny_weights, pixels):
+    """Issue 20: the 19B's vision attention runs in query blocks (its 9217 x 9217 scores would need
+    5.4 GB at once); blocks that do not divide the 17 patch tokens give the same embeddings."""
+    import mindspore as ms
+    from cogvlm2_lite.graphs.entry import VisionGraph
+    g = VisionGraph(tiny_cfg, 1)
+    assert g.model.layers[0].attention.query_block < tiny_cfg.vision.num_positions * 100  # blocks are on
+    for layer in g.model.layers:
+        layer.attention.query_block = 5   # 17 tokens -> blocks of 5, 5, 5, 2
+    blocked = g(ms.Tensor(pixels[None]), *eager.weight_args(g.table, tiny_weights)).asnumpy()[0]
+    whole = eager.image_embeds(tiny_cfg, tiny_weights, pixels)[0]
+    assert tiny_cfg.vision.num_positions == 17
+    assert np.abs(blocked - whole).max() <= 1e-6
+    assert np.abs(blocked - reference_pixel_embeds(tiny_weights, tiny_cfg.to_hf(), pixels)).max() <= 1e-4
+
+
 def test_image_prompt_logits_match_numpy(tiny_cfg, tiny_weights, pixels):
     ids, types = image_prompt(tiny_cfg, [5, 300, 17, 42, 99, 512, 7])
     embeds = eager.image_embeds(tiny_cfg, tiny_weights, pixels)

@@ -1,0 +1,98 @@
+"""Issue 20: what bounds memory at run time, checked on a tiny config: weights mapped from the bundle
+(not read into the heap), onnxruntime's packed copies one per decode bucket (not per graph) and
+refused when they cannot fit, the KV cache sized from the memory that is free."""
+import collections
+import types
+
+import numpy as np
+import pytest
+from safetensors import safe_open
+
+from conftest import DEMO_TOKENIZER
+from cogvlm2_lite.runtime.bundle import Bundle
+from cogvlm2_lite.runtime.errors import UserError
+from cogvlm2_lite.runtime.weights import load_rank_weights
+
+FREE = collections.namedtuple("svmem", "available total")
+
+
+@pytest.fixture(scope="module")
+def w4_bundle(tmp_path_factory, tiny_cfg):
+    """w4a16 ONNX, two prefill chunks and two decode buckets: 1 + 2 + 2 x 3 = 9 graphs, 2 of them decode."""
+    from cogvlm2_lite.export.bundle import export_bundle
+    return Bundle(export_bundle(tmp_path_factory.mktemp("mem") / "w4", random_init=tiny_cfg, tokenizer=DEMO_TOKENIZER,
+                                buckets={"chunk": [8, 16], "decode": [32, 64]}, progress=False, formats=("onnx",),
+                                quant="w4a16"))
+
+
+def test_weights_are_mapped_from_the_bundle_and_never_written_back(tiny_bundle):
+    b = Bundle(tiny_bundle)
+    mapped = load_rank_weights(b, 0)
+    read = {}
+    for path in b.weight_files(0):
+        with safe_open(str(path), "np") as f:
+            read.update({n: f.get_tensor(n) for n in f.keys()})
+    assert mapped.keys() == read.keys()
+    for n, a in mapped.items():
+        assert a.dtype == read[n].dtype and np.array_equal(a, read[n]), n
+        assert not a.flags.owndata and a.flags.writeable, n   # a view of the mapping, writable for the backends
+    name = next(iter(mapped))
+    mapped[name].reshape(-1)[0] += 1   # copy-on-write: the file keeps its bytes
+    assert np.array_equal(load_rank_weights(b, 0)[name], read[name])
+
+
+def test_a_cut_weight_file_is_one_clear_error(tiny_bundle, tmp_path):
+    """The reader's own check (Bundle also compares file sizes with the manifest, before this)."""
+    from cogvlm2_lite.runtime.weights import map_safetensors
+    f = tmp_path / "cut.safetensors"
+    f.write_bytes(Bundle(tiny_bundle).weight_files(0)[0].read_bytes()[:-100])
+    with pytest.raises(UserError, match="cut.safetensors cannot be read .*outside the file.* export it again"):
+        map_safetensors(f)
+    f.write_bytes(b"\x05\x00")
+    with pytest.raises(UserError, match="cannot be read"):
+        map_safetensors(f)
+
+
+def test_packed_copies_are_one_per_decode_bucket_not_per_graph(w4_bundle):
+    """onnxruntime packs the 4-bit weights in each decode graph only: 2 copies for 9 graphs, each the
+    bytes of the codes and scales of the language model's quantized matmuls (vision and prefill read
+    the weights unpacked)."""
+    from cogvlm2_lite.runtime.onnx_backend import OnnxRuntimeBackend
+    assert len(w4_bundle.graph_names) == 9
+    be = OnnxRuntimeBackend(w4_bundle)
+    assert sorted(be.packed_bytes) == ["decode_32", "decode_64"]
+    forms = w4_bundle.manifest["quant"]["forms"]
+    four_bit = [n for n in forms["int4"]["names"] if not n.startswith("model.vision.")]
+    assert forms["int4"]["onnxruntime"] == {"ops": {"MatMulNBits": [1, 2]}, "every_graph": False}   # codes, scales
+    weights = load_rank_weights(w4_bundle, 0)
+    # a decode token is text: the vision expert's weights are not inputs of a decode graph
+    expected = sum(weights[n + suffix].nbytes for n in four_bit if "vision_" not in n for suffix in (".qweight", ".scale"))
+    assert be.packed_bytes == {"decode_32": expected, "decode_64": expected}
+
+
+def test_a_packed_copy_that_cannot_fit_is_refused_before_packing(w4_bundle, monkeypatch):
+    from cogvlm2_lite.runtime import onnx_backend
+    monkeypatch.setattr(onnx_backend.psutil, "virtual_memory", lambda: FREE(available=64 << 10, total=1 << 30))
+    with pytest.raises(UserError, match=r"packed copy .* for each of the 2 graphs .*decode_32, decode_64.*"
+                                        r"--buckets 'decode=T'"):
+        onnx_backend.OnnxRuntimeBackend(w4_bundle)
+
+
+def test_the_kv_cache_is_sized_from_the_free_memory(w4_bundle, monkeypatch):
+    """The slot bytes are the K and V of every layer: 2 x 2 layers x 2 KV heads x 8 dims x 4 bytes."""
+    from cogvlm2_lite.runtime import engine as engine_module
+    from cogvlm2_lite.runtime.kv_cache import CACHE_SHARE, KVCache
+    slot = KVCache.slot_bytes(2, 1, 2, 8, "float32")
+    assert slot == 2 * 2 * 2 * 8 * 4
+    free = int(48 * slot / CACHE_SHARE)   # room for 48 slots: bucket 32 fits, 64 does not
+    def free_memory(available):   # what the engine sees after loading (the backend sees the machine's)
+        monkeypatch.setattr(engine_module, "psutil", types.SimpleNamespace(
+            virtual_memory=lambda: FREE(available=available, total=1 << 30)))
+    free_memory(free)
+    e = engine_module.Engine(w4_bundle, backend="onnxruntime")
+    assert e.cache.buckets == [32] and e.cache.nbytes == 32 * slot
+    with pytest.raises(UserError, match="more than this bundle's cache holds \\(32"):
+        e.prompt(engine_module.Request("word " * 40))
+    free_memory(16 * slot)
+    with pytest.raises(UserError, match="smallest decode bucket \\(32 slots"):
+        engine_module.Engine(w4_bundle, backend="onnxruntime")
