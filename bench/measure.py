@@ -21,7 +21,7 @@ from .timing import minor_faults, peak_rss_bytes, repeat, rss_bytes, stats
 
 PROMPT = "Describe the image in detail."
 # what `bench --sections` chooses from, in the order they run (generate needs decode)
-SECTIONS = ("preprocess", "vision", "ttft", "prefill", "ttft_curve", "serving", "decode", "generate", "profile")
+SECTIONS = ("preprocess", "vision", "ttft", "ttft_text", "prefill", "ttft_curve", "serving", "decode", "generate", "profile")
 TORCHVISION_1344_S = 0.030  # FINDINGS: torchvision's Compose 27-32 ms per photo at 1344 on this machine class
 
 
@@ -59,6 +59,8 @@ def measure_backend(bundle_path: str, backend: str, o: dict) -> dict:
     if "ttft" in want:
         res["ttft"] = _ttft(engine, photo, o, first_calls)
         rss["after_ttft"] = (rss_bytes(), peak_rss_bytes())
+    if "ttft_text" in want:
+        res["ttft_text"] = _ttft_text(engine, o)
     if "prefill" in want:
         if embeds is None:
             embeds = _vision(engine, photo, {**o, "warmup": 0, "reps": 1})[1]
@@ -165,23 +167,29 @@ def _ttft(engine, photo: bytes, o: dict, first_calls: dict) -> dict:
         if i >= o["warmup"]:
             for k, dt in zip(phases, (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4)):
                 phases[k].append(dt)
-    # generate()'s own TTFT, from reps // 2 more prompts (none with one rep: at full size an image prompt takes minutes)
-    gen = [engine.generate([Request(PROMPT, image=photo, params=greedy)])[0].ttft_s for _ in range(o["reps"] // 2)]
-    text = {k: [] for k in ("tokenize", "prefill", "first_sample")}
-    for i in range(o["warmup"] + o["reps"]):   # the same question without the image
-        t0 = time.perf_counter()
-        tids, ttypes = engine.tokenizer.build_inputs(PROMPT, (), engine.template, 0)
-        t1 = time.perf_counter()
-        logits = engine.prefill([tids], None, [position_ids(ttypes)])
-        t2 = time.perf_counter()
-        Sampler(greedy, tids)(logits[0])
-        if i >= o["warmup"]:
-            for k, dt in zip(text, (t1 - t0, t2 - t1, time.perf_counter() - t2)):
-                text[k].append(dt)
+    gen = [engine.generate([Request(PROMPT, image=photo, params=greedy)])[0].ttft_s for _ in range(max(1, o["reps"] // 2))]
     return {"prompt_tokens": len(ids), "s": stats([sum(p) for p in zip(*phases.values())]),
-            "breakdown": {k: stats(v) for k, v in phases.items()}, "generate_ttft_s": stats(gen),
-            "text": {"prompt_tokens": len(tids), "s": stats([sum(p) for p in zip(*text.values())]),
-                     "breakdown": {k: stats(v) for k, v in text.items()}}}
+            "breakdown": {k: stats(v) for k, v in phases.items()}, "generate_ttft_s": stats(gen)}
+
+
+def _ttft_text(engine, o: dict) -> dict:
+    """TTFT of the same question without the image, phase by phase."""
+    from cogvlm2_lite.runtime.sampling import Sampler, SamplingParams
+    from cogvlm2_lite.runtime.tokenizer import position_ids
+    greedy = SamplingParams(max_new_tokens=1)
+    phases = {k: [] for k in ("tokenize", "prefill", "first_sample")}
+    for i in range(o["warmup"] + o["reps"]):
+        t0 = time.perf_counter()
+        ids, types = engine.tokenizer.build_inputs(PROMPT, (), engine.template, 0)
+        t1 = time.perf_counter()
+        logits = engine.prefill([ids], None, [position_ids(types)])
+        t2 = time.perf_counter()
+        Sampler(greedy, ids)(logits[0])
+        if i >= o["warmup"]:
+            for k, dt in zip(phases, (t1 - t0, t2 - t1, time.perf_counter() - t2)):
+                phases[k].append(dt)
+    return {"prompt_tokens": len(ids), "s": stats([sum(p) for p in zip(*phases.values())]),
+            "breakdown": {k: stats(v) for k, v in phases.items()}}
 
 
 def _prefill(engine, embeds, rng, o: dict, rss: dict) -> list:

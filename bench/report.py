@@ -41,7 +41,8 @@ def derive(report: dict):
         if "ttft" in r:
             s["ttft_s"] = r["ttft"]["s"]["median"]
             s["ttft_breakdown_s"] = {k: v["median"] for k, v in r["ttft"]["breakdown"].items()}
-            s["text_ttft_s"] = r["ttft"]["text"]["s"]["median"]
+        if "ttft_text" in r:
+            s["ttft_text_s"] = r["ttft_text"]["s"]["median"]
         if "prefill" in r:
             s["prefill_tokens_per_s"] = {f"{p['kind']}_{p['bucket']}": p["tokens_per_s"] for p in r["prefill"]}
             s["prefill_peak_fraction"] = max((p["peak_fraction"] for p in r["prefill"]), default=None)
@@ -241,7 +242,10 @@ def format_report(report: dict) -> str:
             L.append(f"  TTFT ({t['prompt_tokens']} prompt tokens): {_st(t['s'])}; generate() "
                      f"{_ms(t['generate_ttft_s'].get('median'))}")
             L.append("    " + ", ".join(f"{k} {_ms(v['median'])}" for k, v in t["breakdown"].items()))
-            L.append(f"  TTFT text-only ({t['text']['prompt_tokens']} prompt tokens): {_st(t['text']['s'])}")
+        if "ttft_text" in r:
+            t = r["ttft_text"]
+            L.append(f"  TTFT text-only ({t['prompt_tokens']} prompt tokens): {_st(t['s'])}; "
+                     + ", ".join(f"{k} {_ms(v['median'])}" for k, v in t["breakdown"].items()))
         for pf in r.get("prefill", []):
             L.append(f"  {pf['kind']}_{pf['bucket']}: {_st(pf['s'])} -> {pf['tokens_per_s']:.0f} tokens/s, "
                      f"{pf['flop_per_s'] / 1e9:.0f} GFLOP/s = {_pct(pf['peak_fraction'])} of GEMM peak")

@@ -189,7 +189,7 @@ options = stack(
     click.option("--quick", is_flag=True, help="Small machine probes (smoke runs; reference figures are rough)."),
     click.option("--sections", default=None, callback=lambda ctx, param, v: parse_sections(v),
                  help=f"Comma-separated sections to measure (default all: {','.join(SECTIONS)}); load and memory are "
-                      "always measured. At full size: ttft,decode."),
+                      "always measured. At full size: preprocess,ttft_text,decode (and `run --image --json` for an image)."),
 )
 
 

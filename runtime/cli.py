@@ -4,6 +4,7 @@ never imports the exporter. Every UserError becomes one line on stderr and exit 
 """
 import json
 import sys
+import time
 from importlib.metadata import entry_points
 
 import click
@@ -54,17 +55,21 @@ def run(bundle, image, prompt, stream, as_json, **o):
     if relaunch_under_msrun(bundle):
         return
     from .engine import Request
+    t = time.perf_counter()
     engine = open_engine(bundle, o)
+    load_s = time.perf_counter() - t
     say = rank0_printer(engine.rank)
     request = Request(prompt, image=image, template=o["template"], params=params)
     on_text = (lambda row, piece: say(piece, nl=False)) if stream and not as_json else None
     r = engine.generate([request], on_text=on_text)[0]
+    graph_s = {k: round(v, 4) for k, v in engine.timings.graph_s.items()}   # time inside vision / prefill / decode graphs
     if as_json:
-        say(json.dumps(r.to_json(), ensure_ascii=False))
+        say(json.dumps({**r.to_json(), "load_s": round(load_s, 3), "graph_s": graph_s}, ensure_ascii=False))
     else:
         say("" if stream else r.text)
-        say(f"[{r.finish_reason}; {r.prompt_tokens} prompt + {r.completion_tokens} new tokens; "
-            f"TTFT {r.ttft_s * 1000:.0f} ms; {r.tokens_per_s:.1f} tokens/s]", err=True)
+        say(f"[{r.finish_reason}; {r.prompt_tokens} prompt + {r.completion_tokens} new tokens; load {load_s:.1f} s; "
+            f"TTFT {r.ttft_s * 1000:.0f} ms ({', '.join(f'{k} {v * 1000:.0f} ms' for k, v in graph_s.items() if k != 'decode')}"
+            f" in graphs); {r.tokens_per_s:.1f} tokens/s]", err=True)
 
 
 @main.command()

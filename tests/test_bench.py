@@ -91,9 +91,10 @@ def test_report_has_every_section_with_sane_values(smoke):
     check_stats(t["s"], "ttft")
     assert set(t["breakdown"]) == {"tokenize", "preprocess", "vision", "prefill", "first_sample"}
     assert sum(v["mean"] for v in t["breakdown"].values()) == pytest.approx(t["s"]["mean"], rel=1e-6)
-    check_stats(t["text"]["s"], "text ttft")
-    assert set(t["text"]["breakdown"]) == {"tokenize", "prefill", "first_sample"}
-    assert t["text"]["prompt_tokens"] == t["prompt_tokens"] - n_image   # the same question without the image slots
+    tt = ms["ttft_text"]
+    check_stats(tt["s"], "text ttft")
+    assert set(tt["breakdown"]) == {"tokenize", "prefill", "first_sample"}
+    assert tt["prompt_tokens"] == t["prompt_tokens"] - n_image   # the same question without the image slots
 
     assert [(p["kind"], p["bucket"]) for p in ms["prefill"]] == \
         [("prefill_image", c) for c in buckets["chunk"]] + [("extend", c) for c in buckets["chunk"]]
@@ -156,17 +157,16 @@ def test_plot_and_compare_and_text(smoke):
 
 
 def test_sections_measure_only_what_is_asked(tiny_bundle, tmp_path):
-    """What a full-size run can afford (issue 20): TTFT (one image, one text-only prompt) and decode, one rep each."""
+    """What a full-size run can afford (issue 20): preprocessing, a text-only TTFT and decode, one rep each."""
     out = tmp_path / "r.json"
-    r = CliRunner().invoke(main, ["bench", str(tiny_bundle), "--sections", "ttft,decode", "--json", str(out),
-                                  "--plot", str(tmp_path / "r.png"), "--reps", "1", "--warmup", "0", "--decode-reps", "2",
-                                  "--eager-steps", "0", "--quick"])
+    r = CliRunner().invoke(main, ["bench", str(tiny_bundle), "--sections", "preprocess,ttft_text,decode", "--json",
+                                  str(out), "--plot", str(tmp_path / "r.png"), "--reps", "1", "--warmup", "0",
+                                  "--decode-reps", "2", "--eager-steps", "0", "--quick"])
     assert r.exit_code == 0, r.output
     ms = json.loads(out.read_text())["backends"]["mindspore"]
-    assert {"ttft", "decode", "load", "memory"} <= set(ms)
-    assert not {"preprocess", "vision", "prefill", "ttft_by_prompt_length", "serving", "generate", "profile"} & set(ms)
-    assert ms["ttft"]["s"]["n"] == 1 and ms["ttft"]["generate_ttft_s"] == {"n": 0}   # one image prompt, not two
-    assert ms["ttft"]["text"]["s"]["n"] == 1
+    assert {"preprocess", "ttft_text", "decode", "load", "memory"} <= set(ms)
+    assert not {"vision", "ttft", "prefill", "ttft_by_prompt_length", "serving", "generate", "profile"} & set(ms)
+    assert ms["ttft_text"]["s"]["n"] == 1
     assert "TTFT text-only" in r.output and "decode_256" in r.output
     bad = CliRunner().invoke(main, ["bench", str(tiny_bundle), "--sections", "ttft,warp"])
     assert bad.exit_code == 1 and "--sections ttft,warp: choose from preprocess, vision" in bad.output

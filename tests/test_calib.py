@@ -366,8 +366,9 @@ def test_w8a8_tp2_under_msrun_stays_close_to_tp1(tiny_hf, calib_stats, engine, t
     smoothing vectors are cut like the weights they stand for. Not bit-equal to tp 1, by design: a
     row-parallel layer (o_proj, down_proj) quantizes each rank's slice of a token with its own step
     (no extra collective per layer), a finer grid than tp 1's one step per token. Bound: tp 2 moves
-    the outputs less than quantizing did (measured, as max |diff| / max |output|: prefill 1.8% vs
-    3.5% w8a8-vs-fp32, decode 1.6% vs 2.5%, vision 1.2% vs 1.3%); with margin, <= 1.5x that and <= 3%.
+    the outputs less than quantizing did (measured, as max |diff| / max |output|: prefill 3.2% vs
+    4.7% w8a8-vs-fp32, decode 2.6% vs 4.9%, with the fp32-drawn random weights of issue 20; 1.8% vs 3.5%
+    and 1.6% vs 2.5% with the earlier draw); with margin, <= 1.5x that and <= 5%.
     A wrongly cut scale or smoothing vector would be off by the size of the output itself."""
     from test_export import probe_logits, run_tp2_logits
 
@@ -380,7 +381,7 @@ def test_w8a8_tp2_under_msrun_stays_close_to_tp1(tiny_hf, calib_stats, engine, t
     for name in want:
         scale = np.abs(want[name]).max()
         rel, noise = np.abs(got[name] - want[name]).max() / scale, np.abs(fp32[name] - want[name]).max() / scale
-        assert rel <= 0.03 and rel <= 1.5 * noise, (name, rel, noise)
+        assert rel <= 0.05 and rel <= 1.5 * noise, (name, rel, noise)
 
 
 def test_w4a16_tp2_under_msrun_equals_tp1(tiny_cfg, tmp_path):
