@@ -17,6 +17,7 @@ memory facts; the CPU model, its SIMD flags and cache sizes (which psutil does n
 /proc/cpuinfo and /sys.
 """
 import json
+import math
 import os
 import platform
 import sys
@@ -138,9 +139,16 @@ def matmul_throughput(shapes=((2048, 2048, 2048),), reps: int = 5) -> dict:
 
 def gemv_chain(shapes, reps: int = 5) -> dict:
     """One decode step's matrix-vector products in numpy: a vector through every [out, in] matrix of
-    `shapes` (each x @ W.T, as the graphs do), with fresh matrices of the same bytes. -> s per pass."""
+    `shapes` (each x @ W.T, as the graphs do), with fresh fp32 matrices of the same shapes, as many as
+    fit in a quarter of the free memory and 4 GiB (the 19B's would take 30 GB). -> s per pass."""
     rng = np.random.default_rng(0)
-    mats = [rng.standard_normal(tuple(s), np.float32) for s in shapes]
+    budget = min(4 << 30, psutil.virtual_memory().available // 4)
+    mats, used = [], 0
+    for s in shapes:
+        used += 4 * math.prod(s)
+        if mats and used > budget:
+            break
+        mats.append(rng.standard_normal(tuple(s), np.float32))
     xs = {s[1]: rng.standard_normal((1, s[1]), np.float32) for s in shapes}
     nbytes = sum(m.nbytes for m in mats)
 
@@ -151,6 +159,7 @@ def gemv_chain(shapes, reps: int = 5) -> dict:
     times = _timed(step, reps)
     med = float(np.median(times))
     return {"s_per_pass": med, "bytes": nbytes, "bytes_per_s": nbytes / med, "matrices": len(mats),
+            "of_matrices": len(shapes),
             "method": "numpy float32 x[1,in] @ W[out,in].T for every decode weight matrix (BLAS gemv)"}
 
 

@@ -21,6 +21,7 @@ packed weights), the manifest says per stored form (`quant.forms.*.onnxruntime`,
 Nothing here imports MindSpore: `pip install onnxruntime` (or onnxruntime-gpu) is enough to run an
 onnx bundle.
 """
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +31,7 @@ from .bundle import Bundle, safetensors_header
 from .errors import UserError
 from .weights import load_rank_weights
 
+log = logging.getLogger(__name__)
 PACK_SHARE = 0.9  # a packed copy may take this share of the free memory (packing needs a little scratch)
 PRESENT = "present."  # a graph output present.<input> is written into that input's buffer (export/onnx_fuse.py)
 
@@ -67,12 +69,18 @@ class OnnxRuntimeBackend:
     (idle worker threads spin between ops instead of sleeping). Spinning is off by default: on a
     2-core machine shared with one other busy process, the bench decode step took 92 ms with it
     and 52 ms without (MindSpore: 66 ms); worker threads that spin through the many small serial
-    ops steal the core the parallel GEMVs then wait for."""
+    ops steal the core the parallel GEMVs then wait for.
+
+    pack_prefill (forms that pack in every graph, w4a8): pack the prefill and vision graphs too (their
+    activations quantized, as the scheme says), or only the decode graphs (prefill and vision then
+    compute with fp32 activations: more accurate, slower, and one packed copy instead of one per
+    graph). None: every graph when all the copies fit in the free memory, else decode only, saying
+    so (the full 19B: 32.6 GiB of copies for six graphs; docs/scale.md)."""
     name = "onnxruntime"
     format = "onnx"
 
     def __init__(self, bundle: Bundle, rank: int = 0, device: str = "auto", threads: int | None = None,
-                 spinning: bool = False):
+                 spinning: bool = False, pack_prefill: bool | None = None):
         try:
             import onnxruntime as ort
         except ImportError:
@@ -109,12 +117,23 @@ class OnnxRuntimeBackend:
 
         self.spinning = spinning
         self._graphs = {}
-        self._packing = [n for n in bundle.graph_names if self._offsets and (n.startswith("decode") or every_graph)]
-        self._every_graph = every_graph
+        paths = {name: bundle.rank_dir(rank) / bundle.graph(name).files["onnx"] for name in bundle.graph_names}
+        self._models = {}   # graph -> its loaded ONNX, for the graphs that pack (read once)
+        decode = [n for n in bundle.graph_names if self._offsets and n.startswith("decode")]
+        self._packing = [n for n in bundle.graph_names if self._offsets and (n in decode or every_graph)]
+        if every_graph and pack_prefill is not True and self._packing != decode:
+            need = sum(sum(self._arrays[i.name].nbytes for i in self._packed_inputs(n, paths[n])) for n in self._packing)
+            if pack_prefill is False or need > PACK_SHARE * psutil.virtual_memory().available:
+                if pack_prefill is None:
+                    log.warning(f"onnxruntime would keep {need / 2**30:.1f} GiB of packed 4-bit weights for "
+                                f"{len(self._packing)} graphs, more than the memory free: it packs them for decode only, "
+                                "and prefill and vision compute with fp32 activations (more accurate, slower).")
+                self._packing = decode
+        self._every_graph = every_graph and self._packing != decode
         self.packed_bytes = {}  # graph -> bytes of the weights onnxruntime packs a copy of for it
         for name in bundle.graph_names:
             info = bundle.graph(name)
-            path = bundle.rank_dir(rank) / info.files["onnx"]
+            path = paths[name]
             try:
                 session = self._session(name, path, providers)
             except UserError:
@@ -165,10 +184,9 @@ class OnnxRuntimeBackend:
         if name not in self._packing:
             return self._ort.InferenceSession(str(path), options, providers=providers)
         import onnx
-        model = onnx.load(str(path))
+        inputs = self._packed_inputs(name, path)
+        model = self._models.pop(name)
         g = model.graph
-        packed = {n.input[i] for n in g.node if n.op_type in self._packed_ops for i in self._packed_ops[n.op_type]}
-        inputs = [i for i in g.input if i.name in packed]
         if not inputs:
             return self._ort.InferenceSession(str(path), options, providers=providers)
         self._check_room(name, sum(self._arrays[i.name].nbytes for i in inputs))
@@ -186,6 +204,15 @@ class OnnxRuntimeBackend:
             options.add_initializer(i.name, self._value(i.name, shape))
         return self._ort.InferenceSession(model.SerializeToString(), options, providers=providers)
 
+    def _packed_inputs(self, name: str, path: Path) -> list:
+        """The graph inputs of `name` that onnxruntime's quantized kernels pre-pack (the manifest's ops and operands)."""
+        if name not in self._models:
+            import onnx
+            self._models[name] = onnx.load(str(path))
+        g = self._models[name].graph
+        packed = {n.input[i] for n in g.node if n.op_type in self._packed_ops for i in self._packed_ops[n.op_type]}
+        return [i for i in g.input if i.name in packed]
+
     def _check_room(self, name: str, nbytes: int):
         """Refuse a packed copy of `nbytes` that the free memory cannot take (PACK_SHARE of it), naming the
         fix: the copies are one per graph that packs, so fewer decode buckets (or w4a16 for w4a8) bound them."""
@@ -193,8 +220,8 @@ class OnnxRuntimeBackend:
         if nbytes > PACK_SHARE * free:
             fix = "export with one decode bucket (--buckets 'decode=T')"
             if self._every_graph:
-                fix = ("export with --quant w4a16, whose prefill and vision graphs read the weights unpacked, or with one "
-                       "chunk and one decode bucket")
+                fix = ("pack the decode graphs only (pack_prefill=False, what the default does when the copies do not fit), "
+                       "or export with one chunk and one decode bucket")
             raise UserError(f"onnxruntime keeps a packed copy of the quantized weights for each of the {len(self._packing)} "
                             f"graphs that pre-pack them ({', '.join(self._packing)}), and {name}'s copy "
                             f"({nbytes / 2**20:,.0f} MiB) does not fit in the {free / 2**20:,.0f} MiB free: {fix}.")

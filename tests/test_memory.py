@@ -96,3 +96,34 @@ def test_the_kv_cache_is_sized_from_the_free_memory(w4_bundle, monkeypatch):
     free_memory(16 * slot)
     with pytest.raises(UserError, match="smallest decode bucket \\(32 slots"):
         engine_module.Engine(w4_bundle, backend="onnxruntime")
+
+
+@pytest.fixture(scope="module")
+def w4a8_bundle(tmp_path_factory, tiny_cfg):
+    from cogvlm2_lite.export.bundle import export_bundle
+    return Bundle(export_bundle(tmp_path_factory.mktemp("mem") / "w4a8", random_init=tiny_cfg, tokenizer=DEMO_TOKENIZER,
+                                buckets={"chunk": [8, 16], "decode": [32, 64]}, progress=False, formats=("onnx",),
+                                quant="w4a8"))
+
+
+def test_w4a8_packs_every_graph_when_the_copies_fit_else_decode_only(w4a8_bundle, monkeypatch, caplog):
+    """w4a8's kernel quantizes activations only on packed weights, so it packs in every graph that takes
+    them; when those copies would not fit, prefill and vision run unpacked (fp32 activations), saying so,
+    and decode, the same graph either way, gives the same logits."""
+    from cogvlm2_lite.runtime import onnx_backend
+    every = onnx_backend.OnnxRuntimeBackend(w4a8_bundle)
+    decode = ["decode_32", "decode_64"]
+    assert set(decode) < set(every.packed_bytes) and len(every.packed_bytes) > 4   # prefill graphs pack too
+    need = sum(every.packed_bytes.values())
+    free = (need + max(every.packed_bytes.values())) / 2 / onnx_backend.PACK_SHARE   # room for one copy, not all
+    monkeypatch.setattr(onnx_backend.psutil, "virtual_memory", lambda: FREE(available=int(free), total=1 << 30))
+    with caplog.at_level("WARNING"):
+        tight = onnx_backend.OnnxRuntimeBackend(w4a8_bundle)
+    assert sorted(tight.packed_bytes) == decode
+    assert "packs them for decode only" in caplog.text and "fp32 activations" in caplog.text
+    explicit = onnx_backend.OnnxRuntimeBackend(w4a8_bundle, pack_prefill=False)
+    assert sorted(explicit.packed_bytes) == decode
+    step = [np.array([[5]], np.int32), np.array([13], np.int32), np.array([13], np.int32),
+            *[np.random.default_rng(i).standard_normal((1, 2, 32, 8)).astype(np.float32) for i in range(4)]]
+    np.testing.assert_array_equal(tight.run("decode_32", [a.copy() for a in step])[0],
+                                  every.run("decode_32", [a.copy() for a in step])[0])
