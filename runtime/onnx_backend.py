@@ -153,6 +153,7 @@ class OnnxRuntimeBackend:
             aliases = [(o.name, o.name[len(PRESENT):]) for o in session.get_outputs()
                        if o.name.startswith(PRESENT) and o.name[len(PRESENT):] in declared]
             self._graphs[name] = (session, binding, info, info.output_specs, aliases)
+        self._models.clear()   # what the packing decision read of graphs that then did not pack
 
         if self.device == "cuda":
             self._arrays = self._values = None  # uploaded: the host copies are no longer needed
