@@ -122,7 +122,7 @@ class OnnxRuntimeBackend:
         decode = [n for n in bundle.graph_names if self._offsets and n.startswith("decode")]
         self._packing = [n for n in bundle.graph_names if self._offsets and (n in decode or every_graph)]
         if every_graph and pack_prefill is not True and self._packing != decode:
-            need = sum(sum(self._arrays[i.name].nbytes for i in self._packed_inputs(n, paths[n])) for n in self._packing)
+            need = sum(self._pack_bytes(self._packed_inputs(n, paths[n])) for n in self._packing)
             if pack_prefill is False or need > PACK_SHARE * psutil.virtual_memory().available:
                 if pack_prefill is None:
                     log.warning(f"onnxruntime would keep {need / 2**30:.1f} GiB of packed 4-bit weights for "
@@ -190,7 +190,7 @@ class OnnxRuntimeBackend:
         g = model.graph
         if not inputs:
             return self._ort.InferenceSession(str(path), options, providers=providers)
-        self._check_room(name, sum(self._arrays[i.name].nbytes for i in inputs))
+        self._check_room(name, self._pack_bytes(inputs))
         options.add_session_config_entry("session.model_external_initializers_file_folder_path", str(path.parent))
         for i in inputs:
             t = i.type.tensor_type
@@ -214,9 +214,14 @@ class OnnxRuntimeBackend:
         packed = {n.input[i] for n in g.node if n.op_type in self._packed_ops for i in self._packed_ops[n.op_type]}
         return [i for i in g.input if i.name in packed]
 
+    def _pack_bytes(self, inputs) -> int:
+        """Bytes of the weights behind these graph inputs: what onnxruntime packs a copy of."""
+        return sum(self._arrays[i.name].nbytes for i in inputs)
+
     def _check_room(self, name: str, nbytes: int):
         """Refuse a packed copy of `nbytes` that the free memory cannot take (PACK_SHARE of it), naming the
-        fix: the copies are one per graph that packs, so fewer decode buckets (or w4a16 for w4a8) bound them."""
+        fix: the copies are one per graph that packs, so fewer graphs (decode buckets; for w4a8, decode-only
+        packing) bound them."""
         free = psutil.virtual_memory().available
         if nbytes > PACK_SHARE * free:
             fix = "export with one decode bucket (--buckets 'decode=T')"
