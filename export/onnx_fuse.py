@@ -26,8 +26,14 @@ onnxruntime-genai's models use):
              A row whose write_index is T (its cache full; the runtime never decodes one) is passed as
              an idle entry (query_seqlens 0): nothing is written and its logits are undefined.
 
+  rows       each matmul sits between Reshape(x, [rows, K]) and Reshape(y, x's leading dims + [N]),
+             two kernel launches per matmul (~120 per step): `drop_row_reshapes`, run last (after the
+             quantized-matmul rewrite), gives the matmul x itself: MatMulNBits takes [.., K] as it is;
+             fp32 Gemm(transB) is 2-D only and becomes FusedMatMul(transB) (com.microsoft; pre-packed
+             like Gemm).
+
 Only the patterns above are touched; the rest of the graph, the quantized matmuls included (export/
-onnx_quant.py runs after this pass), stays as exported. Decode graphs only (C = 1; exercised with fp32 compute; fp16 graphs, whose norms carry Casts, keep their norms):
+onnx_quant.py runs between fuse_decode and drop_row_reshapes), stays as exported. Decode graphs only (C = 1; exercised with fp32 compute; fp16 graphs, whose norms carry Casts, keep their norms):
 extend and prefill read many tokens per weight read, where these ops do not matter.
 """
 import numpy as np
@@ -202,6 +208,7 @@ def fuse_decode_attention(G: OnnxGraph, cfg) -> int:
                 helper.make_node("Reshape", [p + "v", kv_shape], [p + "v_new"])]
         cat["k_new"].input[i] = p + "k_new"
         cat["v_new"].input[i] = p + "v_new"
+        g.value_info.append(helper.make_tensor_value_info(p + "o", elem, [b, 1, heads * d]))  # for drop_row_reshapes
     replaced = {out for _, out in plan}
     kept = [n for n in g.node if not (set(n.output) & replaced)]
     del g.node[:]
@@ -223,6 +230,53 @@ def fuse_decode(model: onnx.ModelProto, cfg) -> dict:
     if any(counts.values()):
         G.use_domain(MS)
     return counts
+
+
+def drop_row_reshapes(model: onnx.ModelProto, shapes: dict) -> int:
+    """Reshape(x, [rows, K]) -> matmul -> Reshape(y, lead + [N]), where x is [*lead, K], -> the matmul on x
+    (module docstring), x found through a chain of Reshapes. shapes: static shapes inferred before the contrib
+    ops came in (names survive the rewrites), with those the rewrites declared (graph value_info). fp32 matmuls
+    only: MatMulNBits, and Gemm(transB = 1) without bias -> FusedMatMul. -> how many."""
+    G = OnnxGraph(model)
+    shapes = {**shapes, **{v.name: tuple(d.dim_value for d in v.type.tensor_type.shape.dim) for v in G.g.value_info}}
+    drop, count = set(), 0
+    for mm in G.g.node:
+        a = OnnxGraph.attrs(mm)
+        if mm.op_type == "Gemm":
+            w = mm.input[1]
+            if (len(mm.input) != 2 or a.get("transA", 0) or a.get("transB", 0) != 1 or a.get("alpha", 1.0) != 1.0
+                    or w not in G.inputs or G.inputs[w].type.tensor_type.elem_type != TensorProto.FLOAT):
+                continue
+            n = G.shape(w)[0]
+        elif mm.op_type == "MatMulNBits":
+            n = a["N"]
+        else:
+            continue
+        r1, r2 = G.producer.get(mm.input[0]), G.only_reader(mm.output[0], "Reshape")
+        if r1 is None or r1.op_type != "Reshape" or r2 is None:
+            continue
+        rows, back = G.const(r1.input[1]), G.const(r2.input[1])
+        if rows is None or back is None or rows.size != 2 or back[-1] != n:
+            continue
+        x = r1.input[0]
+        while list(shapes.get(x, ())) != [*back[:-1], rows[-1]] and getattr(G.producer.get(x), "op_type", "") == "Reshape":
+            x = G.producer[x].input[0]
+        if list(shapes.get(x, ())) != [*back[:-1], rows[-1]]:
+            continue
+        if mm.op_type == "Gemm":
+            fused = helper.make_node("FusedMatMul", [x, mm.input[1]], [r2.output[0]], domain=MS, transB=1, alpha=1.0)
+            mm.CopyFrom(fused)
+        else:
+            mm.input[0], mm.output[0] = x, r2.output[0]
+        drop.add(id(r2))
+        count += 1
+    if count:
+        nodes = [n for n in G.g.node if id(n) not in drop]
+        del G.g.node[:]
+        G.g.node.extend(nodes)
+        G.prune()   # the Reshape to rows goes with its last reader
+        G.use_domain(MS)
+    return count
 
 
 def fuse_int8_activations(model: onnx.ModelProto) -> int:

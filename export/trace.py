@@ -97,12 +97,15 @@ def trace_rank(plan: Plan, out_dir: Path, on_graph=lambda name: None):
 def for_onnxruntime(model, graph, plan: Plan, forms: dict) -> bool:
     """The rewrites for onnxruntime of one exported graph, in order, on one loaded copy -> whether any
     changed it: a decode graph's fused kernels (export/onnx_fuse.py), the quantized matmuls
-    (export/onnx_quant.py), then w8a8's one-row activation quantization around them (onnx_fuse.py)."""
-    from .onnx_fuse import fuse_decode, fuse_int8_activations
+    (export/onnx_quant.py), then w8a8's one-row activation quantization around them and the decode
+    matmuls' row reshapes (onnx_fuse.py)."""
+    from .onnx_fuse import drop_row_reshapes, fuse_decode, fuse_int8_activations
+    from .onnx_graph import OnnxGraph
     from .onnx_quant import rewrite_quantized_matmuls
     decode = graph.name.startswith("decode_")
     changed = False
     if decode:
+        shapes = OnnxGraph(model, shapes=True).shapes   # before the contrib ops hide them from onnx
         cfg = plan.cfg
         changed |= any(fuse_decode(model, (cfg.num_hidden_layers, cfg.num_attention_heads // plan.tp,
                                            cfg.num_multi_query_heads // plan.tp, cfg.head_dim,
@@ -111,6 +114,8 @@ def for_onnxruntime(model, graph, plan: Plan, forms: dict) -> bool:
         changed |= bool(rewrite_quantized_matmuls(model, forms, fp32=plan.dtype == "fp32"))
         if decode:
             changed |= bool(fuse_int8_activations(model))
+    if decode and plan.dtype == "fp32":
+        changed |= bool(drop_row_reshapes(model, shapes))
     return changed
 
 

@@ -34,6 +34,13 @@ from .weights import load_rank_weights
 log = logging.getLogger(__name__)
 PACK_SHARE = 0.9  # a packed copy may take this share of the free memory (packing needs a little scratch)
 PRESENT = "present."  # a graph output present.<input> is written into that input's buffer (export/onnx_fuse.py)
+# How long an idle worker spins before it sleeps. A decode step's ops are microseconds apart, so 10 us
+# bridges them (w4a8 decode 5.24 ms, as with onnxruntime's longer default); longer, the workers of one
+# session keep spinning while another runs (prefill then decode; bundles taking turns: fp32 22 -> 66 ms)
+# and, beside a busy process, take its core (fp32 28.5 ms with no spinning, 32 at 10 us, 40 at 100 us).
+SPIN_US = 10
+FLOAT_PACKED_OPS = {"Gemm": (1,), "FusedMatMul": (1,)}  # fp32 weights onnxruntime pre-packs in decode graphs when the copies fit
+FLOAT32 = 1  # onnx.TensorProto.FLOAT (onnx is imported only where a graph is read)
 
 
 def keep_freed_memory() -> bool:
@@ -63,13 +70,21 @@ def physical_cores() -> int:
     return max(1, usable * physical // logical)
 
 
+def cores_free_for(threads: int, interval: float = 0.1) -> bool:
+    """Whether `threads` cores are idle now: the machine's CPU use over `interval` seconds, while this
+    process waits, leaves that many logical CPUs unused (half a CPU of slack for noise)."""
+    busy = psutil.cpu_percent(interval=interval) / 100 * (psutil.cpu_count() or 1)
+    return (psutil.cpu_count() or 1) - busy >= threads - 0.5
+
+
 class OnnxRuntimeBackend:
     """ONNX graphs through onnxruntime. Options: device ('auto' = CUDA when onnxruntime offers it,
     'cpu', 'cuda'), threads (intra-op threads on CPU; default the physical cores), spinning
-    (idle worker threads spin between ops instead of sleeping). Spinning is off by default: on a
-    2-core machine shared with one other busy process, the bench decode step took 92 ms with it
-    and 52 ms without (MindSpore: 66 ms); worker threads that spin through the many small serial
-    ops steal the core the parallel GEMVs then wait for.
+    (idle worker threads spin between ops, SPIN_US at most, instead of sleeping; None: when the
+    cores the threads need are idle at load, `cores_free_for`). On idle cores a decode step makes
+    some 60 parallel GEMVs, and waking sleeping workers for each costs more than spinning: bench
+    preset decode w4a8 7.2 -> 5.3 ms, w8a8 9.9 -> 8.4 ms. Beside a busy process, spinning workers
+    take the core the GEMVs then wait for (SPIN_US), hence the check at load (docs/speed.md).
 
     pack_prefill (forms that pack in every graph, w4a8): pack the prefill and vision graphs too (their
     activations quantized, as the scheme says), or only the decode graphs (prefill and vision then
@@ -80,7 +95,7 @@ class OnnxRuntimeBackend:
     format = "onnx"
 
     def __init__(self, bundle: Bundle, rank: int = 0, device: str = "auto", threads: int | None = None,
-                 spinning: bool = False, pack_prefill: bool | None = None):
+                 spinning: bool | None = None, pack_prefill: bool | None = None):
         try:
             import onnxruntime as ort
         except ImportError:
@@ -108,18 +123,19 @@ class OnnxRuntimeBackend:
         self._values = {}
         forms = (bundle.manifest.get("quant") or {}).get("forms", {})
         self._offsets = {}  # where each weight lies in its file: the initializers of pre-packed graphs point there
-        if forms and self.device == "cpu":
+        if self.device == "cpu":
             for f in bundle.weight_files(rank):
                 self._offsets.update({n: (f.name, h["data_offsets"]) for n, h in safetensors_header(f).items()})
         kernels = [f["onnxruntime"] for f in forms.values() if "onnxruntime" in f]
         self._packed_ops = {op: tuple(i) for k in kernels for op, i in k["ops"].items()}  # op -> operands it pre-packs
         every_graph = any(k["every_graph"] for k in kernels)
 
-        self.spinning = spinning
+        self.spinning = spinning if spinning is not None else (self.device == "cpu" and cores_free_for(self.threads))
         self._graphs = {}
         paths = {name: bundle.rank_dir(rank) / bundle.graph(name).files["onnx"] for name in bundle.graph_names}
         self._models = {}   # graph -> its loaded ONNX, for the graphs that pack (read once)
         decode = [n for n in bundle.graph_names if self._offsets and n.startswith("decode")]
+        self._pack_floats(decode, paths)
         self._packing = [n for n in bundle.graph_names if self._offsets and (n in decode or every_graph)]
         if every_graph and pack_prefill is not True and self._packing != decode:
             need = sum(self._pack_bytes(self._packed_inputs(n, paths[n])) for n in self._packing)
@@ -158,6 +174,20 @@ class OnnxRuntimeBackend:
         if self.device == "cuda":
             self._arrays = self._values = None  # uploaded: the host copies are no longer needed
 
+    def _pack_floats(self, decode: list, paths: dict):
+        """Pre-pack the decode graphs' fp32 Gemm weights too when every decode graph's copy fits, with the
+        quantized ones, in PACK_SHARE of the free memory (module docstring); else leave them unpacked, saying so."""
+        self._float_ops = {}
+        quantized = sum(len(self._packed_inputs(n, paths[n])) for n in decode)
+        self._float_ops = FLOAT_PACKED_OPS
+        inputs = [self._packed_inputs(n, paths[n]) for n in decode]
+        self.floats_packed = sum(map(len, inputs)) > quantized
+        need = sum(self._pack_bytes(g) for g in inputs)
+        if self.floats_packed and need > PACK_SHARE * psutil.virtual_memory().available:
+            log.warning(f"onnxruntime would keep {need / 2**30:.1f} GiB of packed weights for {len(decode)} decode graphs, "
+                        "more than the memory free: their fp32 matmul weights stay unpacked (decode some 10% slower).")
+            self._float_ops, self.floats_packed = {}, False
+
     def _value(self, name: str, shape: tuple):
         """The weight as an OrtValue of the shape a graph declares (a view of the one array)."""
         if (name, shape) not in self._values:
@@ -175,6 +205,7 @@ class OnnxRuntimeBackend:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.log_severity_level = 3
         options.add_session_config_entry("session.intra_op.allow_spinning", "1" if self.spinning else "0")
+        options.add_session_config_entry("session.intra_op.spin_duration_us", str(SPIN_US))
         return options
 
     def _session(self, name: str, path: Path, providers):
@@ -206,13 +237,18 @@ class OnnxRuntimeBackend:
         return self._ort.InferenceSession(model.SerializeToString(), options, providers=providers)
 
     def _packed_inputs(self, name: str, path: Path) -> list:
-        """The graph inputs of `name` that onnxruntime's quantized kernels pre-pack (the manifest's ops and operands)."""
+        """The graph inputs of `name` that onnxruntime pre-packs: the operands of the quantized kernels (the
+        manifest's ops) and, in decode graphs while `_float_ops` are on, fp32 weights of those ops."""
         if name not in self._models:
             import onnx
             self._models[name] = onnx.load(str(path))
         g = self._models[name].graph
-        packed = {n.input[i] for n in g.node if n.op_type in self._packed_ops for i in self._packed_ops[n.op_type]}
-        return [i for i in g.input if i.name in packed]
+        def operands(ops):
+            return {n.input[i] for n in g.node if n.op_type in ops for i in ops[n.op_type]}
+        quantized = operands(self._packed_ops)
+        floats = operands(self._float_ops) if name.startswith("decode") else set()
+        return [i for i in g.input if i.name in self._offsets
+                and (i.name in quantized or (i.name in floats and i.type.tensor_type.elem_type == FLOAT32))]
 
     def _pack_bytes(self, inputs) -> int:
         """Bytes of the weights behind these graph inputs: what onnxruntime packs a copy of."""
@@ -228,7 +264,7 @@ class OnnxRuntimeBackend:
             if self._every_graph:
                 fix = ("pack the decode graphs only (pack_prefill=False, what the default does when the copies do not fit), "
                        "or export with one chunk and one decode bucket")
-            raise UserError(f"onnxruntime keeps a packed copy of the quantized weights for each of the {len(self._packing)} "
+            raise UserError(f"onnxruntime keeps a packed copy of the matmul weights for each of the {len(self._packing)} "
                             f"graphs that pre-pack them ({', '.join(self._packing)}), and {name}'s copy "
                             f"({nbytes / 2**20:,.0f} MiB) does not fit in the {free / 2**20:,.0f} MiB free: {fix}.")
         self.packed_bytes[name] = nbytes

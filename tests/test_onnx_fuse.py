@@ -177,3 +177,77 @@ def test_in_flight_batching_on_fused_graphs_answers_like_mindspore(tmp_path_fact
                 Request("hi", params=SamplingParams(max_new_tokens=40, ignore_eos=True))]
     got = [[r.token_ids for r in e.generate(requests)] for e in engines]
     assert got[0] == got[1]
+
+
+def _row_reshapes(model):
+    """Matmuls that read a Reshape's output or feed one."""
+    producer = {o: n for n in model.graph.node for o in n.output}
+    readers = {}
+    for n in model.graph.node:
+        for i in n.input:
+            readers.setdefault(i, []).append(n)
+    mms = [n for n in model.graph.node if n.op_type in ("Gemm", "FusedMatMul", "MatMulNBits")]
+    return sum(1 for m in mms if getattr(producer.get(m.input[0]), "op_type", "") == "Reshape"
+               or any(r.op_type == "Reshape" for r in readers.get(m.output[0], ())))
+
+
+def test_decode_matmuls_take_their_rows_without_reshapes(decode_onnx, tiny_cfg, tiny_weights):
+    """fp32, two rows: every Gemm between row reshapes becomes FusedMatMul on the [B, 1, K] activations (all but
+    lm_head's: the logits are [B, V]); the results stay within 1e-5 of the unrewritten graph."""
+    from cogvlm2_lite.export.onnx_fuse import drop_row_reshapes
+    from cogvlm2_lite.export.onnx_graph import OnnxGraph
+    graph, model = decode_onnx
+    shapes = OnnxGraph(model, shapes=True).shapes
+    fused, _ = _fused(model, tiny_cfg)
+    gemms = [n.op_type for n in fused.graph.node].count("Gemm")
+    assert gemms >= 5 * tiny_cfg.num_hidden_layers and _row_reshapes(fused) == gemms
+    n = drop_row_reshapes(fused, shapes)
+    onnx.checker.check_model(fused)
+    ops = [x.op_type for x in fused.graph.node]
+    assert n == gemms - 1 == ops.count("FusedMatMul") and ops.count("Gemm") == 1 and _row_reshapes(fused) == 1
+    assert next(x for x in fused.graph.node if x.op_type == "Gemm").input[1] == "lm_head.weight"
+    feed = _inputs(graph, tiny_weights, (3, 20), seed=5)
+    ref, _ = _run(model, feed, in_place=False)
+    got, _ = _run(fused, feed, in_place=False)
+    for name in ("logits", "k_new", "v_new"):
+        assert np.abs(got[name] - ref[name]).max() <= 1e-5, name
+
+
+def test_w4a8_decode_matmuls_take_their_rows_without_reshapes(tmp_path, tiny_cfg, tiny_weights):
+    """The export's order (fuse_decode, the quantized matmuls, then this): every MatMulNBits but lm_head's reads
+    [1, 1, K] as it read [1, K], the same kernel on the same row: bit-identical logits."""
+    from cogvlm2_lite.graphs.quant import Quantizer
+    from cogvlm2_lite.export.onnx_export import export_onnx
+    from cogvlm2_lite.export.onnx_fuse import drop_row_reshapes
+    from cogvlm2_lite.export.onnx_graph import OnnxGraph
+    from cogvlm2_lite.export.onnx_quant import rewrite_quantized_matmuls
+    from cogvlm2_lite.export.trace import Plan, example_inputs
+    from cogvlm2_lite.runtime.mindspore_backend import use_device
+    from cogvlm2_lite.graphs.entry import ExtendGraph
+    use_device()
+    g = ExtendGraph(tiny_cfg, 1, T, 1, quant="w4a8")
+    export_onnx(g, example_inputs(g, "fp32", 1), tmp_path / "d.onnx")
+    model = onnx.load(str(tmp_path / "d.onnx"))
+    shapes = OnnxGraph(model, shapes=True).shapes
+    model, _ = _fused(model, tiny_cfg)
+    rewrite_quantized_matmuls(model, Plan(tiny_cfg.to_hf(), quant="w4a8").forms())
+    before = _row_reshapes(model)
+    dropped = onnx.ModelProto()
+    dropped.CopyFrom(model)
+    n = drop_row_reshapes(dropped, shapes)
+    onnx.checker.check_model(dropped)
+    assert n == before - 1 == [x.op_type for x in model.graph.node].count("MatMulNBits") - 1 > 0
+    assert _row_reshapes(dropped) == 1
+    q = Quantizer("w4a8", 1).quantize(tiny_weights)
+    rng = np.random.default_rng(3)
+    feed = {"token": np.array([[11]], np.int32), "position": np.array([9], np.int32),
+            "write_index": np.array([7], np.int32)}
+    for i in range(g.layers):
+        for x in "kv":
+            feed[f"{x}_{i}"] = rng.standard_normal((1, 2, T, 8)).astype(np.float32)
+    declared = {i.name: [d.dim_value for d in i.type.tensor_type.shape.dim] for i in model.graph.input}
+    feed.update({name: q[name].reshape(declared[name]) for name in g.table.names if name in declared})
+    ref = ort.InferenceSession(model.SerializeToString()).run(None, feed)
+    got = ort.InferenceSession(dropped.SerializeToString()).run(None, feed)
+    for a, b in zip(ref, got):
+        np.testing.assert_array_equal(a, b)
