@@ -4,7 +4,7 @@ and load time): `python -m cogvlm2_lite.bench.measure SPEC.json OUT.json`.
 Sections, in order (each a function below, each with warm-up and repetitions): load; preprocessing;
 the vision graph; TTFT phase by phase; prefill per chunk size; TTFT by prompt length; serving
 (in-flight vs lockstep); decode per cache bucket; the host's share of a decode step; generation end
-to end; a per-op MindSpore profile. RSS is read after each phase.
+to end; a per-op profile (MindSpore, onnxruntime). RSS is read after each phase.
 """
 import json
 import sys
@@ -16,7 +16,7 @@ import numpy as np
 from cogvlm2_lite.runtime.errors import UserError
 
 from .photo import test_photo
-from .profile import Recorder, mindspore_cell_call, profile_mindspore
+from .profile import Recorder, mindspore_cell_call, profile_mindspore, profile_onnxruntime
 from .timing import minor_faults, peak_rss_bytes, repeat, rss_bytes, stats
 
 PROMPT = "Describe the image in detail."
@@ -73,7 +73,7 @@ def measure_backend(bundle_path: str, backend: str, o: dict) -> dict:
         res["decode"], last_call = _decode(engine, o, rss)
         if "generate" in want:
             res["generate"] = _generate(engine, photo, o, _host(engine, res["decode"], last_call, ref, o))
-    if "profile" in want and o.get("profile") and engine.backend.name == "mindspore":
+    if "profile" in want and o.get("profile") and engine.backend.name in ("mindspore", "onnxruntime"):
         res["profile"] = _profile(engine, rng, o)
     rss["end"] = (rss_bytes(), peak_rss_bytes())
     res["memory"] = {"peak_rss_bytes": peak_rss_bytes(), "kv_cache_bytes": int(engine.cache.nbytes),
@@ -379,24 +379,28 @@ def _generate(engine, photo: bytes, o: dict, host: dict) -> dict:
 
 
 def _profile(engine, rng, o: dict) -> dict:
-    """MindSpore's per-op profile of a decode step (smallest and largest bucket) and a prefill chunk."""
-    cache, tokens = engine.cache, np.full(engine.batch, 7, np.int32)
+    """The backend's own per-op profile of a decode step (smallest and largest bucket); with MindSpore, of
+    a prefill chunk too."""
+    cache, tokens, backend = engine.cache, np.full(engine.batch, 7, np.int32), engine.backend
     out = {}
 
-    def decode_call(length):
+    def decode_profile(length):
+        cache.fit(length + 1)   # the smallest bucket holding it (decoding only grows the cache)
         cache.lengths[:] = length
-        with Recorder(engine.backend) as rec:
+        with Recorder(backend) as rec:
             engine.decode(tokens, cache.lengths.copy())
         name, inputs, _ = rec.last
-        return name, lambda: rec.run(name, inputs)
+        if backend.name == "onnxruntime":
+            return {"graph": name, **profile_onnxruntime(backend, name, inputs, o["profile_steps"])}
+        rec.run(name, inputs)
+        return {"graph": name, **profile_mindspore(lambda: rec.run(name, inputs), o["profile_steps"])}
 
     try:
-        name, fn = decode_call(0)
-        out["decode"] = {"graph": name, **profile_mindspore(fn, o["profile_steps"])}
+        out["decode"] = decode_profile(0)
         if len(engine.cache.buckets) > 1:   # the largest bucket too: does the cache length matter?
-            name, fn = decode_call(engine.cache.max_len - 2)
-            fn()
-            out["decode_largest"] = {"graph": name, **profile_mindspore(fn, o["profile_steps"])}
+            out["decode_largest"] = decode_profile(engine.cache.max_len - 2)
+        if backend.name != "mindspore":
+            return out
         c = engine.chunks[-1]
         ranks = engine.bundle.manifest["tokenizer"]["bpe_ranks"]
         row = [engine.tokenizer.bos_id] + rng.integers(0, ranks, c - 1).tolist()

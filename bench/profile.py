@@ -1,4 +1,4 @@
-"""Where a MindSpore graph call's time goes: MindSpore's own profiler over repeated calls, read back per op.
+"""Where a graph call's time goes: MindSpore's or onnxruntime's own profiler over repeated calls, read back per op.
 
 Also the bare GraphCell call, to split the backend adapter's cost (wrapping inputs, asnumpy) from
 the graph's, and a recorder of the last graph call a runtime method made (to replay it alone).
@@ -90,8 +90,35 @@ def profile_mindspore(fn, steps: int) -> dict:
         return {"error": "the profiler wrote no CPU op data"}
     top.sort(key=lambda r: -r["ms_per_step"])
     kernel_ms = sum(v["ms_per_step"] for v in by_type.values())
-    return {"steps": steps, "wall_ms_per_step_profiled": wall * 1e3, "kernel_ms_per_step": kernel_ms,
+    return {"profiler": "MindSpore", "steps": steps, "wall_ms_per_step_profiled": wall * 1e3, "kernel_ms_per_step": kernel_ms,
             "ops_per_step": sum(v["ops_per_step"] for v in by_type.values()),
             "by_type": dict(sorted(by_type.items(), key=lambda kv: -kv[1]["ms_per_step"])),
-            "top_ops": top[:8], "matmul_weight_elements": matmul_bytes, "matmul_weight_ms_per_step": matmul_ms,
+            "top_ops": top[:8], "matmul_ops": ["MatMul"], "matmul_weight_elements": matmul_bytes, "matmul_weight_ms_per_step": matmul_ms,
             "best_case_ms_per_step": best, "excess_over_best_ms_per_step": excess}
+
+
+def profile_onnxruntime(backend, name: str, inputs, steps: int) -> dict:
+    """Per-op timing of `steps` calls of graph `name` with onnxruntime's profiler (a second session of the
+    graph, runtime/onnx_backend.py `profile`): ms per call by op type and the top nodes, as profile_mindspore."""
+    with tempfile.TemporaryDirectory(prefix="ort-profile-") as d:
+        wall, trace = backend.profile(name, inputs, steps, str(Path(d) / "ort"))
+        events = json.loads(Path(trace).read_text())
+    runs = sum(1 for e in events if e.get("cat") == "Session" and e.get("name") == "model_run") or 1
+    ms, count, nodes = {}, {}, {}
+    for e in events:
+        if e.get("cat") != "Node" or not e.get("name", "").endswith("_kernel_time"):
+            continue
+        op = e["args"].get("op_name", "?")
+        ms[op] = ms.get(op, 0.0) + e["dur"] / 1e3 / runs
+        count[op] = count.get(op, 0) + 1
+        node = nodes.setdefault(e["name"][:-len("_kernel_time")], {"type": op, "ms_per_step": 0.0})
+        node["ms_per_step"] += e["dur"] / 1e3 / runs
+    by_type = {op: {"ms_per_step": ms[op], "ops_per_step": count[op] / runs} for op in ms}
+    if not by_type:
+        return {"error": "the profiler wrote no node data"}
+    top = sorted(({"op": k, **v} for k, v in nodes.items()), key=lambda r: -r["ms_per_step"])
+    return {"profiler": "onnxruntime", "steps": steps, "wall_ms_per_step_profiled": wall * 1e3,
+            "kernel_ms_per_step": sum(v["ms_per_step"] for v in by_type.values()),
+            "ops_per_step": sum(v["ops_per_step"] for v in by_type.values()),
+            "by_type": dict(sorted(by_type.items(), key=lambda kv: -kv[1]["ms_per_step"])), "top_ops": top[:8],
+            "matmul_ops": sorted(t for t in by_type if "MatMul" in t or t == "Gemm")}

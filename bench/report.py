@@ -73,15 +73,16 @@ def _pct(x):
 
 def _profile_sentence(pf: dict, dtype: str) -> str:
     """One line on where a profiled graph call's time goes."""
-    mm = pf["by_type"].get("MatMul", {}).get("ms_per_step", 0.0)
-    others = sorted(((k, v["ms_per_step"]) for k, v in pf["by_type"].items() if k != "MatMul"), key=lambda kv: -kv[1])[:4]
+    matmuls = pf.get("matmul_ops", ["MatMul"])
+    mm = sum(pf["by_type"].get(k, {}).get("ms_per_step", 0.0) for k in matmuls)
+    others = sorted(((k, v["ms_per_step"]) for k, v in pf["by_type"].items() if k not in matmuls), key=lambda kv: -kv[1])[:4]
     itemsize = 2 if dtype in ("fp16", "bf16") else 4
     mm_bw = (pf["matmul_weight_elements"] * itemsize / (pf["matmul_weight_ms_per_step"] / 1e3)
              if pf.get("matmul_weight_ms_per_step") else 0)
     gap = pf["wall_ms_per_step_profiled"] - pf["kernel_ms_per_step"]
-    line = (f"MindSpore profile of {pf['graph']}: {pf['ops_per_step']:.0f} kernels/call, kernel sum "
-            f"{pf['kernel_ms_per_step']:.1f} ms of {pf['wall_ms_per_step_profiled']:.1f} ms profiled wall "
-            f"({max(gap, 0):.1f} ms outside kernels: launch and scheduling); MatMul "
+    line = (f"{pf.get('profiler', 'MindSpore')} profile of {pf['graph']}: {pf['ops_per_step']:.0f} kernels/call, kernel "
+            f"sum {pf['kernel_ms_per_step']:.1f} ms of {pf['wall_ms_per_step_profiled']:.1f} ms profiled wall "
+            f"({max(gap, 0):.1f} ms outside kernels: launch and scheduling); {'/'.join(matmuls)} "
             f"{mm:.1f} ms" + (f" (weights streamed at {mm_bw / 1e9:.1f} GB/s)" if mm_bw else "")
             + "; the rest " + ", ".join(f"{k} {v:.1f} ms" for k, v in others))
     ex, best = pf.get("excess_over_best_ms_per_step"), pf.get("best_case_ms_per_step")

@@ -12,7 +12,7 @@ and the reference points that give those numbers a meaning (bench/machine.py, be
   - BLAS fp32 GEMM FLOP/s -> prefill's fraction of peak;
   - the same decode step run eagerly (MindSpore PyNative, graphs/ cells, same weights): the no-AOT
     baseline (bench/eager.py);
-  - a per-op MindSpore profile of a decode step (bench/profile.py).
+  - a per-op profile of a decode step, by the backend's own profiler (bench/profile.py).
 The machine probes and the eager baseline run in their own processes too. bench/report.py derives
 the figures and targets and writes the text; bench/plot.py draws the chart.
 """
@@ -185,7 +185,7 @@ options = stack(
     click.option("--gen-tokens", type=int, default=32, show_default=True, help="New tokens per end-to-end generation."),
     click.option("--gen-reps", type=int, default=3, show_default=True, help="Timed end-to-end generations."),
     click.option("--eager-steps", type=int, default=3, show_default=True, help="PyNative decode steps (0: skip)."),
-    click.option("--profile/--no-profile", default=True, show_default=True, help="Per-op MindSpore profile."),
+    click.option("--profile/--no-profile", default=True, show_default=True, help="Per-op profile of decode (MindSpore, onnxruntime) and prefill (MindSpore)."),
     click.option("--quick", is_flag=True, help="Small machine probes (smoke runs; reference figures are rough)."),
     click.option("--sections", default=None, callback=lambda ctx, param, v: parse_sections(v),
                  help=f"Comma-separated sections to measure (default all: {','.join(SECTIONS)}); load and memory are "

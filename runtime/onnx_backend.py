@@ -22,6 +22,7 @@ Nothing here imports MindSpore: `pip install onnxruntime` (or onnxruntime-gpu) i
 onnx bundle.
 """
 import logging
+import time
 from pathlib import Path
 
 import numpy as np
@@ -147,28 +148,9 @@ class OnnxRuntimeBackend:
                 self._packing = decode
         self._every_graph = every_graph and self._packing != decode
         self.packed_bytes = {}  # graph -> bytes of the weights onnxruntime packs a copy of for it
+        self._bundle, self._paths, self._providers = bundle, paths, providers
         for name in bundle.graph_names:
-            info = bundle.graph(name)
-            path = paths[name]
-            try:
-                session = self._session(name, path, providers)
-            except UserError:
-                raise
-            except Exception as e:  # onnxruntime raises its own exception types for damaged models
-                raise UserError(f"graph file {path} cannot be loaded by onnxruntime {ort.__version__} "
-                                f"({str(e).splitlines()[0]}): export the bundle again.") from None
-            binding = session.io_binding()
-            data = info.input_specs
-            declared = {i.name: tuple(i.shape) for i in session.get_inputs()}
-            weights = set(bundle.weight_names(info.weights))
-            if not ({n for n, _, _ in data} <= set(declared) <= {n for n, _, _ in data} | weights):
-                raise UserError(f"graph file {path} does not take the inputs the manifest lists: export the bundle "
-                                "again.")
-            for n in weights & set(declared):
-                binding.bind_ortvalue_input(n, self._value(n, declared[n]))
-            aliases = [(o.name, o.name[len(PRESENT):]) for o in session.get_outputs()
-                       if o.name.startswith(PRESENT) and o.name[len(PRESENT):] in declared]
-            self._graphs[name] = (session, binding, info, info.output_specs, aliases)
+            self._graphs[name] = self._open(name)
         self._models.clear()   # what the packing decision read of graphs that then did not pack
 
         if self.device == "cuda":
@@ -188,6 +170,45 @@ class OnnxRuntimeBackend:
                         "more than the memory free: their fp32 matmul weights stay unpacked (decode some 10% slower).")
             self._float_ops, self.floats_packed = {}, False
 
+    def _open(self, name: str, profile: str | None = None) -> tuple:
+        """Graph `name`'s session with its weights bound -> (session, binding, info, output specs, aliases);
+        `profile`: a file prefix for onnxruntime's profiler. Raises UserError for a graph it cannot load."""
+        info, path = self._bundle.graph(name), self._paths[name]
+        try:
+            session = self._session(name, path, self._providers, profile)
+        except UserError:
+            raise
+        except Exception as e:  # onnxruntime raises its own exception types for damaged models
+            raise UserError(f"graph file {path} cannot be loaded by onnxruntime {self._ort.__version__} "
+                            f"({str(e).splitlines()[0]}): export the bundle again.") from None
+        binding = session.io_binding()
+        data = info.input_specs
+        declared = {i.name: tuple(i.shape) for i in session.get_inputs()}
+        weights = set(self._bundle.weight_names(info.weights))
+        if not ({n for n, _, _ in data} <= set(declared) <= {n for n, _, _ in data} | weights):
+            raise UserError(f"graph file {path} does not take the inputs the manifest lists: export the bundle again.")
+        for n in weights & set(declared):
+            binding.bind_ortvalue_input(n, self._value(n, declared[n]))
+        aliases = [(o.name, o.name[len(PRESENT):]) for o in session.get_outputs()
+                   if o.name.startswith(PRESENT) and o.name[len(PRESENT):] in declared]
+        return session, binding, info, info.output_specs, aliases
+
+    def profile(self, name: str, inputs: list[np.ndarray], steps: int, prefix: str) -> tuple[float, str]:
+        """`steps` calls of graph `name` (after one untimed) in a second session of it with onnxruntime's
+        profiler on (and its own packed copy) -> (wall seconds per call, the profile's JSON file, which
+        records the untimed call too; bench/profile.py reads it)."""
+        mine = self._graphs[name]
+        self._graphs[name] = self._open(name, prefix)
+        try:
+            self.run(name, inputs)
+            t = time.perf_counter()
+            for _ in range(steps):
+                self.run(name, inputs)
+            wall = (time.perf_counter() - t) / steps
+            return wall, self._graphs[name][0].end_profiling()
+        finally:
+            self._graphs[name] = mine
+
     def _value(self, name: str, shape: tuple):
         """The weight as an OrtValue of the shape a graph declares (a view of the one array)."""
         if (name, shape) not in self._values:
@@ -196,9 +217,11 @@ class OnnxRuntimeBackend:
                 a.reshape(shape) if a.shape != shape else a, self.device, 0)
         return self._values[name, shape]
 
-    def _options(self):
+    def _options(self, profile: str | None = None):
         ort = self._ort
         options = ort.SessionOptions()
+        if profile:
+            options.enable_profiling, options.profile_file_prefix = True, profile
         options.intra_op_num_threads = self.threads
         options.inter_op_num_threads = 1
         options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
@@ -208,11 +231,11 @@ class OnnxRuntimeBackend:
         options.add_session_config_entry("session.intra_op.spin_duration_us", str(SPIN_US))
         return options
 
-    def _session(self, name: str, path: Path, providers):
-        """The InferenceSession of graph `name` (file `path`); in the graphs that pre-pack, the quantized
-        matmul weights become shared initializers that onnxruntime packs a copy of (module docstring).
+    def _session(self, name: str, path: Path, providers, profile: str | None = None):
+        """The InferenceSession of graph `name` (file `path`); in the graphs that pre-pack, the matmul weights
+        it packs become shared initializers that onnxruntime packs a copy of (module docstring).
         Raises UserError, before packing, when that copy would not fit in the memory free now."""
-        options = self._options()
+        options = self._options(profile)
         if name not in self._packing:
             return self._ort.InferenceSession(str(path), options, providers=providers)
         import onnx

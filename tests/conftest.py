@@ -50,6 +50,12 @@ def tiny_bundle(tmp_path_factory, tiny_hf):
 
 
 @pytest.fixture(scope="session")
+def onnx_bundle(tmp_path_factory, tiny_hf):
+    """The tiny checkpoint of `tiny_bundle` (MindIR), exported as ONNX only."""
+    return _export(tmp_path_factory, tiny_hf, "onnx", formats="onnx")
+
+
+@pytest.fixture(scope="session")
 def tiny_bundle_tp2(tmp_path_factory, tiny_hf):
     return _export(tmp_path_factory, tiny_hf, "tp2", tp=2)
 

@@ -196,3 +196,23 @@ def test_the_runtime_imports_no_model_exporter_calibration_or_benchmark_code():
             "'cogvlm2_lite.calib', 'cogvlm2_lite.bench', 'mindspore'))]; "
             "assert len(mods) > 15 and not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_onnxruntime_decode_is_profiled_by_op_type(onnx_bundle, tmp_path):
+    """Issue 18: onnxruntime's own profiler splits a decode step by kernel: the fused decode kernels, one
+    FusedMatMul per linear of each layer and lm_head's Gemm, and the report says where the time went."""
+    out = tmp_path / "r.json"
+    r = CliRunner().invoke(main, ["bench", str(onnx_bundle), "--sections", "decode,profile", "--json", str(out),
+                                  "--reps", "1", "--warmup", "0", "--decode-reps", "2", "--eager-steps", "0", "--quick"])
+    assert r.exit_code == 0, r.output
+    prof = json.loads(out.read_text())["backends"]["onnxruntime"]["profile"]
+    assert [prof[k]["graph"] for k in ("decode", "decode_largest")] == ["decode_32", "decode_64"]
+    d = prof["decode"]
+    assert d["profiler"] == "onnxruntime" and d["steps"] == 2
+    layers = 2   # the tiny preset
+    assert d["by_type"]["FusedMatMul"]["ops_per_step"] == 5 * layers and d["by_type"]["Gemm"]["ops_per_step"] == 1
+    assert d["by_type"]["GroupQueryAttention"]["ops_per_step"] == layers
+    assert d["kernel_ms_per_step"] == pytest.approx(sum(v["ms_per_step"] for v in d["by_type"].values()))
+    assert 0 < d["kernel_ms_per_step"] and d["ops_per_step"] == pytest.approx(sum(
+        v["ops_per_step"] for v in d["by_type"].values()))
+    assert "onnxruntime profile of decode_32" in r.output and "profile decode_64" in r.output

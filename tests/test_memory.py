@@ -1,6 +1,7 @@
 """Issue 20: what bounds memory at run time, checked on a tiny config: weights mapped from the bundle
 (not read into the heap), onnxruntime's packed copies one per decode bucket (not per graph) and
-refused when they cannot fit, the KV cache sized from the memory that is free."""
+refused when they cannot fit, the KV cache sized from the memory that is free. Issue 18: fp32 decode
+weights packed only when the copies fit."""
 import collections
 import types
 
@@ -127,3 +128,29 @@ def test_w4a8_packs_every_graph_when_the_copies_fit_else_decode_only(w4a8_bundle
             *[np.random.default_rng(i).standard_normal((1, 2, 32, 8)).astype(np.float32) for i in range(4)]]
     np.testing.assert_array_equal(tight.run("decode_32", [a.copy() for a in step])[0],
                                   every.run("decode_32", [a.copy() for a in step])[0])
+
+
+def test_fp32_decode_weights_are_packed_only_when_the_copies_fit(onnx_bundle, monkeypatch, caplog):
+    """Each decode graph packs the fp32 matmul weights a text token reads (the language expert's linears and
+    lm_head; not the embedding, norms or biases); prefill and vision pack nothing. When those copies would
+    not fit, the weights stay unpacked, said once, and decode gives the same logits (to float rounding)."""
+    from cogvlm2_lite.runtime import onnx_backend
+    b = Bundle(onnx_bundle)
+    decode = sorted(n for n in b.graph_names if n.startswith("decode_"))
+    packed = onnx_backend.OnnxRuntimeBackend(b)
+    assert sorted(packed.packed_bytes) == decode and packed.floats_packed
+    weights = load_rank_weights(b, 0)
+    read = [n for n, a in weights.items() if a.ndim == 2 and not n.startswith("model.vision.")
+            and "vision_" not in n and "embed_tokens" not in n]
+    assert "lm_head.weight" in read and len(read) == 5 * 2 + 1   # tiny: 2 layers x (qkv, dense, gate, up, down)
+    assert set(packed.packed_bytes.values()) == {sum(weights[n].nbytes for n in read)}
+    need = sum(packed.packed_bytes.values())
+    monkeypatch.setattr(onnx_backend.psutil, "virtual_memory", lambda: FREE(available=need, total=1 << 30))
+    with caplog.at_level("WARNING"):
+        unpacked = onnx_backend.OnnxRuntimeBackend(b)
+    assert unpacked.packed_bytes == {} and not unpacked.floats_packed
+    assert "fp32 matmul weights stay unpacked" in caplog.text
+    step = [np.array([[5]], np.int32), np.array([13], np.int32), np.array([13], np.int32),
+            *[np.random.default_rng(i).standard_normal((1, 2, 32, 8)).astype(np.float32) for i in range(4)]]
+    got, ref = (be.run("decode_32", [a.copy() for a in step])[0] for be in (packed, unpacked))
+    assert np.abs(got - ref).max() <= 1e-5

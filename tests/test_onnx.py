@@ -17,17 +17,9 @@ from cogvlm2_lite.runtime.engine import Engine, Request
 from cogvlm2_lite.runtime.errors import UserError
 from cogvlm2_lite.runtime.sampling import SamplingParams
 
-from conftest import BUCKETS, DEMO_TOKENIZER, prompt
+from conftest import DEMO_TOKENIZER, prompt
 
 TOL = 1e-4
-
-
-@pytest.fixture(scope="session")
-def onnx_bundle(tmp_path_factory, tiny_hf):
-    """The tiny checkpoint of `tiny_bundle` (MindIR), exported as ONNX only."""
-    from cogvlm2_lite.export.bundle import export_bundle
-    return export_bundle(tmp_path_factory.mktemp("bundles") / "onnx", hf_dir=tiny_hf, buckets=BUCKETS,
-                         progress=False, formats="onnx")
 
 
 @pytest.fixture(scope="session")
@@ -178,3 +170,21 @@ print("tokens", r.token_ids)
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert p.returncode == 0, p.stderr[-2000:]
     assert "tokens [" in p.stdout
+
+
+def test_idle_workers_spin_briefly_and_only_on_free_cores(onnx_bundle, monkeypatch):
+    """Spinning is on when the machine's CPUs are idle at load, off beside a process that keeps one busy,
+    as the caller says when told; a spinning worker gives up after SPIN_US."""
+    from cogvlm2_lite.runtime import onnx_backend
+    b = Bundle(onnx_bundle)
+    cpus = onnx_backend.psutil.cpu_count()
+    monkeypatch.setattr(onnx_backend.psutil, "cpu_percent", lambda interval: 0.0)
+    idle = onnx_backend.OnnxRuntimeBackend(b, threads=cpus)
+    monkeypatch.setattr(onnx_backend.psutil, "cpu_percent", lambda interval: 100.0 / cpus)   # one CPU busy
+    busy = onnx_backend.OnnxRuntimeBackend(b, threads=cpus)
+    told = onnx_backend.OnnxRuntimeBackend(b, threads=cpus, spinning=True)
+    assert (idle.spinning, busy.spinning, told.spinning) == (True, False, True)
+    options = idle._options()
+    assert options.get_session_config_entry("session.intra_op.allow_spinning") == "1"
+    assert options.get_session_config_entry("session.intra_op.spin_duration_us") == str(onnx_backend.SPIN_US)
+    assert busy._options().get_session_config_entry("session.intra_op.allow_spinning") == "0"
