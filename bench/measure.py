@@ -33,7 +33,8 @@ def measure_backend(bundle_path: str, backend: str, o: dict) -> dict:
     t = time.perf_counter()
     engine = Engine(bundle_path, backend=backend, prefix_cache=False)  # every request starts from its first token
     res = {"backend": backend,
-           "load": {"import_s": import_s, "load_s": time.perf_counter() - t, "rss_after_load_bytes": rss_bytes()}}
+           "load": {"import_s": import_s, "load_s": time.perf_counter() - t, "rss_after_load_bytes": rss_bytes()},
+           "settings": {k: getattr(engine.backend, k) for k in ("threads", "spinning") if hasattr(engine.backend, k)}}
     rss = {"after_load": (rss_bytes(), peak_rss_bytes())}   # (current, peak) after each phase: who holds memory
     first_calls = res["load"]["first_call_s"] = {}          # a graph's first call compiles/allocates
     rng = np.random.default_rng(0)

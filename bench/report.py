@@ -225,7 +225,8 @@ def format_report(report: dict) -> str:
         L.append(f"[{name}]")
         ld = r["load"]
         L.append(f"  load {ld['load_s']:.2f} s (import {ld['import_s']:.2f} s); first calls: " + ", ".join(
-            f"{k} {_ms(v)}" for k, v in ld.get("first_call_s", {}).items()))
+            f"{k} {_ms(v)}" for k, v in ld.get("first_call_s", {}).items())
+            + "".join(f"; {k} {v}" for k, v in r.get("settings", {}).items()))
         L.append(f"  memory: peak RSS {r['memory']['peak_rss_bytes'] / 2**20:.0f} MiB for "
                  f"{r['memory']['weight_bytes'] / 2**20:.0f} MiB of weights; KV cache "
                  f"{r['memory']['kv_cache_bytes'] / 2**20:.1f} MiB; onnxruntime's packed copies "
