@@ -40,7 +40,8 @@ PRESENT = "present."  # a graph output present.<input> is written into that inpu
 # session keep spinning while another runs (prefill then decode; bundles taking turns: fp32 22 -> 66 ms)
 # and, beside a busy process, take its core (fp32 28.5 ms with no spinning, 32 at 10 us, 40 at 100 us).
 SPIN_US = 10
-FLOAT_PACKED_OPS = {"Gemm": (1,), "FusedMatMul": (1,)}  # fp32 weights onnxruntime pre-packs in decode graphs when the copies fit
+# the fp32 matmul weights onnxruntime pre-packs in decode graphs when the copies fit: op -> operands
+FLOAT_PACKED_OPS = {"Gemm": (1,), "FusedMatMul": (1,)}
 FLOAT32 = 1  # onnx.TensorProto.FLOAT (onnx is imported only where a graph is read)
 
 
@@ -157,8 +158,9 @@ class OnnxRuntimeBackend:
             self._arrays = self._values = None  # uploaded: the host copies are no longer needed
 
     def _pack_floats(self, decode: list, paths: dict):
-        """Pre-pack the decode graphs' fp32 Gemm weights too when every decode graph's copy fits, with the
-        quantized ones, in PACK_SHARE of the free memory (module docstring); else leave them unpacked, saying so."""
+        """Pre-pack the decode graphs' fp32 matmul weights (FLOAT_PACKED_OPS) too when every decode graph's copy
+        fits, with the quantized ones, in PACK_SHARE of the free memory (module docstring); else leave them
+        unpacked, saying so."""
         self._float_ops = {}
         quantized = sum(len(self._packed_inputs(n, paths[n])) for n in decode)
         self._float_ops = FLOAT_PACKED_OPS
