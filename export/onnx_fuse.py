@@ -28,9 +28,9 @@ onnxruntime-genai's models use):
 
   rows       each matmul sits between Reshape(x, [rows, K]) and Reshape(y, x's leading dims + [N]),
              two kernel launches per matmul (~120 per step): `drop_row_reshapes`, run last (after the
-             quantized-matmul rewrite), gives the matmul x itself: MatMulNBits takes [.., K] as it is;
-             fp32 Gemm(transB) is 2-D only and becomes FusedMatMul(transB) (com.microsoft; pre-packed
-             like Gemm).
+             quantized-matmul rewrite), gives the matmul x itself: MatMulNBits and w8a8's activation
+             quantization + MatMulIntegerToFloat take [.., K] as it is; fp32 Gemm(transB) is 2-D only
+             and becomes FusedMatMul(transB) (com.microsoft; pre-packed like Gemm).
 
 Only the patterns above are touched; the rest of the graph, the quantized matmuls included (export/
 onnx_quant.py runs between fuse_decode and drop_row_reshapes), stays as exported. Decode graphs only (C = 1; exercised with fp32 compute; fp16 graphs, whose norms carry Casts, keep their norms):
@@ -232,11 +232,34 @@ def fuse_decode(model: onnx.ModelProto, cfg) -> dict:
     return counts
 
 
+def _row_entry(G: OnnxGraph, mm):
+    """(node, input index) where matmul `mm`'s activations come in as rows: `mm` itself, or for w8a8's
+    MatMulIntegerToFloat the SmoothQuant Mul that its per-token quantization starts from (that path works
+    on any leading dims: elementwise ops, ReduceMax over the last axis, one step for the one row). None
+    when the graph is not that shape."""
+    if mm.op_type != "MatMulIntegerToFloat":
+        return mm, 0
+    q = G.producer.get(mm.input[0])
+    m = G.producer.get(q.input[0]) if q is not None and q.op_type == "QuantizeLinear" else None
+    if m is None or m.op_type != "Mul":
+        return None
+    readers = G.readers.get(m.output[0], [])
+    absolute = [r for r in readers if r.op_type == "Abs"]
+    if len(readers) != 2 or q not in readers or len(absolute) != 1:
+        return None
+    reduce = G.only_reader(absolute[0].output[0], "ReduceMax")
+    if reduce is None or list(OnnxGraph.attr(reduce, "axes", [])) != [-1] or OnnxGraph.attr(reduce, "keepdims", 1) != 1:
+        return None
+    i = next((i for i, t in enumerate(m.input) if getattr(G.producer.get(t), "op_type", "") == "Reshape"), None)
+    return None if i is None else (m, i)
+
+
 def drop_row_reshapes(model: onnx.ModelProto, shapes: dict) -> int:
     """Reshape(x, [rows, K]) -> matmul -> Reshape(y, lead + [N]), where x is [*lead, K], -> the matmul on x
     (module docstring), x found through a chain of Reshapes. shapes: static shapes inferred before the contrib
-    ops came in (names survive the rewrites), with those the rewrites declared (graph value_info). fp32 matmuls
-    only: MatMulNBits, and Gemm(transB = 1) without bias -> FusedMatMul. -> how many."""
+    ops came in (names survive the rewrites), with those the rewrites declared (graph value_info). The
+    matmuls of fp32 graphs: MatMulNBits, MatMulIntegerToFloat (with its activation quantization,
+    `_row_entry`), and Gemm(transB = 1) without bias -> FusedMatMul. -> how many."""
     G = OnnxGraph(model)
     shapes = {**shapes, **{v.name: tuple(d.dim_value for d in v.type.tensor_type.shape.dim) for v in G.g.value_info}}
     drop, count = set(), 0
@@ -250,9 +273,12 @@ def drop_row_reshapes(model: onnx.ModelProto, shapes: dict) -> int:
             n = G.shape(w)[0]
         elif mm.op_type == "MatMulNBits":
             n = a["N"]
+        elif mm.op_type == "MatMulIntegerToFloat" and mm.input[1] in G.inputs:
+            n = G.shape(mm.input[1])[1]
         else:
             continue
-        r1, r2 = G.producer.get(mm.input[0]), G.only_reader(mm.output[0], "Reshape")
+        entry, r2 = _row_entry(G, mm), G.only_reader(mm.output[0], "Reshape")
+        r1 = G.producer.get(entry[0].input[entry[1]]) if entry else None
         if r1 is None or r1.op_type != "Reshape" or r2 is None:
             continue
         rows, back = G.const(r1.input[1]), G.const(r2.input[1])
@@ -267,7 +293,7 @@ def drop_row_reshapes(model: onnx.ModelProto, shapes: dict) -> int:
             fused = helper.make_node("FusedMatMul", [x, mm.input[1]], [r2.output[0]], domain=MS, transB=1, alpha=1.0)
             mm.CopyFrom(fused)
         else:
-            mm.input[0], mm.output[0] = x, r2.output[0]
+            entry[0].input[entry[1]], mm.output[0] = x, r2.output[0]
         drop.add(id(r2))
         count += 1
     if count:

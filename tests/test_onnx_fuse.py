@@ -213,33 +213,41 @@ def test_decode_matmuls_take_their_rows_without_reshapes(decode_onnx, tiny_cfg, 
         assert np.abs(got[name] - ref[name]).max() <= 1e-5, name
 
 
-def test_w4a8_decode_matmuls_take_their_rows_without_reshapes(tmp_path, tiny_cfg, tiny_weights):
-    """The export's order (fuse_decode, the quantized matmuls, then this): every MatMulNBits but lm_head's reads
-    [1, 1, K] as it read [1, K], the same kernel on the same row: bit-identical logits."""
-    from cogvlm2_lite.graphs.quant import Quantizer
+@pytest.mark.parametrize("scheme", ["w4a8", "w8a8"])
+def test_quantized_decode_matmuls_take_their_rows_without_reshapes(tmp_path, tiny_cfg, tiny_weights, scheme):
+    """The export's order (fuse_decode, the quantized matmuls, w8a8's one-row activation quantization, then
+    this): every MatMulNBits / MatMulIntegerToFloat but lm_head's reads [1, 1, K] (w8a8: its SmoothQuant
+    multiply and per-token quantization do) as it read [1, K], the same kernels on the same row:
+    bit-identical logits."""
+    from cogvlm2_lite.graphs.quant import Quantizer, is_linear_weight
     from cogvlm2_lite.export.onnx_export import export_onnx
-    from cogvlm2_lite.export.onnx_fuse import drop_row_reshapes
+    from cogvlm2_lite.export.onnx_fuse import drop_row_reshapes, fuse_int8_activations
     from cogvlm2_lite.export.onnx_graph import OnnxGraph
     from cogvlm2_lite.export.onnx_quant import rewrite_quantized_matmuls
     from cogvlm2_lite.export.trace import Plan, example_inputs
     from cogvlm2_lite.runtime.mindspore_backend import use_device
     from cogvlm2_lite.graphs.entry import ExtendGraph
     use_device()
-    g = ExtendGraph(tiny_cfg, 1, T, 1, quant="w4a8")
+    g = ExtendGraph(tiny_cfg, 1, T, 1, quant=scheme)
     export_onnx(g, example_inputs(g, "fp32", 1), tmp_path / "d.onnx")
     model = onnx.load(str(tmp_path / "d.onnx"))
     shapes = OnnxGraph(model, shapes=True).shapes
     model, _ = _fused(model, tiny_cfg)
-    rewrite_quantized_matmuls(model, Plan(tiny_cfg.to_hf(), quant="w4a8").forms())
-    before = _row_reshapes(model)
+    rewrite_quantized_matmuls(model, Plan(tiny_cfg.to_hf(), quant=scheme).forms())
+    fuse_int8_activations(model)
+    kernel = {"w4a8": "MatMulNBits", "w8a8": "MatMulIntegerToFloat"}[scheme]
+    kernels = [x.op_type for x in model.graph.node].count(kernel)
+    reshapes = [x.op_type for x in model.graph.node].count("Reshape")
     dropped = onnx.ModelProto()
     dropped.CopyFrom(model)
     n = drop_row_reshapes(dropped, shapes)
     onnx.checker.check_model(dropped)
-    assert n == before - 1 == [x.op_type for x in model.graph.node].count("MatMulNBits") - 1 > 0
-    assert _row_reshapes(dropped) == 1
-    q = Quantizer("w4a8", 1).quantize(tiny_weights)
+    assert n == kernels - 1 > 0 and [x.op_type for x in dropped.graph.node].count(kernel) == kernels
+    assert [x.op_type for x in dropped.graph.node].count("Reshape") <= reshapes - n - 1   # the rows' Reshapes go too
     rng = np.random.default_rng(3)
+    stats = {n: rng.uniform(0.5, 3, int(np.prod(w.shape[1:]))).astype(np.float32)
+             for n, w in tiny_weights.items() if is_linear_weight(n, w.shape)}
+    q = Quantizer(scheme, 1, stats).quantize(tiny_weights)
     feed = {"token": np.array([[11]], np.int32), "position": np.array([9], np.int32),
             "write_index": np.array([7], np.int32)}
     for i in range(g.layers):
