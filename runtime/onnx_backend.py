@@ -75,8 +75,13 @@ def physical_cores() -> int:
 def cores_free_for(threads: int, interval: float = 0.1) -> bool:
     """Whether `threads` cores are idle now: the machine's CPU use over `interval` seconds, while this
     process waits, leaves that many logical CPUs unused (half a CPU of slack for noise)."""
-    busy = psutil.cpu_percent(interval=interval) / 100 * (psutil.cpu_count() or 1)
-    return (psutil.cpu_count() or 1) - busy >= threads - 0.5
+    cpus = psutil.cpu_count() or 1
+    return cpus - psutil.cpu_percent(interval=interval) / 100 * cpus >= threads - 0.5
+
+
+def _operands(g, ops: dict) -> set:
+    """Names of the tensors the nodes of graph `g` read at the operands `ops` lists ({op type: input indices})."""
+    return {n.input[i] for n in g.node if n.op_type in ops for i in ops[n.op_type]}
 
 
 class OnnxRuntimeBackend:
@@ -158,19 +163,16 @@ class OnnxRuntimeBackend:
             self._arrays = self._values = None  # uploaded: the host copies are no longer needed
 
     def _pack_floats(self, decode: list, paths: dict):
-        """Pre-pack the decode graphs' fp32 matmul weights (FLOAT_PACKED_OPS) too when every decode graph's copy
-        fits, with the quantized ones, in PACK_SHARE of the free memory (module docstring); else leave them
-        unpacked, saying so."""
-        self._float_ops = {}
-        quantized = sum(len(self._packed_inputs(n, paths[n])) for n in decode)
-        self._float_ops = FLOAT_PACKED_OPS
-        inputs = [self._packed_inputs(n, paths[n]) for n in decode]
-        self.floats_packed = sum(map(len, inputs)) > quantized
-        need = sum(self._pack_bytes(g) for g in inputs)
-        if self.floats_packed and need > PACK_SHARE * psutil.virtual_memory().available:
+        """Set `floats_packed`: pre-pack the decode graphs' fp32 matmul weights (FLOAT_PACKED_OPS) too when every
+        decode graph's copy fits, with the quantized ones, in PACK_SHARE of the free memory (module docstring);
+        else leave them unpacked, saying so."""
+        self.floats_packed = False
+        floats = sum(self._pack_bytes(self._float_inputs(n, paths[n])) for n in decode)
+        need = floats + sum(self._pack_bytes(self._packed_inputs(n, paths[n])) for n in decode)
+        self.floats_packed = floats > 0 and need <= PACK_SHARE * psutil.virtual_memory().available
+        if floats and not self.floats_packed:
             log.warning(f"onnxruntime would keep {need / 2**30:.1f} GiB of packed weights for {len(decode)} decode graphs, "
                         "more than the memory free: their fp32 matmul weights stay unpacked (decode some 10% slower).")
-            self._float_ops, self.floats_packed = {}, False
 
     def _open(self, name: str, profile: str | None = None) -> tuple:
         """Graph `name`'s session with its weights bound -> (session, binding, info, output specs, aliases);
@@ -261,19 +263,29 @@ class OnnxRuntimeBackend:
             options.add_initializer(i.name, self._value(i.name, shape))
         return self._ort.InferenceSession(model.SerializeToString(), options, providers=providers)
 
-    def _packed_inputs(self, name: str, path: Path) -> list:
-        """The graph inputs of `name` that onnxruntime pre-packs: the operands of the quantized kernels (the
-        manifest's ops) and, in decode graphs while `_float_ops` are on, fp32 weights of those ops."""
+    def _model(self, name: str, path: Path):
+        """Graph `name`'s ONNX (file `path`), read once while the packing is decided."""
         if name not in self._models:
             import onnx
             self._models[name] = onnx.load(str(path))
-        g = self._models[name].graph
-        def operands(ops):
-            return {n.input[i] for n in g.node if n.op_type in ops for i in ops[n.op_type]}
-        quantized = operands(self._packed_ops)
-        floats = operands(self._float_ops) if name.startswith("decode") else set()
-        return [i for i in g.input if i.name in self._offsets
-                and (i.name in quantized or (i.name in floats and i.type.tensor_type.elem_type == FLOAT32))]
+        return self._models[name]
+
+    def _packed_inputs(self, name: str, path: Path) -> list:
+        """The graph inputs of `name` that onnxruntime pre-packs: the operands of the quantized kernels (the
+        manifest's ops) and, once `floats_packed`, the fp32 weights of `_float_inputs`."""
+        g = self._model(name, path).graph
+        quantized = _operands(g, self._packed_ops)
+        inputs = [i for i in g.input if i.name in quantized and i.name in self._offsets]
+        return inputs + (self._float_inputs(name, path) if self.floats_packed else [])
+
+    def _float_inputs(self, name: str, path: Path) -> list:
+        """The fp32 weights that FLOAT_PACKED_OPS read in decode graph `name` (none in other graphs)."""
+        if not name.startswith("decode"):
+            return []
+        g = self._model(name, path).graph
+        floats = _operands(g, FLOAT_PACKED_OPS)
+        return [i for i in g.input
+                if i.name in floats and i.name in self._offsets and i.type.tensor_type.elem_type == FLOAT32]
 
     def _pack_bytes(self, inputs) -> int:
         """Bytes of the weights behind these graph inputs: what onnxruntime packs a copy of."""
