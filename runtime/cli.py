@@ -128,7 +128,8 @@ def chat(bundle, image, **o):
 @main.command()
 @click.argument("bundle", type=click.Path(file_okay=False))
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind (loopback by default).")
-@click.option("--port", type=int, default=8000, show_default=True)
+@click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True,
+              help="TCP port (0: any free one, printed at start).")
 @click.option("--backend", default="auto", show_default=True, help="auto, mindspore, onnxruntime, lite.")
 @click.option("--api-key", default=None, envvar="COGVLM2_LITE_API_KEY",
               help="Require 'Authorization: Bearer KEY' (or set COGVLM2_LITE_API_KEY).")
@@ -144,7 +145,7 @@ def serve(bundle, host, port, backend, api_key, max_queue, max_body_mb, allowed_
     """OpenAI-compatible HTTP server: POST /v1/chat/completions (streaming too), GET /v1/models, /health, /metrics."""
     from .server import serve as run_server
     run_server(bundle, host, port, backend, api_key, max_queue, max_body_mb, allowed_image_dir, shutdown_timeout,
-               on_ready=lambda line: click.echo(line, err=line.startswith("error")))
+               on_ready=click.echo)
 
 
 @main.command()

@@ -14,10 +14,12 @@ server stops admitting (503), lets running requests finish for up to --shutdown-
 then ends the rest with an error event, and exits. Tensor-parallel bundles are refused.
 """
 import asyncio
+import errno
 import hmac
 import json
 import queue
 import signal
+import socket
 import threading
 import time
 from pathlib import Path
@@ -55,7 +57,9 @@ class EngineLoop:
         self.ready = threading.Event()
         self.draining = False
         self._inbox = queue.Queue()       # ("add", request, sink) | ("cancel", sink) | ("stop", None)
-        self._waiting = 0                 # submitted, not yet in a row
+        self._waiting = 0                 # submitted, not yet taken by the scheduler
+        self._queued = 0                  # taken by the scheduler, waiting for a row (engine thread's count)
+        self._rows_free = 0               # rows without a sequence (engine thread's count)
         self._lock = threading.Lock()
         self._thread = threading.Thread(target=self._run, name="engine", daemon=True)
 
@@ -74,9 +78,10 @@ class EngineLoop:
         ("done", Result) or ("error", message). Raises ApiError 429/503 when it cannot be taken."""
         self.check_open()
         with self._lock:
-            if self._waiting >= self.max_queue:
-                raise ApiError(429, f"{self._waiting} requests are already waiting (--max-queue {self.max_queue}); "
-                               "retry later.", headers={"Retry-After": "1"})
+            ahead = self._waiting + self._queued   # requests that take the free rows before this one
+            if ahead >= self._rows_free and ahead - self._rows_free >= self.max_queue:
+                raise ApiError(429, f"{ahead - self._rows_free} requests are already waiting for a row "
+                               f"(--max-queue {self.max_queue}); retry later.", headers={"Retry-After": "1"})
             self._waiting += 1
         self._inbox.put(("add", request, sink))
 
@@ -100,6 +105,7 @@ class EngineLoop:
         from .scheduler import Scheduler
         sched = Scheduler(self.engine)
         seqs = {}  # sink -> Sequence
+        self._count(sched)
         self.ready.set()
         while True:
             block = not sched.busy
@@ -111,7 +117,7 @@ class EngineLoop:
                         return
                     if kind == "add":
                         with self._lock:
-                            self._waiting -= 1
+                            self._waiting, self._queued = self._waiting - 1, self._queued + 1
                         try:
                             seqs[sink] = sched.add(value, on_text=lambda piece, sink=sink: sink("text", piece),
                                                    on_finish=lambda seq, sink=sink: self._finished(seqs, sink, seq))
@@ -125,10 +131,18 @@ class EngineLoop:
                             s("error", value)
             except queue.Empty:
                 pass
+            self._count(sched)
             if sched.busy:
                 sched.step()
+                self._count(sched)
             self.metrics.queue.set(len(sched.queue) + self._waiting)
             self.metrics.rows.set(sched.rows_in_use)
+
+    def _count(self, sched):
+        """Publish the scheduler's queue and free rows for `submit`'s admission (--max-queue counts only the
+        requests that must wait: with free rows even --max-queue 0 admits)."""
+        with self._lock:
+            self._queued, self._rows_free = len(sched.queue), len(sched.rows) - sched.rows_in_use
 
     def _finished(self, seqs, sink, seq):
         seqs.pop(sink, None)
@@ -296,9 +310,23 @@ async def _read_json(request, limit: int):
         raise ApiError(400, f"the request body is not valid JSON ({getattr(e, 'msg', 'not UTF-8')}).") from None
 
 
+def listen(host: str, port: int) -> socket.socket:
+    """The server's listening socket (port 0: any free one), bound before anything loads, so that a taken
+    port or a bad address is one sentence, with no half-loaded engine to tear down. Raises UserError."""
+    try:
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0][0]
+        return socket.create_server((host, port), family=family)
+    except socket.gaierror as e:
+        raise UserError(f"--host {host} is not an address this machine can listen on ({e.strerror}).") from None
+    except OSError as e:
+        why = "another process is listening there: choose another --port" if e.errno == errno.EADDRINUSE else e.strerror
+        raise UserError(f"cannot listen on {host}:{port} ({why}).") from None
+
+
 def serve(bundle: str, host: str, port: int, backend: str, api_key: str | None, max_queue: int, max_body_mb: float,
           allowed_image_dir: str | None, shutdown_timeout: float, on_ready=print):
-    """Bind, load the bundle in the engine thread (503 until loaded), serve until SIGTERM/SIGINT."""
+    """Bind, load the bundle in the engine thread (503 until loaded), serve until SIGTERM/SIGINT.
+    Raises UserError for a bad bundle, folder or address, or a bundle that fails to load."""
     import uvicorn
 
     from .bundle import Bundle
@@ -312,6 +340,8 @@ def serve(bundle: str, host: str, port: int, backend: str, api_key: str | None, 
         image_dir = Path(allowed_image_dir).resolve()
         if not image_dir.is_dir():
             raise UserError(f"--allowed-image-dir {allowed_image_dir} is not a folder.")
+    sock = listen(host, port)
+    port = sock.getsockname()[1]
     metrics = Metrics()
     loop = EngineLoop(lambda: Engine(b, backend=backend), max_queue, metrics)
     app = create_app(loop, Path(bundle).resolve().name, api_key, int(max_body_mb * (1 << 20)), image_dir)
@@ -334,14 +364,13 @@ def serve(bundle: str, host: str, port: int, backend: str, api_key: str | None, 
         while not server.started and not server.should_exit:
             time.sleep(0.05)
         if loop.error:
-            on_ready(f"error: {loop.error}")
-            server.should_exit = True
+            server.should_exit = True   # reported once, by the UserError below
         elif server.started:
             on_ready(f"serving {Path(bundle).resolve().name} on http://{host}:{port}/v1 (OpenAI chat completions)")
     threading.Thread(target=announce, daemon=True).start()
     for sig in (signal.SIGINT, signal.SIGTERM):  # uvicorn re-raises the signal it handled once it has stopped:
         signal.signal(sig, lambda *_: None)      # a graceful stop then exits 0, not as killed
-    server.run()
+    server.run(sockets=[sock])
     loop.stop()
     if loop.error:
         raise UserError(loop.error)

@@ -217,8 +217,12 @@ def test_sixteen_concurrent_clients_on_four_rows(server, engine4):
 
 
 def test_auth_body_limit_and_queue_limit(tiny_bundle_b4):
-    s = Server(tiny_bundle_b4, "--api-key", KEY, "--max-queue", "1")
+    """--max-queue 0: no request may wait, but one that finds a free row runs."""
+    s = Server(tiny_bundle_b4, "--api-key", KEY, "--max-queue", "0")
     try:
+        alone = s.post({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2},
+                       {"authorization": f"Bearer {KEY}"})
+        assert alone.status_code == 200, alone.text
         assert s.post({"messages": [{"role": "user", "content": "hi"}]}).status_code == 401
         wrong = s.post({"messages": [{"role": "user", "content": "hi"}]}, {"authorization": "Bearer nope"})
         assert wrong.status_code == 401 and "API key" in wrong.json()["error"]["message"]
@@ -242,6 +246,22 @@ def test_auth_body_limit_and_queue_limit(tiny_bundle_b4):
         assert ok.choices[0].message.content is not None
     finally:
         assert s.stop() == 0
+
+
+@pytest.mark.parametrize("flags, says", [(("--host", "no.such.host.invalid"), "--host no.such.host.invalid is not an "
+                                                                           "address this machine can listen on"),
+                                         (("--host", "127.0.0.1", "--port", "{taken}"), "another process is listening"),
+                                         (("--port", "0", "--backend", "nosuch"), "backend 'nosuch' is not available")])
+def test_a_taken_port_or_an_unknown_host_is_one_sentence(tiny_bundle, flags, says):
+    """The address is checked before the bundle loads (nothing of MindSpore left to crash at exit), and a
+    bundle that fails to load is said once: one line and exit 1."""
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        flags = [f.format(taken=holder.getsockname()[1]) for f in flags]
+        r = subprocess.run([str(CLI), "serve", str(tiny_bundle), *flags], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1, r.stderr
+    assert r.stderr.startswith("error: ") and says in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
 
 
 def test_loading_and_shutting_down_answer_503():
