@@ -34,6 +34,10 @@ class Main(click.Group):
         except UserError as e:
             click.echo(f"error: {e}", err=True)
             sys.exit(1)
+        except KeyboardInterrupt:   # Ctrl-C: what was printed stands; the shell's convention for SIGINT
+            sys.stdout.flush()
+            click.echo("\ninterrupted.", err=True)
+            sys.exit(130)
 
 
 @click.group(cls=Main)

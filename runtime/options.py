@@ -1,4 +1,6 @@
 """The flags and helpers that run, chat, batch and serve share (a leaf module: click and the runtime only)."""
+import os
+import signal
 import sys
 
 import click
@@ -38,8 +40,27 @@ def sampling_params(o: dict):
 
 
 def open_engine(bundle_path: str, o: dict):
+    """The command's Engine, and how the command then stops on Ctrl-C.
+
+    While it loads, Ctrl-C ends the process at once (exit 130): a KeyboardInterrupt raised inside
+    MindSpore's imports (or SciPy's, which it imports) leaves them half-initialised, and the interpreter
+    then aborts at exit with a page of traceback. Once loaded, SIGINT and SIGTERM both raise
+    KeyboardInterrupt (batch saves its place; the CLI says 'interrupted.', exit 130): MindSpore
+    installs a SIGINT handler of its own at each graph run that sends the process SIGTERM, which would
+    otherwise kill it without a word."""
     from .engine import Engine
-    return Engine(bundle_path, backend=o["backend"], verify=o["verify"])
+
+    def exit_now(*_):
+        sys.stdout.flush()
+        os.write(2, b"\ninterrupted.\n")
+        os._exit(130)
+    previous = signal.signal(signal.SIGINT, exit_now)
+    try:
+        engine = Engine(bundle_path, backend=o["backend"], verify=o["verify"])
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    return engine
 
 
 def rank0_printer(rank: int):

@@ -177,8 +177,11 @@ def test_a_freed_row_takes_the_next_line_at_once(engine4, images, tmp_path, monk
     assert len(seen) < long_steps + 5  # all twelve short lines fit inside the long one's steps
 
 
-# --- kill -9, torn line, resume ---------------------------------------------------------------------------------------
-def test_kill9_then_resume_keeps_every_line_exactly_once(engine4, tiny_bundle_b4, images, tmp_path):
+# --- kill -9 or Ctrl-C, torn line, resume ----------------------------------------------------------------------------
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT], ids=["kill-9", "ctrl-c"])
+def test_kill9_then_resume_keeps_every_line_exactly_once(engine4, tiny_bundle_b4, images, tmp_path, sig):
+    """SIGKILL mid-run, or Ctrl-C (on MindSpore, whose own SIGINT handler would turn it into a silent SIGTERM):
+    a resume finishes the rest, each line exactly once."""
     rows = good_rows(24, max_new=(40, 25, 33, 12))
     rows[17] = {"id": "r17", "image": "broken.png", "prompt": "x"}  # an error line survives a resume too
     inp = write_jsonl(images / "long.jsonl", rows)
@@ -187,13 +190,18 @@ def test_kill9_then_resume_keeps_every_line_exactly_once(engine4, tiny_bundle_b4
 
     out = tmp_path / "out.jsonl"
     cmd = [str(CLI), "batch", str(tiny_bundle_b4), str(inp), str(out)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 60
     while (not out.exists() or out.read_bytes().count(b"\n") < 2) and proc.poll() is None:
         assert time.monotonic() < deadline, "the batch run wrote nothing for 60 s"
         time.sleep(0.002)
-    proc.send_signal(signal.SIGKILL)
-    assert proc.wait() == -signal.SIGKILL, "the run finished before it could be killed: give it more work"
+    proc.send_signal(sig)
+    code, said = proc.wait(), proc.stderr.read()
+    if sig == signal.SIGKILL:
+        assert code == -signal.SIGKILL, "the run finished before it could be killed: give it more work"
+    else:
+        assert code == 130, said
+        assert said.strip().endswith(f"interrupted: run the same command again to finish {out}.") and "Traceback" not in said
     before = out.read_bytes()
     done = before[:before.rfind(b"\n") + 1]  # the kill may itself have torn the last line
     n_done = done.count(b"\n")
