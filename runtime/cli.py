@@ -113,11 +113,15 @@ def chat(bundle, image, **o):
             continue
         if not q:
             continue
-        while history and len(engine.tokenizer.build_inputs(q, tuple(history), o["template"] or engine.template,
-                                                            engine.n_image if image else 0)[0]) >= engine.cache.max_len:
+        def fits(turns):
+            return len(engine.tokenizer.build_inputs(q, tuple(turns), o["template"] or engine.template,
+                                                     engine.n_image if image else 0)[0]) < engine.cache.max_len
+        alone = fits(())   # a question that cannot fit even alone is refused below, the conversation kept whole
+        while alone and not fits(history):
             history.pop(0)
             say("[the conversation no longer fits the cache: dropped its oldest turn]", err=True)
-        request = Request(q, image=pixels, history=tuple(history), template=o["template"], params=params)
+        request = Request(q, image=pixels, history=tuple(history) if alone else (), template=o["template"],
+                          params=params)
         try:
             r = engine.generate([request], on_text=lambda row, piece: say(piece, nl=False))[0]
         except UserError as e:

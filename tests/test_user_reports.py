@@ -55,6 +55,22 @@ def test_a_conversation_that_outgrows_the_cache_drops_its_oldest_turns(tiny_bund
     assert all(a.completion_tokens == 20 or (a.finish_reason == "context" and a.completion_tokens) for a in answered)
 
 
+def test_a_question_too_long_even_alone_leaves_the_conversation_whole(tiny_bundle, monkeypatch):
+    """Refused in one line without dropping any turn: the next question still carries the whole history."""
+    from cogvlm2_lite.runtime.engine import Engine
+    asked, generate = [], Engine.generate
+
+    def recording(self, requests, on_text=None):
+        asked.extend(requests)
+        return generate(self, requests, on_text)
+    monkeypatch.setattr(Engine, "generate", recording)
+    r = chat(tiny_bundle, b"a\nb\n" + b"word " * 100 + b"\nc\n", "--max-new-tokens", "2")
+    assert r.exit_code == 0 and "dropped its oldest turn" not in r.stderr
+    [err] = errors(r)
+    assert "shorten it" in err
+    assert [(a.prompt, len(a.history)) for a in asked] == [("a", 0), ("b", 1), (("word " * 100).strip(), 0), ("c", 2)]
+
+
 def test_chat_checks_image_and_flags_before_the_first_question(tiny_bundle, tmp_path):
     bad = tmp_path / "bad.png"
     bad.write_text("not an image")
