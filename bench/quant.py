@@ -110,7 +110,7 @@ def suite_bundles(folder: Path, log) -> list[Path]:
 @click.argument("bundles", nargs=-1, type=click.Path(file_okay=False, exists=True))
 @click.option("--suite", is_flag=True, help="Export and compare the bench preset's fp32, w8a8, w4a16 and w4a8 bundles.")
 @click.option("--bundles-dir", default="bundles", show_default=True, help="--suite: where bundles are cached.")
-@click.option("--backend", default="onnxruntime", show_default=True, help="mindspore or onnxruntime.")
+@click.option("--backend", type=click.Choice(["mindspore", "onnxruntime"]), default="onnxruntime", show_default=True)
 @click.option("--steps", type=int, default=16, show_default=True, help="Timed decode steps per bucket and bundle.")
 @click.option("--warmup", type=int, default=3, show_default=True)
 @click.option("--json", "json_out", type=click.Path(dir_okay=False), default=None, help="Also write the report here.")

@@ -149,11 +149,25 @@ def plot(report: dict, path: Path):
     plt.close(fig)
 
 
+def client_counts(text: str | None) -> list[int] | None:
+    """--concurrency "1,4,8" -> [1, 4, 8] (sorted, distinct); click.BadParameter for anything but counts >= 1."""
+    if text is None:
+        return None
+    try:
+        counts = sorted({int(x) for x in text.split(",")})
+    except ValueError:
+        raise click.BadParameter(f"{text!r} is not a comma-separated list of client counts, e.g. 1,4,8.") from None
+    if counts[0] < 1:
+        raise click.BadParameter("client counts must be at least 1.")
+    return counts
+
+
 @click.command("bench-serve")
 @click.argument("bundle", type=click.Path(file_okay=False, exists=True))
 @click.option("--requests", "n", type=click.IntRange(min=1), default=32, show_default=True,
               help="Requests per concurrency level.")
-@click.option("--concurrency", default=None, help="Comma-separated client counts [default: 1,B,2B,4B].")
+@click.option("--concurrency", default=None, callback=lambda ctx, param, value: client_counts(value),
+              help="Comma-separated client counts [default: 1,B,2B,4B].")
 @click.option("--soak", "soak_n", type=click.IntRange(min=0), default=0, show_default=True,
               help="Then this many requests with ~10% malformed and ~10% cut mid-stream.")
 @click.option("--backend", default="auto", show_default=True)
@@ -167,7 +181,7 @@ def bench_serve(bundle, n, concurrency, soak_n, backend, seed, json_out, plot_ou
     from cogvlm2_lite.runtime.bundle import Bundle
     from cogvlm2_lite.runtime.errors import UserError
     batch = Bundle(bundle).batch
-    levels = sorted({int(x) for x in concurrency.split(",")} if concurrency else {1, batch, 2 * batch, 4 * batch})
+    levels = concurrency or sorted({1, batch, 2 * batch, 4 * batch})
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]

@@ -80,10 +80,10 @@ def format_comparison(results: list) -> str:
 
 @click.command("demo-eval")
 @click.argument("bundles", nargs=-1, type=click.Path(file_okay=False))
-@click.option("-n", "n", type=int, default=500, show_default=True, help="Number of held-out samples.")
+@click.option("-n", "n", type=click.IntRange(min=1), default=500, show_default=True, help="Number of held-out samples.")
 @click.option("--seed", type=int, default=HELDOUT_SEED, show_default=True, help="Sample stream (default: held-out).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object (with the mistakes) instead of a table.")
-@click.option("--show-mistakes", type=int, default=0, help="List up to this many wrong answers after the table.")
+@click.option("--show-mistakes", type=click.IntRange(min=0), default=0, help="List up to this many wrong answers after the table.")
 @click.option("--backend", default="auto", show_default=True, help="mindspore, onnxruntime, lite or auto.")
 def demo_eval(bundles, n, seed, as_json, show_mistakes, backend):
     """Exact-match accuracy on the demo task's held-out split, greedy, through the runtime; several

@@ -1,5 +1,4 @@
 """`cogvlm2-lite export`: HF checkpoint (or --random-init) -> bundle."""
-import json
 from pathlib import Path
 
 import click
@@ -63,9 +62,8 @@ def export(paths, random_init, tokenizer, tp, dtype, batch, buckets, seed, force
     cfg = None
     if random_init is not None:
         try:
-            cfg = (CogVLM2Config.from_hf(json.loads(Path(random_init).read_text())) if Path(random_init).is_file()
-                   else preset(random_init))
-        except (ConfigError, json.JSONDecodeError) as e:
+            cfg = CogVLM2Config.from_file(random_init) if Path(random_init).is_file() else preset(random_init)
+        except ConfigError as e:
             raise UserError(str(e)) from None
     hf_dir = Path(paths[0]) if random_init is None else None
     if hf_dir is not None and not hf_dir.is_dir():

@@ -82,14 +82,19 @@ class CogVLM2Config:
         return cfg
 
     @classmethod
+    def from_file(cls, f) -> "CogVLM2Config":
+        """An HF config.json file -> its config; ConfigError, naming the file, for one that is not valid."""
+        try:
+            return cls.from_hf(json.loads(Path(f).read_text()))
+        except (json.JSONDecodeError, UnicodeDecodeError, TypeError, AttributeError) as e:
+            raise ConfigError(f"{f} is not a valid CogVLM2 config.json ({e}).") from None
+
+    @classmethod
     def from_dir(cls, path) -> "CogVLM2Config":
         f = Path(path) / "config.json"
         if not f.is_file():
             raise ConfigError(f"{f} does not exist: point at a CogVLM2 HF checkpoint folder.")
-        try:
-            return cls.from_hf(json.loads(f.read_text()))
-        except (json.JSONDecodeError, TypeError) as e:
-            raise ConfigError(f"{f} is not a valid CogVLM2 config.json ({e}).") from None
+        return cls.from_file(f)
 
     def to_hf(self) -> dict:
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in ("vision", "extra")}

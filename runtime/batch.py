@@ -400,7 +400,7 @@ def _run(engine, pending, prepare, writer, summary, progress):
 @click.argument("in_file", metavar="IN.jsonl", type=click.Path(exists=True, dir_okay=False))
 @click.argument("out_file", metavar="OUT.jsonl", type=click.Path(dir_okay=False))
 @click.option("--ordered", is_flag=True, help="Write OUT in input order (finished lines wait for earlier ones).")
-@click.option("--fsync-interval", type=float, default=1.0, show_default=True,
+@click.option("--fsync-interval", type=click.FloatRange(min=0), default=1.0, show_default=True,
               help="Seconds between fsyncs of OUT (power-loss safety); 0 = after every line.")
 @click.option("--progress/--no-progress", default=None, help="Progress bar [default: when stderr is a terminal].")
 @sampling_options

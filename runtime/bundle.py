@@ -19,6 +19,11 @@ from .errors import UserError
 
 FORMAT_VERSION = 3  # 2: chunked prefill graphs; 3: each quantized form lists its weights and onnxruntime kernel
 ALWAYS_HASH_BELOW = 64 << 20  # files smaller than this are hashed on every load
+# what every manifest holds (export/bundle.py), checked at load so a damaged one is a sentence, not a KeyError
+MANIFEST_KEYS = {"model": dict, "dtype": str, "compute_dtype": str, "tp": int, "batch": int, "formats": list,
+                 "buckets": dict, "graphs": dict, "weights": dict, "kv_cache": dict, "ranks": list,
+                 "num_image_tokens": int, "tokenizer": dict, "template": str, "generation": dict, "preprocess": dict,
+                 "files": dict}
 
 
 @dataclass(frozen=True)
@@ -70,11 +75,15 @@ class Bundle:
             m = json.loads(mf.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError):
             raise UserError(f"{mf} is not valid JSON: the bundle is damaged; export it again.") from None
-        if m.get("format") != "cogvlm2-lite-bundle":
+        if not isinstance(m, dict) or m.get("format") != "cogvlm2-lite-bundle":
             raise UserError(f"{self.path} is not a cogvlm2-lite bundle.")
         if m.get("format_version") != FORMAT_VERSION:
             raise UserError(f"{self.path} has bundle format version {m.get('format_version')}, this runtime reads "
                             f"version {FORMAT_VERSION}: export the model again with this version.")
+        bad = [k for k, kind in MANIFEST_KEYS.items() if not isinstance(m.get(k), kind)]
+        if bad:
+            raise UserError(f"{mf} lacks {', '.join(bad)} (or holds the wrong kind of value): the bundle is damaged; "
+                            "export it again.")
         self.manifest = m
         self._check_files(verify)
 

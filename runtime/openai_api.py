@@ -34,6 +34,13 @@ class ApiError(Exception):
         return {"error": {"message": self.message, "type": kind, "param": self.param, "code": self.code}}
 
 
+# OpenAI fields this server does not implement, accepted only at a value that asks for nothing (some clients
+# send those by default); anything else is refused rather than silently ignored
+NOT_IMPLEMENTED = {"logprobs": (False,), "top_logprobs": (0,), "tools": ([],), "functions": ([],),
+                   "tool_choice": ("none",), "function_call": ("none",), "logit_bias": ({},),
+                   "frequency_penalty": (0,), "presence_penalty": (0,), "response_format": ({"type": "text"},)}
+
+
 @dataclass
 class ChatCall:
     """One parsed /v1/chat/completions body."""
@@ -97,8 +104,12 @@ def parse_chat(body, model: str, image_size_check, allowed_image_dir: Path | Non
     history = tuple(zip(turns[:-1:2], turns[1::2]))
     if body.get("n", 1) != 1:
         raise _bad("only n = 1 is supported.", "n")
-    max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
-    max_tokens = _number({"max_tokens": max_tokens}, "max_tokens", 1, 1 << 20, integer=True, default=256)
+    for name, nothing in NOT_IMPLEMENTED.items():
+        if body.get(name) is not None and body[name] not in nothing:
+            hint = " (use 'repetition_penalty')" if name.endswith("_penalty") else ""
+            raise _bad(f"'{name}' is not supported by this server{hint}: leave it out.", name)
+    field = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
+    max_tokens = _number(body, field, 1, 1 << 20, integer=True, default=256)
     stop = body.get("stop")
     if stop is None:
         stop = ()

@@ -187,6 +187,16 @@ def test_stats_and_bad_counts():
     assert r.exit_code == 1 and "--reps must be at least 1" in r.output
 
 
+@pytest.mark.parametrize("args, says", [
+    (["bench-serve", "{b}", "--concurrency", "1,x"], "is not a comma-separated list of client counts"),
+    (["bench-serve", "{b}", "--concurrency", "0,4"], "client counts must be at least 1"),
+    (["quant-bench", "{b}", "{b}", "--backend", "foo"], "'foo' is not one of 'mindspore', 'onnxruntime'"),
+])
+def test_bad_benchmark_flags_are_one_usage_error(tiny_bundle, args, says):
+    r = CliRunner().invoke(main, [a.format(b=tiny_bundle) for a in args])
+    assert r.exit_code == 2 and says in r.output and r.exception.__class__ is SystemExit, r.output
+
+
 def test_the_runtime_imports_no_model_exporter_calibration_or_benchmark_code():
     """Every runtime module, imported: nothing of graphs/, export/, calib/, bench/ (nor MindSpore) comes with it."""
     code = ("import pkgutil, importlib, sys, cogvlm2_lite.runtime as r; "

@@ -147,6 +147,12 @@ def test_bundle_problems(tiny_bundle, tmp_path):
     m["format_version"] = 0
     (old / "manifest.json").write_text(json.dumps(m))
     assert "format version 0" in cli("run", old, "--prompt", "hi")
+    (old / "manifest.json").write_text("[]")
+    assert "is not a cogvlm2-lite bundle" in cli("inspect", old)
+    del m["model"]
+    m["format_version"], m["tp"] = json.loads((tiny_bundle / "manifest.json").read_text())["format_version"], "one"
+    (old / "manifest.json").write_text(json.dumps(m))
+    assert "lacks model, tp (or holds the wrong kind of value)" in cli("run", old, "--prompt", "hi")
     broken = tmp_path / "broken"
     shutil.copytree(tiny_bundle, broken)
     (broken / "rank0" / "vision.mindir").write_bytes(b"garbage")
@@ -162,6 +168,9 @@ def test_export_problems(tiny_hf, tmp_path):
     (bad / "model.safetensors.index.json").write_text(json.dumps(index))
     assert "missing lm_head.weight" in cli("export", bad, tmp_path / "b2")
     assert "not a folder" in cli("export", tmp_path / "nothing", tmp_path / "b3")
+    (tmp_path / "cfg.json").write_text("{bad")
+    assert f"{tmp_path / 'cfg.json'} is not a valid CogVLM2 config.json" in cli(
+        "export", "--random-init", tmp_path / "cfg.json", tmp_path / "b7", "--tokenizer", DEMO_TOKENIZER)
     assert "replaced by prefill chunks" in cli("export", tiny_hf, tmp_path / "b4", "--buckets", "text=abc")
     assert "--buckets" in cli("export", tiny_hf, tmp_path / "b6", "--buckets", "chunk=abc")
     assert "unknown preset 'huge'" in cli("export", "--random-init", "huge", tmp_path / "b5", "--tokenizer",

@@ -146,7 +146,15 @@ def bad_requests(png_url):
         ({"messages": [{"role": "user", "content": "hi"}], "temperature": "hot"}, 400, "'temperature' must be",
          "temperature"),
         ({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 0}, 400, "'max_tokens' must be", "max_tokens"),
+        ({"messages": [{"role": "user", "content": "hi"}], "max_completion_tokens": -1}, 400,
+         "'max_completion_tokens' must be", "max_completion_tokens"),
         ({"messages": [{"role": "user", "content": "hi"}], "n": 2}, 400, "n = 1", "n"),
+        ({"messages": [{"role": "user", "content": "hi"}], "logprobs": True}, 400, "'logprobs' is not supported",
+         "logprobs"),
+        ({"messages": [{"role": "user", "content": "hi"}], "tools": [{"type": "function", "function": {"name": "f"}}]},
+         400, "'tools' is not supported", "tools"),
+        ({"messages": [{"role": "user", "content": "hi"}], "presence_penalty": 0.5}, 400, "use 'repetition_penalty'",
+         "presence_penalty"),
         ({"messages": [{"role": "assistant", "content": "hi"}]}, 400, "alternate user and assistant", "messages[0]"),
         ({"messages": [two]}, 400, "one image per conversation", None),
         ({"messages": [image_message("a", png_url), image_message("b", png_url)]}, 400, "one image per conversation",
@@ -172,6 +180,8 @@ def test_every_bad_request_gets_its_status_and_one_sentence(server, png_url):
         assert param is None or err["param"] == param, err
         assert "Traceback" not in r.text
     assert server.post({"messages": [{"role": "user", "content": "still there?"}], "max_tokens": 2}).status_code == 200
+    off = {"logprobs": False, "tools": [], "frequency_penalty": 0, "presence_penalty": 0.0, "response_format": {"type": "text"}}
+    assert server.post({"messages": [{"role": "user", "content": "hi"}], "max_completion_tokens": 2, **off}).status_code == 200
 
 
 def test_stop_strings_cut_the_text(server, engine4):
