@@ -17,8 +17,9 @@ JSON + newline (a killed process loses at most the requests in flight, never a w
 OS has it even on SIGKILL) and OUT is fsync'ed every `fsync_interval` seconds against power loss.
 A later run with the same arguments reads OUT first: a torn last line (no newline) is cut off,
 and every id already in OUT is skipped, so each input line ends up in OUT exactly once and
-finished lines are never rewritten (error lines count as finished: to retry them, run again into a
-new OUT with only the non-error lines copied over). An fsync per line costs 2.5-10 ms on a virtual
+finished lines are never rewritten. Error lines count as finished; `--retry-errors` runs them again:
+OUT without them is written beside it and renamed over it (a crash leaves the old OUT or the new
+one), and their new lines are appended at the end. An fsync per line costs 2.5-10 ms on a virtual
 disk, a sizeable part of a small model's request, hence periodic by default. With `ordered`,
 completed lines wait in memory until all earlier ones are written, so OUT is in input order (also
 across a resume: what is done is recomputed from OUT).
@@ -61,6 +62,7 @@ class Summary:
     tokens: int = 0                  # generated (completion) tokens
     seconds: float = 0.0             # from the first line to the last write
     repaired_bytes: int = 0          # torn tail cut off OUT
+    retried: int = 0                 # error lines dropped from OUT to run again (--retry-errors)
     batches: int = 0
     unknown_fields: Counter = field(default_factory=Counter)
 
@@ -78,6 +80,8 @@ class Summary:
              f"{self.requests_per_s:.2f} requests/s")
         if self.repaired_bytes:
             s += f"; cut a torn last line ({self.repaired_bytes} bytes) off OUT"
+        if self.retried:
+            s += f"; ran {self.retried} earlier error lines again"
         if self.unknown_fields:
             s += "; ignored fields " + ", ".join(f"{k!r} ({n})" for k, n in self.unknown_fields.most_common(5))
         return s
@@ -117,9 +121,46 @@ def _out_key(obj) -> tuple:
 
 
 # --- OUT: recover what is done, then append ------------------------------------------------------
-def recover(out_path: Path, fd: int | None = None) -> tuple[set, int]:
-    """Keys of the lines already in OUT, and the size of a torn last line (cut off when `fd`, OUT
-    opened for writing, is given; only read otherwise)."""
+def resume(out_path: Path, fd: int | None, summary: Summary, retry_errors: bool = False) -> tuple[int | None, set]:
+    """Make OUT ready to append to -> (its fd, a new one after --retry-errors dropped lines; the keys of the
+    lines done). `fd` None: only read OUT (msrun's other ranks: they must see what rank 0 sees)."""
+    if retry_errors and fd is not None:
+        fd, summary.retried = drop_error_lines(out_path, fd)
+    done, summary.repaired_bytes = recover(out_path, fd, retry_errors)
+    return fd, done
+
+
+def _is_error_line(line: bytes) -> bool:
+    try:
+        obj = json.loads(line)
+    except ValueError:
+        return False
+    return isinstance(obj, dict) and "error" in obj
+
+
+def drop_error_lines(out_path: Path, fd: int) -> tuple[int, int]:
+    """OUT without its error lines, so that they run again -> (the new OUT's fd, locked; lines dropped).
+    The new OUT is written beside it and renamed over it: a crash leaves the old OUT or the new one,
+    never a line less of what was answered. `fd` (the old OUT's) is closed."""
+    with open(out_path, "rb") as f:
+        lines = f.read().splitlines(keepends=True)
+    kept = [line for line in lines if not (line.endswith(b"\n") and _is_error_line(line))]
+    if len(kept) == len(lines):
+        return fd, 0
+    tmp = out_path.with_name(out_path.name + ".retry")
+    with open(tmp, "wb") as f:
+        f.writelines(kept)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, out_path)
+    new = _open_output(out_path)
+    os.close(fd)
+    return new, len(lines) - len(kept)
+
+
+def recover(out_path: Path, fd: int | None = None, skip_errors: bool = False) -> tuple[set, int]:
+    """Keys of the lines already in OUT (but its error lines with `skip_errors`), and the size of a torn
+    last line (cut off when `fd`, OUT opened for writing, is given; only read otherwise)."""
     done = set()
     if not out_path.exists():
         return done, 0
@@ -135,7 +176,8 @@ def recover(out_path: Path, fd: int | None = None) -> tuple[set, int]:
                 continue
             try:
                 obj = json.loads(line)
-                done.add(_out_key(obj))
+                if not (skip_errors and "error" in obj):
+                    done.add(_out_key(obj))
             except (ValueError, TypeError, KeyError):
                 raise UserError(f"{out_path} line {n} is not a batch result line: pass a new OUT path, or the "
                                 "OUT of an earlier run of this command to resume it.") from None
@@ -278,15 +320,16 @@ class _Preparer:
 
 
 def run_batch(engine, in_path, out_path, *, defaults: dict | None = None, template: str | None = None,
-              ordered: bool = False, fsync_interval: float = 1.0, progress: bool | None = None) -> Summary:
+              ordered: bool = False, fsync_interval: float = 1.0, progress: bool | None = None,
+              retry_errors: bool = False) -> Summary:
     """The Python API of the command: run every line of IN not yet in OUT through `engine`,
     appending to OUT. `defaults`: SamplingParams fields for lines that leave them out;
-    `template`: for lines without one (None: the bundle's)."""
+    `template`: for lines without one (None: the bundle's); `retry_errors`: run OUT's error lines again."""
     in_path, out_path = Path(in_path), Path(out_path)
     summary = Summary()
     fd = _open_output(out_path)
     try:
-        done, summary.repaired_bytes = recover(out_path, fd)
+        fd, done = resume(out_path, fd, summary, retry_errors)
         pending = scan(in_path, done, summary)
         _run(engine, pending, _Preparer(engine, in_path.parent, defaults or {}, template),
              _Writer(fd, ordered, fsync_interval), summary, progress)
@@ -403,8 +446,10 @@ def _run(engine, pending, prepare, writer, summary, progress):
 @click.option("--fsync-interval", type=click.FloatRange(min=0), default=1.0, show_default=True,
               help="Seconds between fsyncs of OUT (power-loss safety); 0 = after every line.")
 @click.option("--progress/--no-progress", default=None, help="Progress bar [default: when stderr is a terminal].")
+@click.option("--retry-errors", is_flag=True,
+              help="Run the lines OUT holds as errors again (after fixing what they name); appended at the end.")
 @sampling_options
-def batch(bundle, in_file, out_file, ordered, fsync_interval, progress, **o):
+def batch(bundle, in_file, out_file, ordered, fsync_interval, progress, retry_errors, **o):
     """Answer every line of IN.jsonl into OUT.jsonl; run it again to resume after a crash.
 
     \b
@@ -429,7 +474,7 @@ def batch(bundle, in_file, out_file, ordered, fsync_interval, progress, **o):
     fd = _open_output(out_path) if rank0 else None
     try:
         # read OUT before the engine starts: under msrun every rank must see the same OUT
-        done, summary.repaired_bytes = recover(out_path, fd)
+        fd, done = resume(out_path, fd, summary, retry_errors)
         pending = scan(in_path, done, summary)
         if rank0 and summary.skipped:
             click.echo(f"resuming: {summary.skipped} lines already in {out_path}, {len(pending)} to go", err=True)

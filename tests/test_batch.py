@@ -226,6 +226,28 @@ def test_kill9_then_resume_keeps_every_line_exactly_once(engine4, tiny_bundle_b4
     assert again.returncode == 0 and out.read_bytes() == after and f"{len(rows)} skipped" in again.stderr
 
 
+def test_retry_errors_runs_the_error_lines_again_once_fixed(engine, images, tmp_path):
+    """A missing image is an error line; once the image is there, --retry-errors answers that line (appended at the
+    end), keeps the answered lines byte for byte, and every id stays in OUT exactly once."""
+    rows = good_rows(5)
+    rows[2] = {"id": "late", "image": "arrives_later.png", "prompt": "what is it?", "max_new_tokens": 3}
+    inp = write_jsonl(images / "retry.jsonl", rows)
+    out = tmp_path / "out.jsonl"
+    first = run_batch(engine, inp, out)
+    assert (first.ok, first.errors) == (4, 1)
+    answered = [line for line in out.read_bytes().splitlines(keepends=True) if b'"error"' not in line]
+    again = run_batch(engine, inp, out)   # without the flag an error line is finished
+    assert (again.ok, again.errors, again.skipped, again.retried) == (0, 0, 5, 0)
+    Image.open(images / "img1.png").save(images / "arrives_later.png")
+    retried = run_batch(engine, inp, out, retry_errors=True)
+    assert (retried.ok, retried.errors, retried.skipped, retried.retried) == (1, 0, 4, 1)
+    assert "ran 1 earlier error lines again" in retried.line()
+    lines = out.read_bytes().splitlines(keepends=True)
+    assert lines[:4] == answered and json.loads(lines[4])["id"] == "late" and "text" in json.loads(lines[4])
+    assert sorted(x["id"] for x in read_out(out)) == sorted(r["id"] for r in rows)
+    assert not (tmp_path / "out.jsonl.retry").exists()
+
+
 # --- the command line ---------------------------------------------------------------------------------------------
 def test_cli_defaults_summary_and_refusals(tiny_bundle, images, tmp_path):
     from cogvlm2_lite.runtime.cli import main
