@@ -246,16 +246,19 @@ def _ttft_curve(engine, rng, photo: bytes, reps: int) -> list:
 
 def _serving(engine, rng, o: dict) -> dict:
     """Output tokens/s of one stream of mixed requests (text-only prompts of 16..200 tokens, max_new_tokens
-    spread 8..128, ignore_eos) kept at concurrency 1, B and 2B by a closed-loop client, with in-flight
-    batching; and the same stream under lockstep batching (a batch admits only when all rows are free)."""
+    spread 8..128, ignore_eos; both ranges shrunk to fit a smaller cache) kept at concurrency 1, B and 2B by a
+    closed-loop client, with in-flight batching; and the same stream under lockstep batching (a batch
+    admits only when all rows are free)."""
     from cogvlm2_lite.runtime.engine import Request
     from cogvlm2_lite.runtime.sampling import SamplingParams
     from cogvlm2_lite.runtime.scheduler import Scheduler
     n = max(4 * engine.batch, 12) if not o.get("quick") else 2 * engine.batch + 2
-    top = min(200, engine.cache.max_len - 130)
+    top = max(17, min(200, engine.cache.max_len // 2))                  # prompt tokens, up to
+    new_top = max(9, min(129, engine.cache.max_len - top - 2))          # new tokens, up to
     words = _random_prompts(engine, rng, 4 * top)
     reqs = [Request("".join(words[:int(rng.integers(16, top))]), template="base",
-                    params=SamplingParams(max_new_tokens=int(rng.integers(8, 129)), ignore_eos=True)) for _ in range(n)]
+                    params=SamplingParams(max_new_tokens=int(rng.integers(8, new_top)), ignore_eos=True))
+            for _ in range(n)]
     out = []
     for lockstep in (False, True):
         for conc in sorted({1, engine.batch, 2 * engine.batch}):

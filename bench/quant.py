@@ -127,8 +127,14 @@ def quant_bench(bundles, suite, bundles_dir, backend, steps, warmup, json_out):
         raise UserError("give the fp32 bundle first, then one or more quantized bundles of the same model.")
     if steps < 1 or warmup < 0:
         raise UserError("--steps must be at least 1 and --warmup at least 0.")
+    first = (Bundle(bundles[0]).manifest.get("quant") or {}).get("scheme")
+    if first:
+        raise UserError(f"{bundles[0]} is quantized ({first}): give the fp32 bundle first, the one the others are "
+                        "compared with.")
     r = measure(bundles, backend, steps, warmup, log)
     click.echo(format_report(r))
     if json_out:
-        with open(json_out, "w") as f:
-            json.dump(r, f, indent=1)
+        try:
+            Path(json_out).write_text(json.dumps(r, indent=1))
+        except OSError as e:
+            raise UserError(f"cannot write {json_out} ({e.strerror or e}).") from None

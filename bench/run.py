@@ -162,16 +162,27 @@ def run_bench(bundle_path, *, backends=(), reps=10, warmup=2, decode_reps=16, ge
     return report
 
 
-def write_outputs(report, json_out, plot_out, compare_with):
-    """Write the JSON report and the chart where asked; print new/old ratios against (label, old report)."""
-    if json_out:
-        Path(json_out).parent.mkdir(parents=True, exist_ok=True)
-        Path(json_out).write_text(json.dumps(report, indent=1))
-        click.echo(f"wrote {json_out}")
+def check_plot_path(plot_out):
+    """Raises UserError, before any measuring, for a --plot file whose suffix matplotlib cannot write."""
     if plot_out:
-        Path(plot_out).parent.mkdir(parents=True, exist_ok=True)
-        plot(report, plot_out)
-        click.echo(f"wrote {plot_out}")
+        from matplotlib.figure import Figure
+        kinds = Figure().canvas.get_supported_filetypes()
+        if Path(plot_out).suffix.lstrip(".").lower() not in kinds:
+            raise UserError(f"--plot {plot_out}: name a file ending in one of .{', .'.join(sorted(kinds))} (PNG: .png).")
+
+
+def write_outputs(report, json_out, plot_out, compare_with):
+    """Write the JSON report and the chart where asked; print new/old ratios against (label, old report).
+    Raises UserError for a path that cannot be written (the report is still printed)."""
+    for path, write in ((json_out, lambda p: Path(p).write_text(json.dumps(report, indent=1))),
+                        (plot_out, lambda p: plot(report, p))):
+        if path:
+            try:
+                Path(path).parent.mkdir(parents=True, exist_ok=True)
+                write(path)
+            except OSError as e:
+                raise UserError(f"cannot write {path} ({e.strerror or e}).") from None
+            click.echo(f"wrote {path}")
     if compare_with:  # (label, old report)
         click.echo(f"\ncompared with {compare_with[0]} (new/old):")
         click.echo(format_compare(compare(report, compare_with[1])))
@@ -224,12 +235,18 @@ def check_counts(o):
 def bench(bundle, json_out, plot_out, compare_with, **o):
     """Benchmark a bundle: latency, throughput, memory, and how far from this machine's limits."""
     check_counts(o)
+    check_plot_path(plot_out)
     old = None
     if compare_with:  # read first: it may be the file --json is about to replace
         try:
             old = json.loads(Path(compare_with).read_text())
         except (json.JSONDecodeError, UnicodeDecodeError):
-            raise UserError(f"{compare_with} is not a JSON bench report.") from None
+            old = None
+        if not isinstance(old, dict) or old.get("schema") != SCHEMA:
+            raise UserError(f"{compare_with} is not a report of `cogvlm2-lite bench --json` ({SCHEMA}).")
     report = run_bench(bundle, log=lambda s: click.echo(s, err=True), **o)
     click.echo(format_report(report))
     write_outputs(report, json_out, plot_out, old and (compare_with, old))
+    failed = [f"{name}: {r['error']}" for name, r in report.get("backends", {}).items() if "error" in r]
+    if failed:
+        raise UserError(f"the benchmark of {len(failed)} backend(s) failed ({'; '.join(failed)}); the report has the rest.")

@@ -239,8 +239,14 @@ def export_bundle(out: Path, *, hf_dir: Path | None = None, random_init: CogVLM2
     bounded by one tensor plus the pending weight shard. Raises UserError, before any work where it can,
     for every argument this model or machine cannot take (docs/bundle.md)."""
     out = Path(out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
-        raise UserError(f"{out} already exists and is not empty: choose another folder or pass --force to replace it.")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        if not force:
+            raise UserError(f"{out} already exists and is not empty: choose another folder or pass --force to replace it.")
+        if not (out / "manifest.json").is_file():   # --force replaces a bundle, never another folder
+            raise UserError(f"{out} is not a bundle (no manifest.json): --force replaces only an earlier export; "
+                            "choose another folder.")
+        if hf_dir is not None and Path(hf_dir).resolve().is_relative_to(out.resolve()):
+            raise UserError(f"{out} holds the checkpoint being exported: choose another folder for the bundle.")
     if dtype not in NUMPY_NAMES:
         raise UserError(f"--dtype {dtype} is not one of {', '.join(NUMPY_NAMES)}.")
     if batch < 1:
@@ -268,8 +274,12 @@ def export_bundle(out: Path, *, hf_dir: Path | None = None, random_init: CogVLM2
     plan = Plan(cfg.to_hf(), dtype, tp, batch, b["chunk"], b["decode"], formats, quant)
     source = Source(checkpoint, cfg, seed)
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    except OSError as e:
+        raise UserError(f"cannot write the bundle into {out.parent} ({e.strerror or e}): choose a folder you can "
+                        "write.") from None
     try:
         n_graphs = sum(1 for _ in plan.graphs())
         n_weights = len(weight_specs(cfg))

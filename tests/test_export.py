@@ -156,9 +156,18 @@ def test_refuses_non_empty_target_unless_forced(tiny_hf, tmp_path):
     with pytest.raises(UserError, match="not empty.*--force"):
         export_bundle(out, hf_dir=tiny_hf, buckets=SMALL, progress=False)
     assert (out / "keep.txt").read_text() == "mine"
-    export_bundle(out, hf_dir=tiny_hf, buckets=SMALL, progress=False, force=True)
-    Bundle(out)
-    assert not (out / "keep.txt").exists()
+    with pytest.raises(UserError, match="not a bundle.*--force replaces only an earlier export"):
+        export_bundle(out, hf_dir=tiny_hf, buckets=SMALL, progress=False, force=True)   # a folder of yours stays
+    assert (out / "keep.txt").read_text() == "mine"
+    with pytest.raises(UserError, match="not a bundle"):
+        export_bundle(tiny_hf, hf_dir=tiny_hf, buckets=SMALL, progress=False, force=True)   # nor the checkpoint
+    assert (tiny_hf / "config.json").is_file()
+    bundle = tmp_path / "bundle"
+    export_bundle(bundle, hf_dir=tiny_hf, buckets=SMALL, progress=False)
+    (bundle / "keep.txt").write_text("stale")
+    export_bundle(bundle, hf_dir=tiny_hf, buckets=SMALL, progress=False, force=True)   # an earlier export is replaced
+    Bundle(bundle)
+    assert not (bundle / "keep.txt").exists()
 
 
 def test_failed_export_leaves_nothing_that_looks_valid(tiny_hf, tmp_path, monkeypatch):
