@@ -349,7 +349,7 @@ def check_formats(formats, tp: int, dtype: str) -> list:
         check_onnx_plan(tp, dtype)
     if "lite" in wanted:
         from .lite_export import check_lite_plan
-        check_lite_plan()
+        check_lite_plan(dtype)
     return [f for f in FORMATS if f in wanted]
 
 

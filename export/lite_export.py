@@ -40,7 +40,12 @@ def lite_form(graph_name: str, batch: int) -> dict:
     return {"weights": "inputs", "linear": LINEAR_GEMV if gemv else LINEAR_GEMM}
 
 
-def check_lite_plan():
+def check_lite_plan(dtype: str):
+    """Refuse, before any work, what the Lite path cannot build. Raises UserError."""
+    if dtype != "fp32":
+        raise UserError(f"--format lite is fp32 only, not --dtype {dtype}: Lite 2.0's converter makes fp16 graph "
+                        "inputs fp32, so the bundle's fp16 weights would not bind (measured). Use --dtype fp32, or "
+                        "--format onnx for fp16.")
     if lite_python() is None:
         raise UserError("--format lite needs MindSpore Lite's converter: run `./build.sh setup` (creates .venv-lite "
                         "with mindspore-lite 2.0.0 on CPython 3.7) or set COGVLM2_LITE_PYTHON to a Python that has "

@@ -27,12 +27,29 @@ def check_onnx_plan(tp: int, dtype: str):
                         "exporter cannot write bfloat16): choose another dtype or --format mindir.")
 
 
+def name_cast_output(model: onnx.ModelProto, outputs: list) -> bool:
+    """MindSpore 2.10's ONNX exporter leaves a graph output computed by a Cast under the Cast's own name, so the
+    output is produced by no node (fp16 graphs: their fp32 logits end in a Cast). Give that Cast the output's
+    name -> whether it had to; only where exactly one output is missing and exactly one Cast's result is unused."""
+    g = model.graph
+    produced = {o for n in g.node for o in n.output}
+    read = {i for n in g.node for i in n.input} | set(outputs)
+    missing = [o for o in outputs if o not in produced]
+    unused = [n for n in g.node if n.op_type == "Cast" and n.output[0] not in read]
+    if len(missing) != 1 or len(unused) != 1:
+        return False
+    unused[0].output[0] = missing[0]
+    return True
+
+
 def export_onnx(graph, inputs, path: Path):
     """Trace `graph` on the placeholder `inputs` (data, then weights) into `path` and validate it."""
     names = [n for n, _, _ in graph.inputs] + graph.table.names
     outputs = [n for n, _, _ in graph.outputs]
     ms.onnx.export(graph, *inputs, file_name=str(path), input_names=names, output_names=outputs)
     model = onnx.load(str(path))
+    if name_cast_output(model, outputs):
+        onnx.save(model, str(path))
     onnx.checker.check_model(model, full_check=True)
     got_in = [i.name for i in model.graph.input]
     got_out = [o.name for o in model.graph.output]

@@ -20,6 +20,7 @@ from cogvlm2_lite.runtime.sampling import SamplingParams
 from conftest import DEMO_TOKENIZER, prompt
 
 TOL = 1e-4
+FP16_TOL = 1e-2   # of the largest logit: fp16 products and sums, in another order on each backend
 
 
 @pytest.fixture(scope="session")
@@ -74,6 +75,21 @@ def test_vision_prefill_and_decode_match_mindir(engines, photo):
             assert np.abs(out[0] - out[1]).max() <= TOL
             token = int(np.argmax(out[0][0]))
         assert L == ort_engine.cache.layers
+
+
+def test_fp16_graphs_export_and_match_mindir(tiny_hf, tmp_path, photo):
+    """fp16 graphs end in the Cast of their logits to fp32, an output MindSpore's ONNX exporter left unnamed
+    (onnx_export.name_cast_output): they export, and agree with the MindIR graphs within fp16 rounding."""
+    from cogvlm2_lite.export.bundle import export_bundle
+    out = export_bundle(tmp_path / "f16", hf_dir=tiny_hf, dtype="fp16", formats="mindir,onnx",
+                        buckets={"chunk": [8], "decode": [32]}, progress=False)
+    pair = Engine(out, backend="mindspore"), Engine(out, backend="onnxruntime")
+    emb = [e.image_embeddings(e.pixels([photo])) for e in pair]
+    ids, pos = prompt(pair[0], "what is in the picture?", photo)
+    logits = [e.prefill([ids], emb[0], [pos]) for e in pair]
+    assert logits[0].dtype == logits[1].dtype == np.float32
+    scale = np.abs(logits[0]).max()
+    assert np.abs(logits[0] - logits[1]).max() <= FP16_TOL * scale, np.abs(logits[0] - logits[1]).max() / scale
 
 
 @pytest.mark.parametrize("image", [True, False], ids=["image", "text"])
@@ -136,6 +152,7 @@ def test_inputs_are_checked_and_views_are_read_in_place(engines):
     (["--tp", "2", "--format", "mindir,onnx"], "cannot be combined with --tp 2"),
     (["--dtype", "bf16", "--format", "onnx"], "cannot write bfloat16"),
     (["--format", "tflite"], "choose one or more of mindir, onnx"),
+    (["--dtype", "fp16", "--format", "lite"], "--format lite is fp32 only, not --dtype fp16"),
 ])
 def test_what_onnx_cannot_carry_is_refused(tmp_path, args, message):
     out = tmp_path / "b"
