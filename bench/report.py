@@ -169,7 +169,8 @@ def targets(report) -> list:
         elif "normalize_numpy_standin_s" in tv:
             goal = p["resize_1344_s"]["median"] + tv["normalize_numpy_standin_s"]["median"]
             source = (f"torchvision stand-in: the same resize + its arithmetic in numpy "
-                      f"{tv['normalize_numpy_standin_s']['median'] * 1e3:.1f} ms; FINDINGS: torchvision 27-32 ms")
+                      f"{tv['normalize_numpy_standin_s']['median'] * 1e3:.1f} ms; torchvision measured 27-32 ms "
+                      "(the project's shared/FINDINGS.md)")
         else:
             goal, source = TORCHVISION_1344_S, "torchvision reference from FINDINGS"
         out.append({"backend": name, "target": "image preprocessing at 1344 no slower than torchvision",

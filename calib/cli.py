@@ -12,14 +12,14 @@ from cogvlm2_lite.runtime.errors import UserError
 @click.argument("bundle", type=click.Path(file_okay=False, exists=True))
 @click.option("--calib", "calib_jsonl", type=click.Path(dir_okay=False, exists=True), default=None,
               help="Calibration set: JSONL of {\"image\", \"prompt\"} lines (default: the demo task's training split).")
-@click.option("-n", "--samples", type=int, default=32, show_default=True, help="Calibration samples.")
+@click.option("-n", "--samples", type=click.IntRange(min=1), default=32, show_default=True, help="Calibration samples.")
 @click.option("--quant", type=click.Choice(list(SCHEMES)), default="w8a16", show_default=True,
               help="The scheme --report measures.")
 @click.option("--smooth-alpha", type=float, default=0.5, show_default=True, help="w8a8 migration strength (0..1).")
 @click.option("--report", is_flag=True, help="Accuracy of --quant against the fp32 bundle on held-out prompts.")
 @click.option("--eval", "eval_jsonl", type=click.Path(dir_okay=False, exists=True), default=None,
               help="Held-out set for --report (default: the demo task's held-out split).")
-@click.option("--eval-samples", type=int, default=16, show_default=True)
+@click.option("--eval-samples", type=click.IntRange(min=1), default=16, show_default=True)
 @click.option("--steps", type=int, default=8, show_default=True, help="Greedy tokens compared per prompt.")
 @click.option("--no-stats", is_flag=True, help="Skip statistics (report only).")
 @click.option("--json", "as_json", type=click.Path(dir_okay=False), default=None, help="Also write the report as JSON.")

@@ -46,6 +46,7 @@ def save_stats(bundle_path, stats: dict, meta: dict) -> Path:
     tmp = f.with_suffix(".tmp")
     save_file({n: np.ascontiguousarray(a) for n, a in stats.items()}, str(tmp),
               metadata={k: json.dumps(v) for k, v in meta.items()})
+    tmp.chmod(0o644)   # as every other bundle file (safetensors writes 0600)
     tmp.replace(f)
     mf = bundle_path / "manifest.json"
     m = json.loads(mf.read_text())

@@ -35,6 +35,7 @@ from cogvlm2_lite.graphs.quant import SCHEMES as QUANT_SCHEMES, Quantizer
 from cogvlm2_lite.runtime.bundle import FORMAT_VERSION, sha256
 from cogvlm2_lite.runtime.errors import UserError
 from cogvlm2_lite.runtime.preprocess import MEAN, STD
+from cogvlm2_lite.runtime.tokenizer import TEMPLATES
 
 from .hf_checkpoint import Checkpoint, random_tensor
 from .tp import check_tp, shard_index
@@ -256,9 +257,12 @@ def export_bundle(out: Path, *, hf_dir: Path | None = None, random_init: CogVLM2
     if quantizer is not None and "lite" in formats:
         raise UserError("--quant cannot be combined with --format lite: MindSpore Lite 2.0's CPU Cast cannot read int8 "
                         "(measured), so its graphs could not dequantize; quantized bundles run on mindspore and "
-                        "onnxruntime. For Lite on Ascend, quantize with Lite's own converter (see README).")
+                        "onnxruntime. For Lite on Ascend, quantize with Lite's own converter (docs/quantization.md).")
     checkpoint = Checkpoint(hf_dir) if hf_dir is not None else None
     cfg = checkpoint.config if checkpoint else random_init
+    if cfg.template_version not in TEMPLATES:
+        raise UserError(f"config.json: template_version {cfg.template_version!r} is not a CogVLM2 prompt template "
+                        f"({', '.join(TEMPLATES)}).")
     check_tp(cfg, tp)
     if quantizer is not None and quantizer.stats:
         check_stats(cfg, quantizer.stats, calib_stats)

@@ -101,7 +101,15 @@ class CogVLM2Config:
         return {**self.extra, **d, "vision_config": dataclasses.asdict(self.vision)}
 
     def validate(self):
+        """Raises ConfigError, in one sentence, for a value of the wrong kind or a shape CogVLM2 cannot have."""
         v = self.vision
+        for obj, where in ((self, ""), (v, "vision_config.")):
+            for f in dataclasses.fields(obj):
+                value = getattr(obj, f.name)
+                if f.type in (int, float, str, bool) and not (isinstance(value, f.type) or f.type is float
+                                                              and isinstance(value, int)) or \
+                        (f.type in (int, float) and isinstance(value, bool)):
+                    raise ConfigError(f"config.json: {where}{f.name} must be {f.type.__name__}, not {value!r}.")
         checks = [
             (self.hidden_size % self.num_attention_heads == 0, "hidden_size must be a multiple of num_attention_heads"),
             (self.num_attention_heads % self.num_multi_query_heads == 0,

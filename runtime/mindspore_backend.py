@@ -33,6 +33,9 @@ class MindSporeBackend:
                             "use --backend onnxruntime.") from None
         from mindspore import nn
         self._ms = ms
+        if bundle.manifest["dtype"] == "bf16" and device.upper() == "CPU":
+            raise UserError(f"{bundle.path} is a bf16 bundle, and MindSpore's CPU kernels have no bfloat16: run it "
+                            "on Ascend (device='Ascend'), or export with --dtype fp32 or fp16 for CPU.")
         use_device(device)
         weights = load_rank_weights(bundle, rank)
         tensors = {name: ms.Tensor.from_numpy(a) for name, a in weights.items()}  # zero-copy

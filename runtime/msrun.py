@@ -2,6 +2,7 @@
 MindSpore's msrun and relays rank 0's output."""
 import os
 import secrets
+import shlex
 import socket
 import subprocess
 import sys
@@ -44,7 +45,7 @@ def relaunch_under_msrun(bundle_path) -> bool:
     from .scheduler import SEED_ENV
     env = {**os.environ, OUTPUT_ENV: str(output), "GLOG_v": "3", SEED_ENV: str(secrets.randbelow(2**31)),
            "PATH": f"{msrun.parent}{os.pathsep}{os.environ.get('PATH', '')}"}
-    click.echo(f"[tensor parallel: {' '.join(cmd)}]", err=True)
+    click.echo(f"[tensor parallel: {shlex.join(cmd)}]", err=True)
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     done = threading.Event()
     relay = threading.Thread(target=_relay, args=(output, done))

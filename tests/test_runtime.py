@@ -168,6 +168,13 @@ def test_export_problems(tiny_hf, tmp_path):
     (bad / "model.safetensors.index.json").write_text(json.dumps(index))
     assert "missing lm_head.weight" in cli("export", bad, tmp_path / "b2")
     assert "not a folder" in cli("export", tmp_path / "nothing", tmp_path / "b3")
+    for key, value, says in (("template_version", "foo", "template_version 'foo' is not a CogVLM2 prompt template"),
+                             ("vocab_size", "1024", "vocab_size must be int, not '1024'")):
+        odd = tmp_path / f"hf-{key}"
+        shutil.copytree(tiny_hf, odd)
+        config = json.loads((odd / "config.json").read_text())
+        (odd / "config.json").write_text(json.dumps({**config, key: value}))
+        assert says in cli("export", odd, tmp_path / f"b-{key}")
     (tmp_path / "cfg.json").write_text("{bad")
     assert f"{tmp_path / 'cfg.json'} is not a valid CogVLM2 config.json" in cli(
         "export", "--random-init", tmp_path / "cfg.json", tmp_path / "b7", "--tokenizer", DEMO_TOKENIZER)
