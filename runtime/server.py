@@ -10,8 +10,9 @@
 The graphs run only in the engine thread; the event loop never waits on them. A request is
 refused with 429 (and Retry-After) when more than --max-queue requests wait for a row; a client
 that disconnects cancels its request, which frees its row at the next step. On SIGTERM/SIGINT the
-server stops admitting (503), lets running requests finish for up to --shutdown-timeout seconds,
-then ends the rest with an error event, and exits. Tensor-parallel bundles are refused.
+server stops listening and admitting (503 on open connections), lets running requests finish for up
+to --shutdown-timeout seconds, then ends the rest with an error event, and exits as soon as none is
+left. Tensor-parallel bundles are refused.
 """
 import asyncio
 import errno
@@ -351,10 +352,11 @@ def serve(bundle: str, host: str, port: int, backend: str, api_key: str | None, 
             """Stop admitting; give running requests `shutdown_timeout` seconds, then end them."""
             if not loop.draining:
                 loop.draining = True
-                threading.Timer(shutdown_timeout, loop.fail_all,
-                                ("the server shut down before this request finished.",)).start()
+                deadline.start()
             super().handle_exit(sig, frame)
 
+    deadline = threading.Timer(shutdown_timeout, loop.fail_all, ("the server shut down before this request finished.",))
+    deadline.daemon = True   # once every request has ended, the process exits without waiting for it
     config = uvicorn.Config(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=shutdown_timeout + 2)
     server = Server(config)
     loop.start()
