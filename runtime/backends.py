@@ -50,7 +50,14 @@ def open_backend(bundle: Bundle, name: str = "auto", rank: int = 0, **kw):
     CPU path), else mindspore, else lite (a lite-only bundle with MindSpore Lite available)."""
     if name == "auto":
         usable = usable_backends(bundle)
-        name = next((n for n in ("onnxruntime", "mindspore", "lite") if n in usable), "mindspore")
+        if not usable:
+            need = {"mindspore": "MindSpore", "onnxruntime": "onnxruntime",
+                    "lite": "MindSpore Lite (./build.sh setup, or COGVLM2_LITE_PYTHON)"}
+            wanted = [need[n] for n, b in BACKENDS.items() if b.format in bundle.formats]
+            raise UserError(f"nothing here can run {bundle.path} (formats: {', '.join(bundle.formats)}): it needs "
+                            f"{' or '.join(wanted)}" + (", and tp > 1 bundles need MindSpore" if bundle.tp > 1 else "")
+                            + ".")
+        name = next(n for n in ("onnxruntime", "mindspore", "lite") if n in usable)
     if name not in BACKENDS:
         raise UserError(f"backend {name!r} is not available: choose one of {', '.join(BACKENDS)}.")
     return BACKENDS[name](bundle, rank, **kw)

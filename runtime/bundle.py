@@ -17,6 +17,7 @@ import numpy as np
 
 from .errors import UserError
 
+BACKEND_OF = {"mindir": "mindspore", "onnx": "onnxruntime", "lite": "lite"}   # graph format -> the backend running it
 FORMAT_VERSION = 3  # 2: chunked prefill graphs; 3: each quantized form lists its weights and onnxruntime kernel
 ALWAYS_HASH_BELOW = 64 << 20  # files smaller than this are hashed on every load
 # what every manifest holds (export/bundle.py), checked at load so a damaged one is a sentence, not a KeyError
@@ -129,12 +130,14 @@ class Bundle:
         """Every graph, in trace order."""
         return list(self.manifest["graphs"])
 
-    def require(self, fmt: str, label: str, backend: str, export_hint: str, single_rank: bool = True):
+    def require(self, fmt: str, label: str, backend: str, single_rank: bool = True):
         """What a backend checks before loading: raises UserError unless this bundle has graphs of `fmt`
-        (`label`: its name for people; else `export_hint` says what to do) and, with `single_rank`, only
-        one tensor-parallel rank."""
+        (`label`: its name for people; the error names the backends of the formats it has) and, with
+        `single_rank`, only one tensor-parallel rank."""
         if fmt not in self.formats:
-            raise UserError(f"{self.path} has no {label} graphs (formats: {', '.join(self.formats)}): {export_hint}")
+            others = " or ".join(f"--backend {BACKEND_OF[f]}" for f in self.formats)
+            raise UserError(f"{self.path} has no {label} graphs (formats: {', '.join(self.formats)}): run it with "
+                            f"{others}, or export it again with --format {fmt}.")
         if single_rank and self.tp > 1:
             raise UserError(f"{self.path} is split over {self.tp} tensor-parallel ranks, which the {backend} backend "
                             "cannot run (no collectives): use --backend mindspore under msrun.")

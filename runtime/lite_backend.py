@@ -54,8 +54,7 @@ class LiteBackend:
     format = "lite"
 
     def __init__(self, bundle: Bundle, rank: int = 0, threads: int | None = None, in_process: bool | None = None):
-        bundle.require("lite", "MindSpore Lite", self.name,
-                       "export it with --format lite (e.g. mindir,onnx,lite), or choose another --backend.")
+        bundle.require("lite", "MindSpore Lite", self.name)
         from .onnx_backend import physical_cores
         self.threads = threads or physical_cores()
         if in_process is None:

@@ -24,8 +24,7 @@ class MindSporeBackend:
     format = "mindir"
 
     def __init__(self, bundle: Bundle, rank: int = 0, device: str = "CPU"):
-        bundle.require("mindir", "MindIR", self.name,
-                       "run it with --backend onnxruntime, or export it with --format mindir.", single_rank=False)
+        bundle.require("mindir", "MindIR", self.name, single_rank=False)
         try:
             import mindspore as ms
         except ImportError:

@@ -108,8 +108,7 @@ class OnnxRuntimeBackend:
         except ImportError:
             raise UserError("the onnxruntime backend needs the onnxruntime package: pip install onnxruntime "
                             "(or onnxruntime-gpu for CUDA).") from None
-        bundle.require("onnx", "ONNX", self.name,
-                       "export it with --format onnx (or mindir,onnx), or run it with --backend mindspore.")
+        bundle.require("onnx", "ONNX", self.name)
         self._ort = ort
         available = ort.get_available_providers()
         device = device.lower()

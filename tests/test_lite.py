@@ -93,6 +93,15 @@ def test_backend_choice_and_refusals(tiny_bundle, lite_bundle):
     assert "lite" in usable_backends(Bundle(lite_bundle))
     with pytest.raises(UserError, match="no MindSpore Lite graphs.*--format lite"):
         open_backend(Bundle(tiny_bundle), "lite")
+    for other in ("mindspore", "onnxruntime"):   # the advice names the backend of what the bundle has
+        with pytest.raises(UserError, match=r"\(formats: lite\): run it with --backend lite, or export"):
+            open_backend(Bundle(lite_bundle), other)
+
+
+def test_auto_says_what_is_missing_when_nothing_here_runs_the_bundle(lite_bundle, monkeypatch):
+    monkeypatch.setenv("COGVLM2_LITE_PYTHON", "/nonexistent/python")
+    with pytest.raises(UserError, match=r"nothing here can run .* \(formats: lite\): it needs MindSpore Lite"):
+        open_backend(Bundle(lite_bundle))
 
 
 def test_inputs_are_checked(engines):
