@@ -79,11 +79,21 @@ class LiteBackend:
         self._proc = subprocess.Popen([python, str(WORKER), str(bundle.path), str(rank), str(self.threads)],
                                       stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         self._stderr = []
-        threading.Thread(target=self._drain, daemon=True).start()  # Lite logs must not fill the pipe
-        hello = self._reply()
+        drain = threading.Thread(target=self._drain, daemon=True)  # Lite logs must not fill the pipe
+        drain.start()
+        try:
+            hello = self._reply()
+        except RuntimeError:   # the worker died before it answered
+            self._proc.wait(timeout=30)
+            drain.join(timeout=5)
+            hello = {"ok": False, "error": next((x.strip() for x in reversed(self._stderr) if x.strip()), "no output")}
         if not hello.get("ok"):
             self.close()
-            raise UserError(f"MindSpore Lite cannot load {bundle.path}: {hello.get('error')}: export the bundle "
+            error = hello.get("error")
+            if error.startswith(("ModuleNotFoundError", "ImportError")):   # its Python lacks what it imports
+                raise UserError(f"the MindSpore Lite worker ({python}) cannot start ({error}): set COGVLM2_LITE_PYTHON "
+                                "to a Python with mindspore_lite and numpy, or run ./build.sh setup (.venv-lite).")
+            raise UserError(f"MindSpore Lite cannot load {bundle.path}: {error}: export the bundle "
                             "again with --format lite.")
         self.version = hello["version"]
         self.load_s = hello["load_s"]

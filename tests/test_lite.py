@@ -2,6 +2,7 @@
 answer like the MindIR bundle. Lite here is PyPI's mindspore-lite 2.0.0 in CPython 3.7 (.venv-lite,
 created by build.sh), run as a worker process; without it these tests skip, saying so."""
 import json
+import sys
 
 import numpy as np
 import pytest
@@ -96,6 +97,12 @@ def test_backend_choice_and_refusals(tiny_bundle, lite_bundle):
     for other in ("mindspore", "onnxruntime"):   # the advice names the backend of what the bundle has
         with pytest.raises(UserError, match=r"\(formats: lite\): run it with --backend lite, or export"):
             open_backend(Bundle(lite_bundle), other)
+
+
+def test_a_lite_python_that_cannot_run_the_worker_is_one_sentence(lite_bundle, monkeypatch):
+    monkeypatch.setenv("COGVLM2_LITE_PYTHON", sys.executable)   # this venv's Python: no mindspore_lite
+    with pytest.raises(UserError, match=r"worker \(.*\) cannot start \(.*mindspore_lite.*\): set COGVLM2_LITE_PYTHON"):
+        open_backend(Bundle(lite_bundle), "lite", in_process=False)
 
 
 def test_auto_says_what_is_missing_when_nothing_here_runs_the_bundle(lite_bundle, monkeypatch):
