@@ -172,7 +172,7 @@ def targets(report) -> list:
                       f"{tv['normalize_numpy_standin_s']['median'] * 1e3:.1f} ms; torchvision measured 27-32 ms "
                       "(the project's shared/FINDINGS.md)")
         else:
-            goal, source = TORCHVISION_1344_S, "torchvision reference from FINDINGS"
+            goal, source = TORCHVISION_1344_S, "torchvision reference from shared/FINDINGS.md"
         out.append({"backend": name, "target": "image preprocessing at 1344 no slower than torchvision",
                     "value": v, "goal": goal, "met": v <= goal,
                     "detail": f"resize {p['resize_1344_s']['median'] * 1e3:.1f} ms + normalize "

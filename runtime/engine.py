@@ -216,6 +216,10 @@ class Engine:
         given) -> last-token logits [B, V]; row r of the cache then holds exactly row r's K/V."""
         if len(input_ids) > self.batch:
             raise UserError(f"this bundle has {self.batch} rows, got {len(input_ids)} prompts.")
+        if image_embeds is not None and (len(image_embeds) < len(input_ids)
+                                         or any(len(ids) <= self.n_image for ids in input_ids)):
+            raise UserError(f"with image embeddings each row of ids starts with bos and {self.n_image} image slots "
+                            "(tokenizer.build_inputs(..., n_image_tokens=engine.n_image)), one embedding per row.")
         out = np.zeros((self.batch, self.vocab_size), np.float32)
         for r, ids in enumerate(input_ids):
             pos = positions[r] if positions is not None else list(range(len(ids)))

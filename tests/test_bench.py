@@ -179,12 +179,17 @@ def test_decode_costs_from_headers(tiny_bundle):
     assert all(len(s) == 2 for s in costs["gemv_shapes"])
 
 
-def test_stats_and_bad_counts():
+def test_stats_and_bad_counts(tmp_path):
     st = stats([3.0, 1.0, 2.0])
     assert st["median"] == 2.0 and st["min"] == 1.0 and st["max"] == 3.0 and st["n"] == 3
     assert stats([]) == {"n": 0}
     r = CliRunner().invoke(main, ["bench", "nowhere", "--reps", "0"])
     assert r.exit_code == 1 and "--reps must be at least 1" in r.output
+    (tmp_path / "serve.json").write_text(json.dumps({"runs": [], "batch": 4}))   # another command's report
+    for args, says in ((["--compare", tmp_path / "serve.json"], "is not a report of `cogvlm2-lite bench --json`"),
+                       (["--plot", tmp_path / "chart.txt"], "--plot")):
+        r = CliRunner().invoke(main, ["bench", "nowhere", *map(str, args)])
+        assert r.exit_code == 1 and says in r.output and "Traceback" not in r.output, r.output
 
 
 @pytest.mark.parametrize("args, says", [

@@ -14,6 +14,7 @@ from PIL import Image
 import eager
 from cogvlm2_lite.runtime.cli import main
 from cogvlm2_lite.runtime.engine import Engine, Request
+from cogvlm2_lite.runtime.errors import UserError
 from cogvlm2_lite.runtime.kv_cache import KVCache
 from cogvlm2_lite.runtime.sampling import SamplingParams
 from cogvlm2_lite.runtime.tokenizer import position_ids
@@ -129,6 +130,12 @@ def test_unusual_image_modes_are_converted(engine, tmp_path):
             img = img.convert("I;16")
         r = engine.generate([Request("hi", image=img, params=SamplingParams(max_new_tokens=2))])[0]
         assert r.completion_tokens >= 1 or r.finish_reason == "stop"
+
+
+def test_raw_prefill_with_image_embeddings_checks_the_image_slots(engine, photo):
+    embeds = engine.image_embeddings(engine.pixels([photo]))
+    with pytest.raises(UserError, match=f"starts with bos and {engine.n_image} image slots"):
+        engine.prefill([[1, 2, 3]], embeds, [[0, 1, 2]])
 
 
 def test_prompt_longer_than_largest_bucket(tiny_bundle):
