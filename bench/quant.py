@@ -19,6 +19,7 @@ from cogvlm2_lite.runtime.backends import BACKENDS
 from cogvlm2_lite.runtime.bundle import Bundle, sha256
 from cogvlm2_lite.runtime.errors import UserError
 
+from .run import save_output
 from .suite import SUITE_PRESETS, cached_export, cogvlm2_cli, demo_tokenizer, ensure_bundle
 from .timing import rss_bytes
 
@@ -122,7 +123,6 @@ def quant_bench(bundles, suite, bundles_dir, backend, steps, warmup, json_out):
             raise UserError("give bundles or --suite, not both.")
         bundles = suite_bundles(Path(bundles_dir), log)
         json_out = json_out or "out/bench/quant.json"
-        Path(json_out).parent.mkdir(parents=True, exist_ok=True)
     if len(bundles) < 2:
         raise UserError("give the fp32 bundle first, then one or more quantized bundles of the same model.")
     if steps < 1 or warmup < 0:
@@ -133,8 +133,4 @@ def quant_bench(bundles, suite, bundles_dir, backend, steps, warmup, json_out):
                         "compared with.")
     r = measure(bundles, backend, steps, warmup, log)
     click.echo(format_report(r))
-    if json_out:
-        try:
-            Path(json_out).write_text(json.dumps(r, indent=1))
-        except OSError as e:
-            raise UserError(f"cannot write {json_out} ({e.strerror or e}).") from None
+    save_output(json_out, lambda p: Path(p).write_text(json.dumps(r, indent=1)))

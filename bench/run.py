@@ -171,18 +171,23 @@ def check_plot_path(plot_out):
             raise UserError(f"--plot {plot_out}: name a file ending in one of .{', .'.join(sorted(kinds))} (PNG: .png).")
 
 
+def save_output(path, write) -> None:
+    """write(path) for a --json or --plot file (None: not asked for), its folder made first, then say so.
+    Raises UserError for a path that cannot be written. The benchmark commands all write through here."""
+    if path:
+        try:
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            write(path)
+        except OSError as e:
+            raise UserError(f"cannot write {path} ({e.strerror or e}).") from None
+        click.echo(f"wrote {path}")
+
+
 def write_outputs(report, json_out, plot_out, compare_with):
     """Write the JSON report and the chart where asked; print new/old ratios against (label, old report).
     Raises UserError for a path that cannot be written (the report is still printed)."""
-    for path, write in ((json_out, lambda p: Path(p).write_text(json.dumps(report, indent=1))),
-                        (plot_out, lambda p: plot(report, p))):
-        if path:
-            try:
-                Path(path).parent.mkdir(parents=True, exist_ok=True)
-                write(path)
-            except OSError as e:
-                raise UserError(f"cannot write {path} ({e.strerror or e}).") from None
-            click.echo(f"wrote {path}")
+    save_output(json_out, lambda p: Path(p).write_text(json.dumps(report, indent=1)))
+    save_output(plot_out, lambda p: plot(report, p))
     if compare_with:  # (label, old report)
         click.echo(f"\ncompared with {compare_with[0]} (new/old):")
         click.echo(format_compare(compare(report, compare_with[1])))

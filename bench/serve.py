@@ -180,6 +180,9 @@ def bench_serve(bundle, n, concurrency, soak_n, backend, seed, json_out, plot_ou
 
     from cogvlm2_lite.runtime.bundle import Bundle
     from cogvlm2_lite.runtime.errors import UserError
+
+    from .run import check_plot_path, save_output
+    check_plot_path(plot_out)
     batch = Bundle(bundle).batch
     levels = concurrency or sorted({1, batch, 2 * batch, 4 * batch})
     with socket.socket() as s:
@@ -240,7 +243,5 @@ def bench_serve(bundle, n, concurrency, soak_n, backend, seed, json_out, plot_ou
             proc.wait(timeout=30)
         except subprocess.TimeoutExpired:
             proc.kill()
-    if json_out:
-        Path(json_out).write_text(json.dumps(report, indent=1))
-    if plot_out:
-        plot(report, Path(plot_out))
+    save_output(json_out, lambda p: Path(p).write_text(json.dumps(report, indent=1)))
+    save_output(plot_out, lambda p: plot(report, Path(p)))

@@ -7,6 +7,9 @@ from pathlib import Path
 ROPE_THETA = 500000.0  # a fact of the release (hard-coded in its modeling code), not a config key
 
 
+ACCEPTED = {int: int, float: (int, float), str: str, bool: bool}   # a field's type -> the JSON values it takes
+
+
 class ConfigError(ValueError):
     """A config.json that does not describe a CogVLM2 model we can build."""
 
@@ -106,9 +109,8 @@ class CogVLM2Config:
         for obj, where in ((self, ""), (v, "vision_config.")):
             for f in dataclasses.fields(obj):
                 value = getattr(obj, f.name)
-                if f.type in (int, float, str, bool) and not (isinstance(value, f.type) or f.type is float
-                                                              and isinstance(value, int)) or \
-                        (f.type in (int, float) and isinstance(value, bool)):
+                ok = ACCEPTED.get(f.type)
+                if ok and (not isinstance(value, ok) or isinstance(value, bool) and f.type is not bool):
                     raise ConfigError(f"config.json: {where}{f.name} must be {f.type.__name__}, not {value!r}.")
         checks = [
             (self.hidden_size % self.num_attention_heads == 0, "hidden_size must be a multiple of num_attention_heads"),

@@ -130,12 +130,16 @@ def resume(out_path: Path, fd: int | None, summary: Summary, retry_errors: bool 
     return fd, done
 
 
+def _is_error(obj) -> bool:
+    """An OUT line that reports a line which could not run ({"id", "error"})."""
+    return isinstance(obj, dict) and "error" in obj
+
+
 def _is_error_line(line: bytes) -> bool:
     try:
-        obj = json.loads(line)
+        return line.endswith(b"\n") and _is_error(json.loads(line))
     except ValueError:
         return False
-    return isinstance(obj, dict) and "error" in obj
 
 
 def drop_error_lines(out_path: Path, fd: int) -> tuple[int, int]:
@@ -144,7 +148,7 @@ def drop_error_lines(out_path: Path, fd: int) -> tuple[int, int]:
     never a line less of what was answered. `fd` (the old OUT's) is closed."""
     with open(out_path, "rb") as f:
         lines = f.read().splitlines(keepends=True)
-    kept = [line for line in lines if not (line.endswith(b"\n") and _is_error_line(line))]
+    kept = [line for line in lines if not _is_error_line(line)]
     if len(kept) == len(lines):
         return fd, 0
     tmp = out_path.with_name(out_path.name + ".retry")
@@ -176,7 +180,7 @@ def recover(out_path: Path, fd: int | None = None, skip_errors: bool = False) ->
                 continue
             try:
                 obj = json.loads(line)
-                if not (skip_errors and "error" in obj):
+                if not (skip_errors and _is_error(obj)):
                     done.add(_out_key(obj))
             except (ValueError, TypeError, KeyError):
                 raise UserError(f"{out_path} line {n} is not a batch result line: pass a new OUT path, or the "

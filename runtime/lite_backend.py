@@ -89,7 +89,7 @@ class LiteBackend:
             hello = {"ok": False, "error": next((x.strip() for x in reversed(self._stderr) if x.strip()), "no output")}
         if not hello.get("ok"):
             self.close()
-            error = hello.get("error")
+            error = hello.get("error") or "no reason given"
             if error.startswith(("ModuleNotFoundError", "ImportError")):   # its Python lacks what it imports
                 raise UserError(f"the MindSpore Lite worker ({python}) cannot start ({error}): set COGVLM2_LITE_PYTHON "
                                 "to a Python with mindspore_lite and numpy, or run ./build.sh setup (.venv-lite).")

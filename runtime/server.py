@@ -79,10 +79,10 @@ class EngineLoop:
         ("done", Result) or ("error", message). Raises ApiError 429/503 when it cannot be taken."""
         self.check_open()
         with self._lock:
-            ahead = self._waiting + self._queued   # requests that take the free rows before this one
-            if ahead >= self._rows_free and ahead - self._rows_free >= self.max_queue:
-                raise ApiError(429, f"{ahead - self._rows_free} requests are already waiting for a row "
-                               f"(--max-queue {self.max_queue}); retry later.", headers={"Retry-After": "1"})
+            waiting = self._waiting + self._queued - self._rows_free   # < 0: a row is free for this one
+            if waiting >= self.max_queue:
+                raise ApiError(429, f"{waiting} requests are already waiting for a row (--max-queue {self.max_queue}); "
+                               "retry later.", headers={"Retry-After": "1"})
             self._waiting += 1
         self._inbox.put(("add", request, sink))
 
