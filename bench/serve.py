@@ -34,9 +34,10 @@ def workload(n: int, seed: int, words: int = 120) -> list[dict]:
 
 
 async def one(client: httpx.AsyncClient, url: str, body: dict, cut_after: int | None = None) -> dict:
-    """Stream one request -> its timings (or its error)."""
+    """Stream one request -> its timings and `finish` (the finish_reason: the answer came whole) and `chars`
+    (of text: 0 for an answer whose first token ended it), or its error."""
     start = time.perf_counter()
-    stamps, tokens, status = [], 0, None
+    stamps, tokens, status, finish, chars = [], 0, None, None, 0
     try:
         async with client.stream("POST", f"{url}/v1/chat/completions", json=body) as r:
             status = r.status_code
@@ -49,15 +50,18 @@ async def one(client: httpx.AsyncClient, url: str, body: dict, cut_after: int | 
                 obj = json.loads(line[6:])
                 if obj.get("usage"):
                     tokens = obj["usage"]["completion_tokens"]
+                elif obj.get("choices") and obj["choices"][0].get("finish_reason"):
+                    finish = obj["choices"][0]["finish_reason"]
                 elif obj.get("choices") and "content" in obj["choices"][0]["delta"] and \
                         "role" not in obj["choices"][0]["delta"]:  # one chunk per token ("" for no text)
                     stamps.append(time.perf_counter())
+                    chars += len(obj["choices"][0]["delta"]["content"])
                     if cut_after is not None and len(stamps) >= cut_after:
                         return {"status": status, "cut": True}
     except httpx.HTTPError as e:
         return {"status": status, "error": f"{type(e).__name__}: {e}"}
     end = time.perf_counter()
-    out = {"status": status, "tokens": tokens, "e2e_s": end - start}
+    out = {"status": status, "tokens": tokens, "finish": finish, "chars": chars, "e2e_s": end - start}
     if stamps:
         out["ttft_s"] = stamps[0] - start
         out["itl_s"] = list(np.diff(stamps))
@@ -103,7 +107,7 @@ async def soak(url: str, n: int, seed: int) -> dict:
     kinds = [rng.choices(["ok", "bad", "cut"], [8, 1, 1])[0] for _ in range(n)]
     bad = [b"{broken", json.dumps({"messages": "nope"}).encode(),
            json.dumps({"messages": [{"role": "user", "content": "x"}], "temperature": "hot"}).encode()]
-    outcome = {"ok": 0, "answered": 0, "malformed_refused": 0, "cut": 0, "failed": []}
+    outcome = {"ok": 0, "answered": 0, "empty": 0, "malformed_refused": 0, "cut": 0, "failed": []}
     sem = asyncio.Semaphore(8)
     async with httpx.AsyncClient(timeout=600) as client:
         async def go(i):
@@ -118,8 +122,9 @@ async def soak(url: str, n: int, seed: int) -> dict:
                 else:
                     outcome["ok"] += 1
                     r = await one(client, url, bodies[i])
-                    if r.get("status") == 200 and r.get("tokens", 0) >= 1:
+                    if r.get("status") == 200 and r.get("finish"):  # complete, empty or not
                         outcome["answered"] += 1
+                        outcome["empty"] += r["chars"] == 0
                     else:
                         outcome["failed"].append(r)
         await asyncio.gather(*(go(i) for i in range(n)))
@@ -233,7 +238,8 @@ def bench_serve(bundle, n, concurrency, soak_n, backend, seed, json_out, plot_ou
             s["rss_after_warmup_bytes"] = rss_warm
             s["rss_after_soak_bytes"] = server.memory_info().rss
             report["soak"] = s
-            click.echo(f"soak {soak_n}: {s['answered']}/{s['ok']} well-formed answered, {s['malformed_refused']}/"
+            click.echo(f"soak {soak_n}: {s['answered']}/{s['ok']} well-formed answered ({s['empty']} of them empty), "
+                       f"{s['malformed_refused']}/"
                        f"{s['malformed']} malformed refused with 400, {s['cut']} cut; still answers: "
                        f"{s['still_answers']}; RSS {rss_warm / 2**20:.0f} -> {s['rss_after_soak_bytes'] / 2**20:.0f} MiB",
                        err=True)

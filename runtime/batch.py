@@ -3,7 +3,7 @@
 Every non-blank input line gets exactly one output line, a result or a one-sentence error:
 
     in:  {"id", "prompt", "image" (path relative to IN's folder; absent/null: text-only),
-          max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed (optional; the CLI
+          max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed, stop (optional; the CLI
           flags apply to the fields a line leaves out), "history": [[q, a], ...], "template"}
     out: {"id", "text", "token_ids", "finish_reason", "prompt_tokens", "completion_tokens", "ttft_s",
           "total_s", "tokens_per_s"}  (Result.to_json)
@@ -49,7 +49,7 @@ from .errors import UserError
 from .msrun import relaunch_under_msrun
 from .options import open_engine, sampling_options, sampling_params
 
-SAMPLING_FIELDS = ("max_new_tokens", "temperature", "top_k", "top_p", "repetition_penalty", "seed")
+SAMPLING_FIELDS = ("max_new_tokens", "temperature", "top_k", "top_p", "repetition_penalty", "seed", "stop")
 KNOWN_FIELDS = {"id", "prompt", "image", "history", "template", *SAMPLING_FIELDS}
 _END = object()
 
@@ -302,6 +302,9 @@ class _Preparer:
         image = obj.get("image")
         if image is not None and not isinstance(image, str):
             raise UserError(f"\"image\" must be a file path string or null, not {type(image).__name__}.")
+        if image is not None and not image.strip():
+            raise UserError("\"image\" is empty: give a file path relative to the input file's folder, or leave the "
+                            "field out (or null) for a text-only line.")
         history = obj.get("history")
         if history is None:
             history = []

@@ -9,6 +9,7 @@ the question), and one image per conversation, as a `data:image/...;base64,` URL
 import base64
 import binascii
 import os
+import re
 import time
 import uuid
 from dataclasses import dataclass
@@ -43,25 +44,36 @@ NOT_IMPLEMENTED = {"logprobs": (False,), "top_logprobs": (0,), "tools": ([],), "
 
 @dataclass
 class ChatCall:
-    """One parsed /v1/chat/completions body."""
+    """One parsed /v1/chat/completions body (stop strings travel in request.params.stop)."""
     request: Request
     stream: bool
     include_usage: bool
-    stop: tuple                          # stop strings: the text ends before the first one found
 
 
 def _bad(message, param=None):
     return ApiError(400, message, param)
 
 
+def _clip(value, limit: int = 60) -> str:
+    """A client's value quoted in a message, cut past `limit` characters: an error never echoes a payload."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+
+
+def _field(body: dict, name: str, default=None):
+    """body[name], with null meaning the default, as everywhere in OpenAI's schema."""
+    v = body.get(name)
+    return default if v is None else v
+
+
 def _number(body, name, lo, hi, integer=False, default=None):
-    v = body.get(name, default)
+    v = _field(body, name, default)
     if v is None:
-        return default
+        return None
     ok = isinstance(v, int) if integer else isinstance(v, (int, float))
     if isinstance(v, bool) or not ok or not lo <= v <= hi:
         kind = "an integer" if integer else "a number"
-        raise _bad(f"'{name}' must be {kind} in [{lo}, {hi}], not {v!r}.", name)
+        raise _bad(f"'{name}' must be {kind} in [{lo}, {hi}], not {_clip(v)}.", name)
     return v
 
 
@@ -69,9 +81,9 @@ def parse_chat(body, model: str, image_size_check, allowed_image_dir: Path | Non
     """body (parsed JSON) -> ChatCall. image_size_check(bytes) -> pixels or raises UserError."""
     if not isinstance(body, dict):
         raise _bad("the request body must be a JSON object.")
-    if body.get("model") not in (None, model):
-        raise ApiError(404, f"the model {body['model']!r} does not exist here: this server serves {model!r}.", "model",
-                       "model_not_found")
+    if _field(body, "model", model) != model:
+        raise ApiError(404, f"the model {_clip(body['model'])} does not exist here: this server serves {model!r}.",
+                       "model", "model_not_found")
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise _bad("'messages' must be a non-empty list of {\"role\", \"content\"} objects.", "messages")
@@ -102,7 +114,7 @@ def parse_chat(body, model: str, image_size_check, allowed_image_dir: Path | Non
     if system:
         turns[0] = "\n".join(system + [turns[0]])
     history = tuple(zip(turns[:-1:2], turns[1::2]))
-    if body.get("n", 1) != 1:
+    if _number(body, "n", 1, 128, integer=True, default=1) != 1:
         raise _bad("only n = 1 is supported.", "n")
     for name, nothing in NOT_IMPLEMENTED.items():
         if body.get(name) is not None and body[name] not in nothing:
@@ -110,19 +122,15 @@ def parse_chat(body, model: str, image_size_check, allowed_image_dir: Path | Non
             raise _bad(f"'{name}' is not supported by this server{hint}: leave it out.", name)
     field = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
     max_tokens = _number(body, field, 1, 1 << 20, integer=True, default=256)
-    stop = body.get("stop")
-    if stop is None:
-        stop = ()
-    elif isinstance(stop, str):
-        stop = (stop,)
-    elif isinstance(stop, list) and len(stop) <= 4 and all(isinstance(s, str) and s for s in stop):
-        stop = tuple(stop)
-    else:
-        raise _bad("'stop' must be a string or a list of up to 4 non-empty strings.", "stop")
-    stream = body.get("stream", False)
+    stop = _field(body, "stop", [])
+    stop = [stop] if isinstance(stop, str) else stop
+    if not isinstance(stop, list) or len(stop) > 4 or not all(isinstance(s, str) and s for s in stop):
+        raise _bad("'stop' must be a non-empty string or a list of up to 4 non-empty strings (an empty one would end "
+                   "every answer before it starts).", "stop")
+    stream = _field(body, "stream", False)
     if not isinstance(stream, bool):
         raise _bad("'stream' must be true or false.", "stream")
-    options = body.get("stream_options") or {}
+    options = _field(body, "stream_options", {})
     if not isinstance(options, dict):
         raise _bad("'stream_options' must be an object.", "stream_options")
     template = body.get("template")
@@ -134,7 +142,7 @@ def parse_chat(body, model: str, image_size_check, allowed_image_dir: Path | Non
                                 top_k=_number(body, "top_k", 0, 1 << 20, integer=True, default=0),
                                 repetition_penalty=_number(body, "repetition_penalty", 0.01, 10, default=1.0),
                                 seed=_number(body, "seed", 0, 2 ** 63 - 1, integer=True),
-                                max_new_tokens=max_tokens)
+                                max_new_tokens=max_tokens, stop=tuple(stop))
     except UserError as e:
         raise _bad(str(e)) from None
     pixels = None
@@ -144,7 +152,7 @@ def parse_chat(body, model: str, image_size_check, allowed_image_dir: Path | Non
         except UserError as e:
             raise _bad(f"the image cannot be used: {e}", "messages") from None
     return ChatCall(Request(turns[-1], image=pixels, history=history, template=template, params=params), stream,
-                    bool(options.get("include_usage")), stop)
+                    bool(options.get("include_usage")))
 
 
 def _content(content, where, allowed_image_dir):
@@ -178,10 +186,13 @@ def _image_source(url: str, where: str, allowed_image_dir: Path | None):
         head, _, data = url.partition(",")
         if not head.startswith("data:image/") or not head.endswith(";base64"):
             raise _bad(f"{where}: an image data URL must look like data:image/png;base64,....", where)
-        try:
-            return base64.b64decode(data, validate=True)
+        try:  # line-wrapped base64 (MIME's 76 columns, `base64` without -w0) is still base64
+            return base64.b64decode(re.sub(r"\s+", "", data), validate=True)
         except (binascii.Error, ValueError):
             raise _bad(f"{where}: the image data URL is not valid base64.", where) from None
+    if len(url) >= 256 and _BASE64.fullmatch(url):
+        raise _bad(f"{where}: the url is neither a data: URL nor a file name; it looks like base64 without its "
+                   "prefix: send data:image/png;base64,<base64> (or image/jpeg, ...).", where)
     if url.startswith(("http://", "https://")):
         raise _bad(f"{where}: remote image URLs are refused (this server fetches nothing); send the image as a "
                    "data:image/...;base64 URL.", where)
@@ -193,6 +204,9 @@ def _image_source(url: str, where: str, allowed_image_dir: Path | None):
     if real != allowed_image_dir and allowed_image_dir not in real.parents:
         raise _bad(f"{where}: the image path is outside the allowed image folder.", where)
     return real
+
+
+_BASE64 = re.compile(r"[A-Za-z0-9+/=\s]+")  # long runs of these are a payload, not a path
 
 
 # --- responses ---------------------------------------------------------------------------------------
@@ -222,37 +236,3 @@ def chunk(cid: str, model: str, delta: dict, finish: str | None = None, usage_: 
     if usage_ is not None:
         out["usage"] = usage_
     return out
-
-
-class StopStrings:
-    """Holds back the end of the text that could still become a stop string; cuts at the first one."""
-
-    def __init__(self, stops: tuple):
-        self.stops = stops
-        self.keep = max((len(s) for s in stops), default=1) - 1
-        self.text = ""
-        self.sent = 0
-        self.hit = False
-
-    def push(self, piece: str) -> tuple[str, bool]:
-        """-> (text safe to send now, whether a stop string was reached); nothing more after one was."""
-        if self.hit:
-            return "", True
-        self.text += piece
-        hits = [i for i in (self.text.find(s) for s in self.stops) if i >= 0]
-        if hits:
-            end = min(hits)
-            out = self.text[self.sent:end]
-            self.sent = end
-            self.text = self.text[:end]
-            self.hit = True
-            return out, True
-        end = max(self.sent, len(self.text) - self.keep)
-        out = self.text[self.sent:end]
-        self.sent = end
-        return out, False
-
-    def flush(self) -> str:
-        out = self.text[self.sent:]
-        self.sent = len(self.text)
-        return out

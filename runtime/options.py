@@ -23,6 +23,7 @@ sampling_options = stack(  # the sampling flags shared by run, chat and batch
     click.option("--repetition-penalty", type=float, default=1.0, show_default=True, help="1 = off."),
     click.option("--seed", type=int, default=None, help="Reproducible sampling."),
     click.option("--ignore-eos", is_flag=True, help="Generate exactly --max-new-tokens (benchmarks)."),
+    click.option("--stop", multiple=True, help="A stop string: the answer ends before it (repeat for several)."),
     click.option("--template", type=click.Choice(["chat", "vqa", "base"]), default=None,
                  help="Prompt template (default: the bundle's)."),
     click.option("--backend", default="auto", show_default=True,
@@ -36,7 +37,7 @@ def sampling_params(o: dict):
     from .sampling import SamplingParams
     return SamplingParams(temperature=o["temperature"], top_k=o["top_k"], top_p=o["top_p"],
                           repetition_penalty=o["repetition_penalty"], seed=o["seed"],
-                          max_new_tokens=o["max_new_tokens"], ignore_eos=o["ignore_eos"])
+                          max_new_tokens=o["max_new_tokens"], ignore_eos=o["ignore_eos"], stop=o["stop"])
 
 
 def open_engine(bundle_path: str, o: dict):

@@ -37,7 +37,10 @@ def load_image(source):
     elif isinstance(source, (bytes, bytearray, memoryview)):
         name, fp = "the image bytes", io.BytesIO(source)
     elif isinstance(source, (str, os.PathLike)):
-        name, fp = f"image file {os.fspath(source)!r}", source
+        path = os.fspath(source)
+        if not str(path).strip():
+            raise UserError("the image path is empty; pass an image file.")
+        name, fp = f"image file {_clip(path)}", source
     else:
         raise UserError(f"cannot read an image from a {type(source).__name__}; pass a file path, bytes or a PIL image.")
     try:
@@ -57,8 +60,18 @@ def load_image(source):
         raise UserError(f"{name} is not an image Pillow can read; pass a JPEG, PNG, WebP or BMP file.") from None
     except Image.DecompressionBombError as e:
         raise UserError(f"{name} is too large to decode safely ({e}); downscale it first.") from None
-    except (OSError, SyntaxError, ValueError, EOFError) as e:
+    except OSError as e:
+        if e.errno is not None:  # the file system's refusal (a name too long, ...): its reason, not the name again
+            raise UserError(f"{name} cannot be opened ({e.strerror}).") from None
         raise UserError(f"{name} is truncated or corrupt ({e}); re-export or re-download it.") from None
+    except (SyntaxError, ValueError, EOFError) as e:
+        raise UserError(f"{name} is truncated or corrupt ({e}); re-export or re-download it.") from None
+
+
+def _clip(path, limit: int = 120) -> str:
+    """A path quoted for a message, its middle cut past `limit` characters (a message never echoes a payload)."""
+    text = repr(str(path))
+    return text if len(text) <= limit else f"{text[:limit // 2]}...{text[-limit // 2:]} ({len(text)} characters)"
 
 
 def _upright(img, copy):

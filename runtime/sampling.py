@@ -26,6 +26,7 @@ class SamplingParams:
     max_new_tokens: int = 256
     stop_ids: tuple = field(default_factory=tuple)  # ids that end the sequence, besides the model's own
     ignore_eos: bool = False  # True: the model's stop ids do not end it (benchmarks: exactly max_new_tokens)
+    stop: tuple = field(default_factory=tuple)      # stop strings: the text ends before the first one (stop_strings.py)
 
     def __post_init__(self):
         def number(name, ok, rule):
@@ -51,6 +52,11 @@ class SamplingParams:
             raise UserError(f"stop_ids={self.stop_ids!r} is invalid: it must be a list of token ids.") from None
         if any(i < 0 for i in self.stop_ids):
             raise UserError(f"stop_ids={self.stop_ids!r} is invalid: token ids are >= 0.")
+        stop = (self.stop,) if isinstance(self.stop, str) else self.stop
+        if not isinstance(stop, (tuple, list)) or not all(isinstance(x, str) and x for x in stop):
+            raise UserError(f"stop={self.stop!r:.80} is invalid: it must be non-empty strings (an empty one would "
+                            "end every answer before it starts).")
+        object.__setattr__(self, "stop", tuple(stop))
 
 
 class Sampler:

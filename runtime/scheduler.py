@@ -37,6 +37,7 @@ import numpy as np
 from .errors import UserError
 from .request import Result
 from .sampling import Sampler
+from .stop_strings import StopStrings
 from .tokenizer import StreamDecoder, position_ids
 
 SEED_ENV = "COGVLM2_LITE_SEED"
@@ -53,6 +54,7 @@ class Sequence:
     digest: bytes | None                 # identity of the pixels: prefixes are reused only for equal pixels
     sampler: Sampler
     stream: StreamDecoder
+    stops: StopStrings                   # the request's stop strings over the decoded text
     on_text: object = None               # on_text(piece)
     on_finish: object = None             # on_finish(sequence)
     arrived: float = field(default_factory=time.perf_counter)
@@ -114,7 +116,7 @@ class Scheduler:
             params = replace(params, seed=self._seed_base + number)
         pos = position_ids(types)
         seq = Sequence(number, request, ids, pos, pixels, digest, Sampler(params, ids), StreamDecoder(e.tokenizer),
-                       on_text, on_finish, next_pos=pos[-1] + 1)
+                       StopStrings(params.stop), on_text, on_finish, next_pos=pos[-1] + 1)
         self.queue.append(seq)
         return seq
 
@@ -218,13 +220,17 @@ class Scheduler:
 
     # --- per sequence -------------------------------------------------------------------------
     def _accept(self, seq: Sequence, token: int):
-        """A sampled token: stop, or stream it and keep it to feed at the next decode."""
+        """A sampled token: stop (a stop id, or the text reached a stop string: that token counts), or stream
+        it and keep it to feed at the next decode."""
         if seq.first_token_at is None:
             seq.first_token_at = time.perf_counter()
         if token in seq.sampler.params.stop_ids:
             return self._finish(seq, "stop")
         seq.tokens.append(token)
-        self._emit(seq, seq.stream.push(token))
+        piece, hit = seq.stops.push(seq.stream.push(token))
+        self._emit(seq, piece)
+        if hit:
+            return self._finish(seq, "stop")
         if len(seq.tokens) >= seq.sampler.params.max_new_tokens:
             return self._finish(seq, "length")
         if int(self.engine.cache.lengths[seq.row]) >= self.engine.cache.max_len:
@@ -243,7 +249,7 @@ class Scheduler:
         seq.finish_reason = reason
         seq.pending = None
         seq.ended_at = time.perf_counter()
-        tail = seq.stream.flush()
+        tail = seq.stops.push(seq.stream.flush())[0] + seq.stops.flush()
         if tail:
             self._emit(seq, tail)
         if seq.row is not None:

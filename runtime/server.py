@@ -13,6 +13,11 @@ that disconnects cancels its request, which frees its row at the next step. On S
 server stops listening and admitting (503 on open connections), lets running requests finish for up
 to --shutdown-timeout seconds, then ends the rest with an error event, and exits as soon as none is
 left. Tensor-parallel bundles are refused.
+
+A client that goes away cancels its request, however it goes: mid-stream, while queued, while its image is
+decoded, or a non-streaming client that times out (the openai client then retries: each attempt is cancelled
+when it is abandoned, so retries never pile up generations). Every error reaches the client as JSON, also from
+clients that send the whole body before reading (urllib, requests): an unread body is drained first, within a bound.
 """
 import asyncio
 import errno
@@ -26,7 +31,7 @@ import time
 from pathlib import Path
 
 from .errors import UserError
-from .openai_api import ApiError, StopStrings, chunk, completion, completion_id, parse_chat, usage
+from .openai_api import ApiError, chunk, completion, completion_id, parse_chat, usage
 
 BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 
@@ -159,6 +164,50 @@ class EngineLoop:
         sink("done", r)
 
 
+class DrainUnreadBody:
+    """ASGI middleware: before an answer starts, read and drop what is left of the request body (up to `limit`
+    bytes, for at most `seconds`). Without it a 413, 401 or 404 answered before the body was read reaches only
+    clients that read while they send: urllib, requests and curl send the whole body first, and meet a closed
+    connection ("Broken pipe") instead of the JSON error. A client that sent `Expect: 100-continue` has not sent
+    its body and is not asked for it."""
+
+    def __init__(self, app, limit: int, seconds: float = 10.0):
+        self.app, self.limit, self.seconds = app, limit, seconds
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        unread = not any(k == b"expect" and v.lower() == b"100-continue" for k, v in scope["headers"])
+
+        async def receive_tracked():
+            nonlocal unread
+            message = await receive()
+            if message["type"] != "http.request" or not message.get("more_body", False):
+                unread = False
+            return message
+
+        async def send_after_drain(message):
+            nonlocal unread
+            if message["type"] == "http.response.start" and unread:
+                unread = False
+                await self._drain(receive)
+            await send(message)
+
+        await self.app(scope, receive_tracked, send_after_drain)
+
+    async def _drain(self, receive):
+        dropped = 0
+        try:
+            async with asyncio.timeout(self.seconds):
+                while dropped <= self.limit:
+                    message = await receive()
+                    dropped += len(message.get("body", b""))
+                    if message["type"] != "http.request" or not message.get("more_body", False):
+                        return
+        except TimeoutError:
+            pass
+
+
 def create_app(loop: EngineLoop, model: str, api_key: str | None = None, max_body_bytes: int = 20 << 20,
                allowed_image_dir: Path | None = None):
     """The ASGI app over a started EngineLoop."""
@@ -168,6 +217,7 @@ def create_app(loop: EngineLoop, model: str, api_key: str | None = None, max_bod
     from starlette.concurrency import run_in_threadpool
 
     app = FastAPI(title="cogvlm2-lite", docs_url=None, redoc_url=None)
+    app.add_middleware(DrainUnreadBody, limit=max(4 * max_body_bytes, 64 << 20))
     metrics = loop.metrics
 
     def refuse(e: ApiError):
@@ -177,6 +227,7 @@ def create_app(loop: EngineLoop, model: str, api_key: str | None = None, max_bod
 
     @app.exception_handler(Exception)
     async def crash(request, exc):  # a bug: the client gets one sentence, the server goes on
+        metrics.requests.labels("error").inc()
         return JSONResponse(ApiError(500, f"internal error ({type(exc).__name__}); the server goes on.").body(),
                             status_code=500)
 
@@ -210,9 +261,11 @@ def create_app(loop: EngineLoop, model: str, api_key: str | None = None, max_bod
 
     @app.post("/v1/chat/completions")
     async def chat(request: Request):
+        gone = None
         try:
             check_key(request)
             body = await _read_json(request, max_body_bytes)
+            gone = asyncio.ensure_future(_disconnected(request))   # from here on, a client that leaves cancels
             loop.check_open()
             engine = loop.engine
             call = await run_in_threadpool(parse_chat, body, model, lambda src: engine.pixels([src])[0],
@@ -222,6 +275,9 @@ def create_app(loop: EngineLoop, model: str, api_key: str | None = None, max_bod
                 engine.prompt(r)
             except UserError as e:  # before the stream starts: a 400, not an error event
                 raise ApiError(400, str(e), "messages", "context_length_exceeded") from None
+            if gone.done():  # left while the image was decoded: nothing to run
+                metrics.requests.labels("cancel").inc()
+                return Response(status_code=499)
             events = asyncio.Queue()
             aloop = asyncio.get_running_loop()
 
@@ -229,57 +285,53 @@ def create_app(loop: EngineLoop, model: str, api_key: str | None = None, max_bod
                 aloop.call_soon_threadsafe(events.put_nowait, (kind, value))
             loop.submit(r, sink)
         except ApiError as e:
+            if gone is not None:
+                gone.cancel()
             return refuse(e)
-        cid = completion_id()
-        if call.stream:
-            return StreamingResponse(_stream(request, events, sink, call, cid), media_type="text/event-stream")
-        stops = StopStrings(call.stop)
-        text = []
-        try:
-            while True:
-                kind, value = await events.get()
-                if kind == "text":
-                    piece, hit = stops.push(value)
-                    text.append(piece)
-                    if hit:
-                        loop.cancel(sink)
-                elif kind == "error":
-                    return JSONResponse(ApiError(503 if loop.draining else 400, value).body(),
-                                        status_code=503 if loop.draining else 400)
-                else:
-                    text.append(stops.flush())
-                    finish = "stop" if value.finish_reason == "cancel" else value.finish_reason
-                    return completion(cid, model, "".join(text), finish, value.prompt_tokens, value.completion_tokens)
-        except asyncio.CancelledError:  # the client went away
-            loop.cancel(sink)
+        except BaseException:
+            if gone is not None:
+                gone.cancel()
             raise
+        cid = completion_id()
+        if call.stream:  # Starlette cancels the stream when the client leaves: its `finally` cancels the request
+            gone.cancel()
+            return StreamingResponse(_stream(events, sink, call, cid), media_type="text/event-stream")
+        answer = asyncio.ensure_future(_answer(events, cid))
+        try:
+            await asyncio.wait({answer, gone}, return_when=asyncio.FIRST_COMPLETED)
+        finally:  # the client left (or the server is stopping): the request ends and frees its row
+            if not answer.done():
+                answer.cancel()
+                loop.cancel(sink)
+            gone.cancel()
+        return answer.result() if answer.done() and not answer.cancelled() else Response(status_code=499)
 
-    async def _stream(request, events, sink, call, cid):
-        stops = StopStrings(call.stop)
+    async def _answer(events, cid):
+        """The whole answer of a non-streaming request, from its events."""
+        while True:
+            kind, value = await events.get()
+            if kind == "error":
+                status = 503 if loop.draining else 400
+                return JSONResponse(ApiError(status, value).body(), status_code=status)
+            if kind == "done":
+                return completion(cid, model, value.text, value.finish_reason, value.prompt_tokens,
+                                  value.completion_tokens)
+
+    async def _stream(events, sink, call, cid):
         done = False
         try:
             yield _sse(chunk(cid, model, {"role": "assistant", "content": ""}))
             while True:
                 kind, value = await events.get()
-                if kind == "text":
-                    if stops.hit:
-                        continue
-                    piece, hit = stops.push(value)
-                    if piece or not hit:  # one chunk per token, "" for a token without text: clients see its time
-                        yield _sse(chunk(cid, model, {"content": piece}))
-                    if hit:
-                        loop.cancel(sink)
+                if kind == "text":  # one chunk per token, "" for a token without text: clients see its time
+                    yield _sse(chunk(cid, model, {"content": value}))
                 elif kind == "error":
                     done = True
                     yield _sse(ApiError(503 if loop.draining else 400, value).body())
                     break
                 else:
                     done = True
-                    tail = stops.flush()
-                    if tail:
-                        yield _sse(chunk(cid, model, {"content": tail}))
-                    finish = "stop" if value.finish_reason == "cancel" else value.finish_reason
-                    yield _sse(chunk(cid, model, {}, finish))
+                    yield _sse(chunk(cid, model, {}, value.finish_reason))
                     if call.include_usage:
                         yield _sse(chunk(cid, model, {}, usage_=usage(value.prompt_tokens, value.completion_tokens)))
                     break
@@ -295,8 +347,21 @@ def _sse(obj) -> str:
     return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
 
+async def _disconnected(request):
+    """Returns once the client has gone. Call it after the body is read: the next ASGI message is then the
+    disconnect (uvicorn also sends it once the response is complete, when nobody waits for it any more)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+def _no_constant(name):
+    raise ValueError(f"{name} is not a JSON value")
+
+
 async def _read_json(request, limit: int):
-    """The body as JSON: 413 past `limit` bytes (checked while reading, not only from Content-Length)."""
+    """The body as JSON: 413 past `limit` bytes (checked while reading, not only from Content-Length); 400 for
+    anything Python's json refuses, too deep nesting and integers of over 4300 digits included, and for NaN and
+    Infinity, which JSON does not have. Raises ApiError."""
     declared = request.headers.get("content-length")
     if declared and declared.isdigit() and int(declared) > limit:
         raise ApiError(413, f"the request body is {int(declared)} bytes, more than the {limit} allowed (--max-body-mb).")
@@ -306,9 +371,15 @@ async def _read_json(request, limit: int):
         if len(data) > limit:
             raise ApiError(413, f"the request body is more than the {limit} bytes allowed (--max-body-mb).")
     try:
-        return json.loads(data)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ApiError(400, f"the request body is not valid JSON ({getattr(e, 'msg', 'not UTF-8')}).") from None
+        return json.loads(data, parse_constant=_no_constant)
+    except UnicodeDecodeError:
+        raise ApiError(400, "the request body is not valid JSON (not UTF-8).") from None
+    except json.JSONDecodeError as e:
+        raise ApiError(400, f"the request body is not valid JSON ({e.msg}).") from None
+    except RecursionError:
+        raise ApiError(400, "the request body is not valid JSON here (nested too deeply).") from None
+    except ValueError as e:  # an integer of more digits than Python converts, NaN, Infinity
+        raise ApiError(400, f"the request body is not valid JSON here ({str(e).split(';')[0]}).") from None
 
 
 def listen(host: str, port: int) -> socket.socket:
