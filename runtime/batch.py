@@ -4,7 +4,8 @@ Every non-blank input line gets exactly one output line, a result or a one-sente
 
     in:  {"id", "prompt", "image" (path relative to IN's folder; absent/null: text-only),
           max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed, stop (optional; the CLI
-          flags apply to the fields a line leaves out), "history": [[q, a], ...], "template"}
+          flags apply to the fields a line leaves out), "history": [[q, a], ...], "template",
+          "response_format" (OpenAI's: json_object or json_schema)}
     out: {"id", "text", "token_ids", "finish_reason", "prompt_tokens", "completion_tokens", "ttft_s",
           "total_s", "tokens_per_s"}  (Result.to_json)
          {"id", "error"}                     a line that cannot run (bad image, bad values, ...)
@@ -47,10 +48,12 @@ import numpy as np
 
 from .errors import UserError
 from .msrun import relaunch_under_msrun
+from . import batch_openai
+from .openai_api import ApiError
 from .options import open_engine, sampling_options, sampling_params
 
 SAMPLING_FIELDS = ("max_new_tokens", "temperature", "top_k", "top_p", "repetition_penalty", "seed", "stop")
-KNOWN_FIELDS = {"id", "prompt", "image", "history", "template", *SAMPLING_FIELDS}
+KNOWN_FIELDS = {"id", "prompt", "image", "history", "template", "response_format", *SAMPLING_FIELDS}
 _END = object()
 
 
@@ -105,6 +108,7 @@ class _Item:
     by_line: bool
     request: object = None
     error: str | None = None
+    status: int = 400                # an OpenAI line's answer status for `error`
 
 
 class _Failure:
@@ -117,7 +121,9 @@ def _id_key(value) -> str:
 
 
 def _out_key(obj) -> tuple:
-    return ("line", obj["line"]) if "line" in obj else ("id", _id_key(obj["id"]))
+    if "line" in obj:
+        return ("line", obj["line"])
+    return ("id", _id_key(obj[batch_openai.KEY] if batch_openai.KEY in obj else obj["id"]))
 
 
 # --- OUT: recover what is done, then append ------------------------------------------------------
@@ -131,7 +137,9 @@ def resume(out_path: Path, fd: int | None, summary: Summary, retry_errors: bool 
 
 
 def _is_error(obj) -> bool:
-    """An OUT line that reports a line which could not run ({"id", "error"})."""
+    """An OUT line that reports a line which could not run ({"id", "error"}, or an OpenAI line's 4xx)."""
+    if isinstance(obj, dict) and batch_openai.KEY in obj:
+        return batch_openai.is_error(obj)
     return isinstance(obj, dict) and "error" in obj
 
 
@@ -228,8 +236,17 @@ class _Writer:
 
 
 # --- the run ---------------------------------------------------------------------------------------
-def scan(in_path: Path, done: set, summary: Summary) -> list[_Pending]:
-    """First pass over IN: ids, repeated ids, malformed lines; the lines not yet in OUT."""
+def is_openai_file(in_path: Path) -> bool:
+    """Whether IN is an OpenAI Batch API file (batch_openai.py), from its first non-blank line."""
+    try:
+        with open(in_path, "rb") as f:
+            return batch_openai.is_openai_file(next((line for line in f if line.strip()), b""))
+    except OSError as e:
+        raise UserError(f"input file {in_path} cannot be read ({e.strerror}); check the path.") from None
+
+
+def scan(in_path: Path, done: set, summary: Summary, key: str = "id") -> list[_Pending]:
+    """First pass over IN: ids (the `key` field), repeated ids, malformed lines; the lines not yet in OUT."""
     pending = []
     first = {}
     try:
@@ -250,21 +267,22 @@ def scan(in_path: Path, done: set, summary: Summary) -> list[_Pending]:
             else:
                 if not isinstance(obj, dict):
                     error = f"line {lineno} is not a JSON object; write one {{\"id\": ..., \"prompt\": ...}} per line."
-                elif obj.get("id") is None:
-                    error = f"line {lineno} has no \"id\"; give every line a unique string or integer id."
-                elif isinstance(obj["id"], bool) or not isinstance(obj["id"], (str, int)):
-                    error = (f"line {lineno} has id {json.dumps(obj['id'])}; an id must be a string or an "
+                elif obj.get(key) is None:
+                    error = f"line {lineno} has no \"{key}\"; give every line a unique string or integer {key}."
+                elif isinstance(obj[key], bool) or not isinstance(obj[key], (str, int)):
+                    error = (f"line {lineno} has {key} {json.dumps(obj[key])}; an id must be a string or an "
                              "integer.")
                 else:
-                    id_ = obj["id"]
-                    key = _id_key(id_)
-                    if key in first:
-                        error = (f"id {key} on line {lineno} repeats the id of line {first[key]}; "
+                    id_ = obj[key]
+                    seen = _id_key(id_)
+                    if seen in first:
+                        error = (f"{key} {seen} on line {lineno} repeats the {key} of line {first[seen]}; "
                                  "give every line a unique id.")
                     else:
-                        first[key] = lineno
+                        first[seen] = lineno
                         by_line = False
-                    summary.unknown_fields.update(k for k in obj if k not in KNOWN_FIELDS)
+                    if key == "id":
+                        summary.unknown_fields.update(k for k in obj if k not in KNOWN_FIELDS)
             if (("line", lineno) if by_line else ("id", _id_key(id_))) in done:
                 summary.skipped += 1
                 continue
@@ -275,8 +293,8 @@ def scan(in_path: Path, done: set, summary: Summary) -> list[_Pending]:
 class _Preparer:
     """Builds engine Requests from pending lines: validation, tokens, image pixels (background thread)."""
 
-    def __init__(self, engine, in_dir: Path, defaults: dict, template: str | None):
-        self.engine, self.in_dir, self.defaults = engine, in_dir, defaults
+    def __init__(self, engine, in_dir: Path, defaults: dict, template: str | None, openai: bool = False):
+        self.engine, self.in_dir, self.defaults, self.openai = engine, in_dir, defaults, openai
         self.template = template or engine.template
         self.pre = engine.pre
 
@@ -284,7 +302,11 @@ class _Preparer:
         item = _Item(p.seq, p.id, p.lineno, p.by_line, error=p.error)
         if item.error is None:
             try:
-                item.request = self._request(json.loads(p.raw.decode("utf-8-sig")))
+                obj = json.loads(p.raw.decode("utf-8-sig"))
+                item.request = (batch_openai.request(obj, self.in_dir, self.engine) if self.openai
+                                else self._request(obj))
+            except ApiError as e:
+                item.error, item.status = e.message, e.status
             except UserError as e:
                 item.error = str(e)
             except Exception as e:  # an input that breaks a library: that line's error, not the run's
@@ -295,6 +317,7 @@ class _Preparer:
         from .engine import Request
         from .preprocess import load_image, preprocess
         from .sampling import SamplingParams
+        from .structured import grammar, schema_of
         prompt = obj.get("prompt")
         if not isinstance(prompt, str):
             raise UserError("the line has no \"prompt\" string; give the question as text."
@@ -316,7 +339,10 @@ class _Preparer:
             template = self.template
         elif not isinstance(template, str):
             raise UserError(f"\"template\" must be a string, not {type(template).__name__}.")
-        params = SamplingParams(**{**self.defaults,
+        schema = schema_of(obj.get("response_format"))
+        if schema is not None:
+            grammar(schema)  # an unusable schema is this line's error now, not the run's later
+        params = SamplingParams(**{**self.defaults, "json_schema": schema,
                                    **{k: obj[k] for k in SAMPLING_FIELDS if obj.get(k) is not None}})
         pixels = None
         if image is not None:
@@ -337,8 +363,9 @@ def run_batch(engine, in_path, out_path, *, defaults: dict | None = None, templa
     fd = _open_output(out_path)
     try:
         fd, done = resume(out_path, fd, summary, retry_errors)
-        pending = scan(in_path, done, summary)
-        _run(engine, pending, _Preparer(engine, in_path.parent, defaults or {}, template),
+        openai = is_openai_file(in_path)
+        pending = scan(in_path, done, summary, batch_openai.KEY if openai else "id")
+        _run(engine, pending, _Preparer(engine, in_path.parent, defaults or {}, template, openai),
              _Writer(fd, ordered, fsync_interval), summary, progress)
     finally:
         if fd is not None:
@@ -399,16 +426,25 @@ def _run(engine, pending, prepare, writer, summary, progress):
         if summary.seconds > 0:
             bar.set_postfix_str(f"{summary.tokens_per_s:.1f} tok/s", refresh=False)
 
+    model = engine.bundle.path.resolve().name
+
+    def token_bytes(token):
+        return engine.tokenizer.decode_bytes([token]) if 0 <= token < engine.tokenizer.vocab_size else b""
+
     def fail(item, message):
         summary.errors += 1
-        emit(item, {"id": item.id, "line": item.lineno, "error": message} if item.by_line
-             else {"id": item.id, "error": message})
+        if prepare.openai:
+            emit(item, batch_openai.error_line(item.id, message, item.status, item.lineno if item.by_line else None))
+        else:
+            emit(item, {"id": item.id, "line": item.lineno, "error": message} if item.by_line
+                 else {"id": item.id, "error": message})
 
     def finished(item, seq):
         r = seq.result()
         summary.ok += 1
         summary.tokens += r.completion_tokens
-        emit(item, {"id": item.id, **r.to_json()})
+        emit(item, batch_openai.result_line(item.id, r, model, token_bytes) if prepare.openai
+             else {"id": item.id, **r.to_json()})
 
     thread = threading.Thread(target=produce, name="batch-prepare", daemon=True)
     thread.start()
@@ -465,6 +501,9 @@ def batch(bundle, in_file, out_file, ordered, fsync_interval, progress, retry_er
                "history": [[q, a], ...], "template"}  (sampling flags: defaults for these)
     OUT line: {"id", "text", "token_ids", "finish_reason", "prompt_tokens", "completion_tokens",
                "ttft_s", "total_s", "tokens_per_s"}, or {"id", "error"} for a line that cannot run.
+
+    An OpenAI Batch API file ({"custom_id", "method", "url", "body"} lines) is answered in that format:
+    {"id", "custom_id", "response": {"status_code", "request_id", "body"}, "error"}.
     """
     in_path, out_path = Path(in_file), Path(out_file)
     if out_path.exists() and os.path.samefile(in_path, out_path):
@@ -482,13 +521,14 @@ def batch(bundle, in_file, out_file, ordered, fsync_interval, progress, retry_er
     try:
         # read OUT before the engine starts: under msrun every rank must see the same OUT
         fd, done = resume(out_path, fd, summary, retry_errors)
-        pending = scan(in_path, done, summary)
+        openai = is_openai_file(in_path)
+        pending = scan(in_path, done, summary, batch_openai.KEY if openai else "id")
         if rank0 and summary.skipped:
             click.echo(f"resuming: {summary.skipped} lines already in {out_path}, {len(pending)} to go", err=True)
         engine = open_engine(bundle, o) if pending else None
         try:
             if pending:
-                _run(engine, pending, _Preparer(engine, in_path.parent, defaults, o["template"]),
+                _run(engine, pending, _Preparer(engine, in_path.parent, defaults, o["template"], openai),
                      _Writer(fd, ordered, fsync_interval), summary, progress and rank0)
         except KeyboardInterrupt:
             if rank0:

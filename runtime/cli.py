@@ -46,16 +46,36 @@ def main():
     """CogVLM2-Image, ahead-of-time compiled: export a checkpoint into a bundle, then run it."""
 
 
+def read_schema(path: str) -> dict:
+    """A JSON schema file, checked. Raises UserError."""
+    from .structured import grammar
+    try:
+        schema = json.loads(open(path, "rb").read())
+    except OSError as e:
+        raise UserError(f"--json-schema {path} cannot be read ({e.strerror}).") from None
+    except ValueError as e:
+        raise UserError(f"--json-schema {path} is not JSON ({e}).") from None
+    if not isinstance(schema, dict):
+        raise UserError(f"--json-schema {path} must hold a JSON schema object.")
+    grammar(schema)
+    return schema
+
+
 @main.command()
 @click.argument("bundle", type=click.Path(file_okay=False))
 @click.option("--image", type=click.Path(dir_okay=False), default=None, help="Image file (omit for text only).")
 @click.option("--prompt", required=True, help="The question.")
 @click.option("--stream/--no-stream", default=True, show_default=True, help="Print text as it is generated.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object with text, token counts and timings.")
+@click.option("--json-schema", "schema_file", type=click.Path(dir_okay=False), default=None,
+              help="Answer JSON matching this JSON schema file (structured output).")
 @sampling_options
-def run(bundle, image, prompt, stream, as_json, **o):
+def run(bundle, image, prompt, stream, as_json, schema_file, **o):
     """Answer one prompt about one image."""
+    from dataclasses import replace
     params = sampling_params(o)
+    if schema_file is not None:
+        params = replace(params, json_schema=read_schema(schema_file))
     if relaunch_under_msrun(bundle):
         return
     from .engine import Request

@@ -108,6 +108,14 @@ class KVCache:
         self.lengths[row] = i + n
         self.held[row] = None
 
+    def copy_row(self, src: int, dst: int, n: int):
+        """Row `dst` starts over with the first n slots of row `src` (choices of one prompt share its prefill)."""
+        kc, vc = self.views()
+        kc[:, dst, :, :n] = kc[:, src, :, :n]
+        vc[:, dst, :, :n] = vc[:, src, :, :n]
+        self.lengths[dst] = n
+        self.held[dst] = None
+
     def append(self, k_new, v_new, rows=None):
         """Store one decode step's K/V [L, B, KV, 1, D] at each row's next slot and advance it."""
         kc, vc = self.views()

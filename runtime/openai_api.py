@@ -18,6 +18,7 @@ from pathlib import Path
 from .engine import Request
 from .errors import UserError
 from .sampling import SamplingParams
+from .structured import grammar, schema_of
 
 
 class ApiError(Exception):
@@ -37,17 +38,17 @@ class ApiError(Exception):
 
 # OpenAI fields this server does not implement, accepted only at a value that asks for nothing (some clients
 # send those by default); anything else is refused rather than silently ignored
-NOT_IMPLEMENTED = {"logprobs": (False,), "top_logprobs": (0,), "tools": ([],), "functions": ([],),
-                   "tool_choice": ("none",), "function_call": ("none",), "logit_bias": ({},),
-                   "frequency_penalty": (0,), "presence_penalty": (0,), "response_format": ({"type": "text"},)}
+NOT_IMPLEMENTED = {"tools": ([],), "functions": ([],), "tool_choice": ("none",), "function_call": ("none",),
+                   "logit_bias": ({},), "frequency_penalty": (0,), "presence_penalty": (0,)}
 
 
 @dataclass
 class ChatCall:
-    """One parsed /v1/chat/completions body (stop strings travel in request.params.stop)."""
+    """One parsed /v1/chat/completions body (stop strings, logprobs and the schema travel in request.params)."""
     request: Request
     stream: bool
     include_usage: bool
+    n: int = 1                           # choices, each its own sequence (seeded seed + index)
 
 
 def _bad(message, param=None):
@@ -114,8 +115,19 @@ def parse_chat(body, model: str, image_size_check, allowed_image_dir: Path | Non
     if system:
         turns[0] = "\n".join(system + [turns[0]])
     history = tuple(zip(turns[:-1:2], turns[1::2]))
-    if _number(body, "n", 1, 128, integer=True, default=1) != 1:
-        raise _bad("only n = 1 is supported.", "n")
+    n = _number(body, "n", 1, 128, integer=True, default=1)
+    logprobs = _field(body, "logprobs", False)
+    if not isinstance(logprobs, bool):
+        raise _bad("'logprobs' must be true or false.", "logprobs")
+    top = _number(body, "top_logprobs", 0, 20, integer=True)
+    if top is not None and not logprobs:
+        raise _bad("'top_logprobs' needs 'logprobs': true.", "top_logprobs")
+    try:
+        schema = schema_of(_field(body, "response_format"))
+        if schema is not None:
+            grammar(schema)
+    except UserError as e:
+        raise _bad(str(e), "response_format") from None
     for name, nothing in NOT_IMPLEMENTED.items():
         if body.get(name) is not None and body[name] not in nothing:
             hint = " (use 'repetition_penalty')" if name.endswith("_penalty") else ""
@@ -142,7 +154,8 @@ def parse_chat(body, model: str, image_size_check, allowed_image_dir: Path | Non
                                 top_k=_number(body, "top_k", 0, 1 << 20, integer=True, default=0),
                                 repetition_penalty=_number(body, "repetition_penalty", 0.01, 10, default=1.0),
                                 seed=_number(body, "seed", 0, 2 ** 63 - 1, integer=True),
-                                max_new_tokens=max_tokens, stop=tuple(stop))
+                                max_new_tokens=max_tokens, stop=tuple(stop),
+                                logprobs=(top or 0) if logprobs else None, json_schema=schema)
     except UserError as e:
         raise _bad(str(e)) from None
     pixels = None
@@ -152,7 +165,7 @@ def parse_chat(body, model: str, image_size_check, allowed_image_dir: Path | Non
         except UserError as e:
             raise _bad(f"the image cannot be used: {e}", "messages") from None
     return ChatCall(Request(turns[-1], image=pixels, history=history, template=template, params=params), stream,
-                    bool(options.get("include_usage")))
+                    bool(options.get("include_usage")), n)
 
 
 def _content(content, where, allowed_image_dir):
@@ -222,16 +235,32 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict:
             "total_tokens": prompt_tokens + completion_tokens}
 
 
-def completion(cid: str, model: str, text: str, finish: str, prompt_tokens: int, completion_tokens: int) -> dict:
-    return {"id": cid, "object": "chat.completion", "created": int(time.time()), "model": model,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
-                         "finish_reason": FINISH.get(finish, "stop")}],
-            "usage": usage(prompt_tokens, completion_tokens)}
+def completion(cid: str, model: str, results: list, token_bytes) -> dict:
+    """A chat.completion of one choice per Result; token_bytes(id) -> bytes renders logprobs.
+    The prompt is counted once, the completions of every choice."""
+    choices = [{"index": i, "message": {"role": "assistant", "content": r.text},
+                "logprobs": logprobs(r.logprobs, token_bytes), "finish_reason": FINISH.get(r.finish_reason, "stop")}
+               for i, r in enumerate(results)]
+    return {"id": cid, "object": "chat.completion", "created": int(time.time()), "model": model, "choices": choices,
+            "usage": usage(results[0].prompt_tokens, sum(r.completion_tokens for r in results))}
 
 
-def chunk(cid: str, model: str, delta: dict, finish: str | None = None, usage_: dict | None = None) -> dict:
+def logprobs(entries, token_bytes) -> dict | None:
+    """(id, logprob, [(id, logprob), ...]) per token -> OpenAI's {"content": [{token, logprob, bytes,
+    top_logprobs}]} (None when not asked)."""
+    if entries is None:
+        return None
+
+    def one(token, lp):
+        b = token_bytes(token)
+        return {"token": b.decode("utf-8", errors="replace"), "logprob": lp, "bytes": list(b)}
+    return {"content": [{**one(t, lp), "top_logprobs": [one(i, x) for i, x in top]} for t, lp, top in entries]}
+
+
+def chunk(cid: str, model: str, delta: dict, finish: str | None = None, usage_: dict | None = None, index: int = 0,
+          logprobs_: dict | None = None) -> dict:
     out = {"id": cid, "object": "chat.completion.chunk", "created": int(time.time()), "model": model,
-           "choices": [] if usage_ is not None else [{"index": 0, "delta": delta, "logprobs": None,
+           "choices": [] if usage_ is not None else [{"index": index, "delta": delta, "logprobs": logprobs_,
                                                         "finish_reason": FINISH.get(finish) if finish else None}]}
     if usage_ is not None:
         out["usage"] = usage_

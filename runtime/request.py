@@ -26,6 +26,7 @@ class Result:
     ttft_s: float
     total_s: float
     reused_tokens: int = 0               # prompt tokens whose K/V were reused from the row's previous request
+    logprobs: list | None = None         # with SamplingParams.logprobs: per token (id, logprob, [(id, logprob), ...])
 
     @property
     def tokens_per_s(self) -> float:

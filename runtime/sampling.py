@@ -27,6 +27,8 @@ class SamplingParams:
     stop_ids: tuple = field(default_factory=tuple)  # ids that end the sequence, besides the model's own
     ignore_eos: bool = False  # True: the model's stop ids do not end it (benchmarks: exactly max_new_tokens)
     stop: tuple = field(default_factory=tuple)      # stop strings: the text ends before the first one (stop_strings.py)
+    logprobs: int | None = None  # None: none; k in 0..20: each token's logprob and its k most likely alternatives
+    json_schema: dict | None = None  # the answer is JSON matching this schema (structured.py)
 
     def __post_init__(self):
         def number(name, ok, rule):
@@ -57,14 +59,25 @@ class SamplingParams:
             raise UserError(f"stop={self.stop!r:.80} is invalid: it must be non-empty strings (an empty one would "
                             "end every answer before it starts).")
         object.__setattr__(self, "stop", tuple(stop))
+        if self.logprobs is not None:
+            integer("logprobs", lambda v: 0 <= v <= 20, "an integer in 0..20 (the alternatives per token) or None")
+        if self.json_schema is not None and not isinstance(self.json_schema, dict):
+            raise UserError(f"json_schema must be a JSON schema object (a dict), not {type(self.json_schema).__name__}.")
 
 
 class Sampler:
     """Chooses the next token of one sequence; keeps its seen tokens and its own random stream,
-    so a seed reproduces the same tokens whatever else shares the batch."""
+    so a seed reproduces the same tokens whatever else shares the batch. mask: a structured.TokenMask
+    (the tokens a JSON schema allows), applied before everything else.
 
-    def __init__(self, params=None, prompt_ids=()):
+    logprobs (when params.logprobs is set): the log-softmax of the model's logits for the step, before the
+    schema mask, the repetition penalty, temperature and top-k/top-p, as vLLM reports by default: the
+    model's own belief, the same whatever the sampling settings."""
+
+    def __init__(self, params=None, prompt_ids=(), mask=None):
         self.params = params or SamplingParams()
+        self.mask = mask
+        self.logprobs = None  # after a call with params.logprobs set: (token, its logprob, [(id, logprob), ...] best first)
         self.rng = np.random.default_rng(self.params.seed)
         self._pending = list(prompt_ids)  # recorded once the vocabulary size is known
         self._seen = None
@@ -83,7 +96,9 @@ class Sampler:
     def __call__(self, logits):
         """logits [V] float32 -> the next token id (int)."""
         p = self.params
-        x = np.asarray(logits, dtype=np.float32)
+        raw = x = np.asarray(logits, dtype=np.float32)
+        if self.mask is not None:
+            x = self.mask.apply(x)
         if p.repetition_penalty != 1.0:
             x = self._penalize(x)
         if p.temperature < 1e-5:  # the T -> 0 limit, and no float32 division by ~0
@@ -92,6 +107,10 @@ class Sampler:
             tok = self._sample(x)
         if p.repetition_penalty != 1.0:
             self.observe((tok,))
+        if self.mask is not None:
+            self.mask.accept(tok)
+        if p.logprobs is not None:
+            self.logprobs = log_probs(raw, tok, p.logprobs)
         return tok
 
     def _penalize(self, x):
@@ -119,6 +138,16 @@ class Sampler:
             cand = keep if cand is None else cand[keep]
         i = _search_cumsum(z, self.rng.random() * z.sum(dtype=np.float64), "right")
         return int(cand[i]) if cand is not None else i
+
+
+def log_probs(logits, token: int, k: int) -> tuple[int, float, list]:
+    """log-softmax of logits [V] -> (token, its logprob, the k most likely [(id, logprob)], best first)."""
+    x = np.asarray(logits, np.float64)
+    m = x.max()
+    lse = m + np.log(np.exp(x - m).sum())
+    top = np.argpartition(-x, k)[:k] if 0 < k < x.size else np.arange(x.size)[:k]
+    top = top[np.argsort(-x[top], kind="stable")]
+    return token, float(x[token] - lse), [(int(i), float(x[i] - lse)) for i in top]
 
 
 _BLOCK = 256

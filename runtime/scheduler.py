@@ -4,7 +4,10 @@ A request waits in a queue until a row is free; from then on every `step()`:
 
   1. cancelled sequences end and free their rows;
   2. queued requests are admitted into free rows (the row whose previous request shares the
-     longest prefix with this one, when the prefix cache is on: its K/V are reused);
+     longest prefix with this one, when the prefix cache is on: its K/V are reused); a request
+     added with `parent` (another choice of the same prompt, OpenAI's `n`) waits until the parent's
+     prompt is in its row, then starts from a copy of those K/V and the parent's last logits: the
+     prompt is prefilled once for all choices;
   3. prefill: rows still reading their prompt feed it chunk by chunk (an image prompt's first
      chunk holds bos, the image section and the first text tokens; `Engine.chunk_plan` picks
      the chunk sizes). Policy: while other rows are decoding, one step prefills at most
@@ -38,6 +41,7 @@ from .errors import UserError
 from .request import Result
 from .sampling import Sampler
 from .stop_strings import StopStrings
+from .structured import TokenMask
 from .tokenizer import StreamDecoder, position_ids
 
 SEED_ENV = "COGVLM2_LITE_SEED"
@@ -62,6 +66,7 @@ class Sequence:
     fed: int = 0                         # prompt tokens whose K/V are in the row
     reused: int = 0
     tokens: list = field(default_factory=list)
+    logprobs: list = field(default_factory=list)  # per token, when asked: (id, logprob, [(id, logprob), ...])
     pieces: list = field(default_factory=list)
     pending: int | None = None           # last sampled token, not yet fed
     next_pos: int = 0
@@ -69,6 +74,8 @@ class Sequence:
     ended_at: float | None = None
     finish_reason: str | None = None
     cancelled: bool = False
+    parent: "Sequence | None" = None     # another choice of the same prompt, whose prefill this one shares
+    prompt_logits: np.ndarray | None = None  # logits [V] of the last prompt token, kept while children wait
 
     def cancel(self):
         """Ask the scheduler to end this request: its row is freed at the next step."""
@@ -81,7 +88,8 @@ class Sequence:
     def result(self) -> Result:
         end = self.ended_at or time.perf_counter()
         return Result("".join(self.pieces), list(self.tokens), self.finish_reason, len(self.ids), len(self.tokens),
-                      (self.first_token_at or end) - self.arrived, end - self.arrived, self.reused)
+                      (self.first_token_at or end) - self.arrived, end - self.arrived, self.reused,
+                      list(self.logprobs) if self.sampler.params.logprobs is not None else None)
 
 
 class Scheduler:
@@ -99,10 +107,11 @@ class Scheduler:
         self._seed_base = int(seed) if seed is not None else (0 if engine.bundle.tp > 1 else None)
 
     # --- requests in ----------------------------------------------------------------------
-    def add(self, request, on_text=None, on_finish=None) -> Sequence:
+    def add(self, request, on_text=None, on_finish=None, parent: Sequence | None = None) -> Sequence:
         """Queue a request -> its Sequence (cancel() it, read result() when done). The prompt is
         tokenized and the image loaded and preprocessed here, so a bad request raises UserError
-        now, not inside a step."""
+        now, not inside a step. parent: the Sequence of another choice of this same prompt (its
+        prefill is shared; its sampling settings, seed aside, should be this one's)."""
         e = self.engine
         with_image = request.image is not None
         ids, types = e.prompt(request)
@@ -115,8 +124,10 @@ class Scheduler:
         if params.seed is None and self._seed_base is not None:
             params = replace(params, seed=self._seed_base + number)
         pos = position_ids(types)
-        seq = Sequence(number, request, ids, pos, pixels, digest, Sampler(params, ids), StreamDecoder(e.tokenizer),
-                       StopStrings(params.stop), on_text, on_finish, next_pos=pos[-1] + 1)
+        mask = TokenMask(params.json_schema, e.tokenizer, params.stop_ids) if params.json_schema is not None else None
+        seq = Sequence(number, request, ids, pos, pixels, digest, Sampler(params, ids, mask), StreamDecoder(e.tokenizer),
+                       StopStrings(params.stop), on_text, on_finish, next_pos=pos[-1] + 1,
+                       parent=parent if parent is not None and parent.ids == ids and parent.digest == digest else None)
         self.queue.append(seq)
         return seq
 
@@ -158,12 +169,18 @@ class Scheduler:
 
     def _admit(self):
         all_free = not any(s is not None for s in self.rows)
-        while self.queue and None in self.rows and (all_free or not self.lockstep):
-            seq = self.queue.popleft()
+        while None in self.rows and (all_free or not self.lockstep):
+            seq = next((s for s in self.queue if s.cancelled or self._parent_ready(s) is not False), None)
+            if seq is None:
+                return
+            self.queue.remove(seq)
             if seq.cancelled:
                 self._finish(seq, "cancel")
                 continue
             free = [r for r, s in enumerate(self.rows) if s is None]
+            if self._parent_ready(seq):
+                self._fork(seq, free[0])
+                continue
             reuse = {r: self._reusable(r, seq) for r in free}
             row = max(free, key=lambda r: (reuse[r], -r))
             seq.row, seq.fed = row, reuse[row]
@@ -171,6 +188,22 @@ class Scheduler:
             self.rows[row] = seq
             self.engine.cache.held[row] = None
             self.engine.cache.lengths[row] = seq.fed
+
+    @staticmethod
+    def _parent_ready(seq: Sequence):
+        """None: no parent to share with (none, or it ended); True: its prompt is in its row; False: not yet."""
+        p = seq.parent
+        if p is None or p.done:
+            return None
+        return p.prompt_logits is not None
+
+    def _fork(self, seq: Sequence, row: int):
+        """Start `seq` in `row` from its parent's prompt K/V and last logits: no prefill of its own."""
+        seq.row, seq.fed = row, len(seq.ids)
+        seq.reused = seq.fed
+        self.rows[row] = seq
+        self.engine.cache.copy_row(seq.parent.row, row, seq.fed)
+        self._accept(seq, seq.sampler(seq.parent.prompt_logits))
 
     def _reusable(self, row: int, seq: Sequence) -> int:
         """Prompt tokens of `seq` whose K/V row `row` still holds (0: none, or the image differs)."""
@@ -197,6 +230,8 @@ class Scheduler:
                 seq.fed += n
                 budget -= n
             if seq.fed == len(seq.ids):
+                if any(s.parent is seq for s in self.queue):
+                    seq.prompt_logits = logits
                 self._accept(seq, seq.sampler(logits))
 
     def _decode(self):
@@ -227,6 +262,8 @@ class Scheduler:
         if token in seq.sampler.params.stop_ids:
             return self._finish(seq, "stop")
         seq.tokens.append(token)
+        if seq.sampler.logprobs is not None:
+            seq.logprobs.append(seq.sampler.logprobs)
         piece, hit = seq.stops.push(seq.stream.push(token))
         self._emit(seq, piece)
         if hit:
@@ -248,6 +285,7 @@ class Scheduler:
     def _finish(self, seq: Sequence, reason: str):
         seq.finish_reason = reason
         seq.pending = None
+        seq.prompt_logits = None
         seq.ended_at = time.perf_counter()
         tail = seq.stops.push(seq.stream.flush())[0] + seq.stops.flush()
         if tail:

@@ -28,10 +28,11 @@ import signal
 import socket
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from .errors import UserError
-from .openai_api import ApiError, chunk, completion, completion_id, parse_chat, usage
+from .openai_api import ApiError, chunk, completion, completion_id, logprobs, parse_chat, usage
 
 BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 
@@ -62,7 +63,7 @@ class EngineLoop:
         self.error = None                 # why loading failed
         self.ready = threading.Event()
         self.draining = False
-        self._inbox = queue.Queue()       # ("add", request, sink) | ("cancel", sink) | ("stop", None)
+        self._inbox = queue.Queue()       # ("add", [(request, sink), ...]) | ("cancel", sink) | ("stop", None)
         self._waiting = 0                 # submitted, not yet taken by the scheduler
         self._queued = 0                  # taken by the scheduler, waiting for a row (engine thread's count)
         self._rows_free = 0               # rows without a sequence (engine thread's count)
@@ -79,17 +80,18 @@ class EngineLoop:
         if self.engine is None:
             raise ApiError(503, "the model is still loading; retry shortly.", headers={"Retry-After": "5"})
 
-    def submit(self, request, sink) -> None:
-        """Queue a request; sink(kind, value) is called from the engine thread: ("text", piece),
-        ("done", Result) or ("error", message). Raises ApiError 429/503 when it cannot be taken."""
+    def submit(self, requests: list, sinks: list) -> None:
+        """Queue the choices of one prompt (the first one's prefill is shared by the others); sinks[i](kind, value)
+        is called from the engine thread: ("text", (piece, logprob entries of its new tokens)), ("done", Result) or
+        ("error", message). Raises ApiError 429/503 when they cannot be taken (all or none)."""
         self.check_open()
         with self._lock:
             waiting = self._waiting + self._queued - self._rows_free   # < 0: a row is free for this one
-            if waiting >= self.max_queue:
+            if waiting + len(requests) > self.max_queue:
                 raise ApiError(429, f"{waiting} requests are already waiting for a row (--max-queue {self.max_queue}); "
                                "retry later.", headers={"Retry-After": "1"})
-            self._waiting += 1
-        self._inbox.put(("add", request, sink))
+            self._waiting += len(requests)
+        self._inbox.put(("add", list(zip(requests, sinks)), None))
 
     def cancel(self, sink):
         self._inbox.put(("cancel", None, sink))
@@ -111,6 +113,7 @@ class EngineLoop:
         from .scheduler import Scheduler
         sched = Scheduler(self.engine)
         seqs = {}  # sink -> Sequence
+        sent = {}  # sink -> logprob entries already sent
         self._count(sched)
         self.ready.set()
         while True:
@@ -123,12 +126,16 @@ class EngineLoop:
                         return
                     if kind == "add":
                         with self._lock:
-                            self._waiting, self._queued = self._waiting - 1, self._queued + 1
-                        try:
-                            seqs[sink] = sched.add(value, on_text=lambda piece, sink=sink: sink("text", piece),
-                                                   on_finish=lambda seq, sink=sink: self._finished(seqs, sink, seq))
-                        except UserError as e:
-                            sink("error", str(e))
+                            self._waiting, self._queued = self._waiting - len(value), self._queued + len(value)
+                        parent = None
+                        for request, s in value:
+                            try:
+                                seqs[s] = sched.add(request, parent=parent,
+                                                    on_text=lambda piece, s=s: self._text(seqs, sent, s, piece),
+                                                    on_finish=lambda seq, s=s: self._finished(seqs, sent, s, seq))
+                                parent = parent or seqs[s]
+                            except UserError as e:
+                                s("error", str(e))
                     elif kind == "cancel" and sink in seqs:
                         seqs[sink].cancel()
                     elif kind == "fail":
@@ -150,8 +157,16 @@ class EngineLoop:
         with self._lock:
             self._queued, self._rows_free = len(sched.queue), len(sched.rows) - sched.rows_in_use
 
-    def _finished(self, seqs, sink, seq):
+    @staticmethod
+    def _text(seqs, sent, sink, piece):
+        """A text piece, with the logprob entries of the tokens generated since the last one."""
+        entries = seqs[sink].logprobs
+        sink("text", (piece, entries[sent.get(sink, 0):]))
+        sent[sink] = len(entries)
+
+    def _finished(self, seqs, sent, sink, seq):
         seqs.pop(sink, None)
+        sent.pop(sink, None)
         r = seq.result()
         m = self.metrics
         m.requests.labels(r.finish_reason).inc()
@@ -281,9 +296,12 @@ def create_app(loop: EngineLoop, model: str, api_key: str | None = None, max_bod
             events = asyncio.Queue()
             aloop = asyncio.get_running_loop()
 
-            def sink(kind, value):
-                aloop.call_soon_threadsafe(events.put_nowait, (kind, value))
-            loop.submit(r, sink)
+            def sink_of(index):
+                return lambda kind, value: aloop.call_soon_threadsafe(events.put_nowait, (index, kind, value))
+            sinks = [sink_of(i) for i in range(call.n)]
+            seed = r.params.seed
+            loop.submit([r] + [replace(r, params=replace(r.params, seed=None if seed is None else seed + i))
+                               for i in range(1, call.n)], sinks)
         except ApiError as e:
             if gone is not None:
                 gone.cancel()
@@ -292,53 +310,67 @@ def create_app(loop: EngineLoop, model: str, api_key: str | None = None, max_bod
             if gone is not None:
                 gone.cancel()
             raise
+
+        def cancel():
+            for s in sinks:
+                loop.cancel(s)
         cid = completion_id()
         if call.stream:  # Starlette cancels the stream when the client leaves: its `finally` cancels the request
             gone.cancel()
-            return StreamingResponse(_stream(events, sink, call, cid), media_type="text/event-stream")
-        answer = asyncio.ensure_future(_answer(events, cid))
+            return StreamingResponse(_stream(events, cancel, call, cid), media_type="text/event-stream")
+        answer = asyncio.ensure_future(_answer(events, call.n, cid))
         try:
             await asyncio.wait({answer, gone}, return_when=asyncio.FIRST_COMPLETED)
-        finally:  # the client left (or the server is stopping): the request ends and frees its row
+        finally:  # the client left (or the server is stopping): the request ends and frees its rows
             if not answer.done():
                 answer.cancel()
-                loop.cancel(sink)
+                cancel()
             gone.cancel()
         return answer.result() if answer.done() and not answer.cancelled() else Response(status_code=499)
 
-    async def _answer(events, cid):
-        """The whole answer of a non-streaming request, from its events."""
-        while True:
-            kind, value = await events.get()
+    def token_bytes(token: int) -> bytes:
+        tok = loop.engine.tokenizer
+        return tok.decode_bytes([token]) if 0 <= token < tok.vocab_size else b""
+
+    async def _answer(events, n, cid):
+        """The whole answer of a non-streaming request (its n choices), from its events."""
+        results = [None] * n
+        while None in results:
+            index, kind, value = await events.get()
             if kind == "error":
                 status = 503 if loop.draining else 400
                 return JSONResponse(ApiError(status, value).body(), status_code=status)
             if kind == "done":
-                return completion(cid, model, value.text, value.finish_reason, value.prompt_tokens,
-                                  value.completion_tokens)
+                results[index] = value
+        return completion(cid, model, results, token_bytes)
 
-    async def _stream(events, sink, call, cid):
-        done = False
+    async def _stream(events, cancel, call, cid):
+        left, failed = call.n, False
+        completion_tokens = prompt_tokens = 0
         try:
-            yield _sse(chunk(cid, model, {"role": "assistant", "content": ""}))
-            while True:
-                kind, value = await events.get()
+            for i in range(call.n):
+                yield _sse(chunk(cid, model, {"role": "assistant", "content": ""}, index=i))
+            while left:
+                index, kind, value = await events.get()
                 if kind == "text":  # one chunk per token, "" for a token without text: clients see its time
-                    yield _sse(chunk(cid, model, {"content": value}))
-                elif kind == "error":
-                    done = True
+                    piece, entries = value
+                    yield _sse(chunk(cid, model, {"content": piece}, index=index,
+                                     logprobs_=logprobs(entries, token_bytes) if entries else None))
+                elif kind == "error":  # the other choices end too
+                    left, failed = 0, True
+                    cancel()
                     yield _sse(ApiError(503 if loop.draining else 400, value).body())
                     break
                 else:
-                    done = True
-                    yield _sse(chunk(cid, model, {}, value.finish_reason))
-                    if call.include_usage:
-                        yield _sse(chunk(cid, model, {}, usage_=usage(value.prompt_tokens, value.completion_tokens)))
-                    break
+                    left -= 1
+                    prompt_tokens, completion_tokens = value.prompt_tokens, completion_tokens + value.completion_tokens
+                    yield _sse(chunk(cid, model, {}, value.finish_reason, index=index))
+            if call.include_usage and not failed:
+                yield _sse(chunk(cid, model, {}, usage_=usage(prompt_tokens, completion_tokens)))
             yield "data: [DONE]\n\n"
         finally:
-            if not done:  # the client disconnected mid-stream: free its row
-                loop.cancel(sink)
+            if left:  # the client disconnected mid-stream: free its rows
+                cancel()
 
     return app
 

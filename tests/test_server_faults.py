@@ -61,9 +61,10 @@ class FakeLoop:
         time.sleep(self.decode_s)       # a large image being decoded
         return [None for _ in images]
 
-    def submit(self, request, sink):
-        self.submitted.append(sink)
-        sink("text", "a")
+    def submit(self, requests, sinks):
+        for sink in sinks:
+            self.submitted.append(sink)
+            sink("text", ("a", []))
 
     def cancel(self, sink):
         self.cancelled.append(sink)
