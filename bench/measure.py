@@ -344,7 +344,18 @@ def _host(engine, decode: list, last_call, ref_logits, o: dict) -> dict:
     sampler = Sampler(SamplingParams(max_new_tokens=10 ** 6), [1, 2, 3])
     sample_times, _ = repeat(lambda: sampler(ref_logits[0]), o["warmup"], o["reps"])
     host = {"sample_s": stats(sample_times)["median"], "cache_append_s": stats(append_times)["median"]}
+    # structured output: the JSON-schema mask (runtime/structured.py) on the same logits; an open-ended schema
+    # (an array of strings) so that every step computes a real mask
+    from cogvlm2_lite.runtime.structured import TokenMask
+    schema = {"type": "array", "items": {"type": "string"}}
+    TokenMask(schema, engine.tokenizer, engine.stop_ids)           # the vocabulary is read once per engine
+    masked = Sampler(SamplingParams(max_new_tokens=10 ** 6, json_schema=schema), [1, 2, 3],
+                     TokenMask(schema, engine.tokenizer, engine.stop_ids))
+    masked_times, _ = repeat(lambda: masked(ref_logits[0]), o["warmup"], o["reps"])
+    host["structured_sample_s"] = stats(masked_times)["median"]
+    host["structured_mask_s"] = max(0.0, host["structured_sample_s"] - host["sample_s"])
     if decode:
+        host["structured_mask_share_of_decode_step"] = host["structured_mask_s"] / decode[0]["step_s"]["median"]
         host["engine_decode_outside_graph_s"] = decode[0]["outside_graph_s"]["median"]   # inputs, bucket, append
         if decode[0]["adapter_s"] is not None:   # best-of differences: the adapter's intrinsic cost, not the noise
             host["backend_adapter_s"] = decode[0]["adapter_s"]   # inside the timed graph call, for reference
