@@ -46,6 +46,29 @@ class Metrics:
                               buckets=BUCKETS_S, registry=r)
         self.prompt_tokens = Counter("cogvlm2_prompt_tokens", "Prompt tokens of finished requests", registry=r)
         self.completion_tokens = Counter("cogvlm2_completion_tokens", "Generated tokens", registry=r)
+        self.cached_tokens = Counter("cogvlm2_cached_prompt_tokens", "Prompt tokens whose K/V were reused", registry=r)
+
+    def count_caches(self, engine_of):
+        """Publish the engine's image caches (encoder_cache.py) at each scrape: hits, misses, evictions, bytes,
+        entries and capacity by cache; engine_of() is the engine, None while loading."""
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        class Caches:
+            def collect(self):
+                stats = {name: c.stats() for name, c in engine_of().caches.items()} if engine_of() else {}
+                for key, family, text in (("hits", CounterMetricFamily, "Lookups that found the image"),
+                                          ("misses", CounterMetricFamily, "Lookups that did not"),
+                                          ("evictions", CounterMetricFamily, "Entries dropped for room"),
+                                          ("bytes", GaugeMetricFamily, "Bytes held"),
+                                          ("entries", GaugeMetricFamily, "Images held"),
+                                          ("capacity_bytes", GaugeMetricFamily, "The bound (--encoder-cache-mb, "
+                                                                                "--prefix-cache-mb)")):
+                    metric = family(f"cogvlm2_cache_{key}", f"Image caches (encoder, image_prefix): {text}",
+                                    labels=["cache"])
+                    for name, st in stats.items():
+                        metric.add_metric([name], st[key])
+                    yield metric
+        self.registry.register(Caches())
 
 
 class EngineLoop:
@@ -63,6 +86,7 @@ class EngineLoop:
         self._rows_free = 0               # rows without a sequence (engine thread's count)
         self._lock = threading.Lock()
         self._thread = threading.Thread(target=self._run, name="engine", daemon=True)
+        metrics.count_caches(lambda: self.engine)
 
     def start(self):
         self._thread.start()
@@ -152,6 +176,7 @@ class EngineLoop:
         m.requests.labels(r.finish_reason).inc()
         m.prompt_tokens.inc(r.prompt_tokens)
         m.completion_tokens.inc(r.completion_tokens)
+        m.cached_tokens.inc(r.reused_tokens)
         if r.completion_tokens:
             m.ttft.observe(r.ttft_s)
         if r.completion_tokens > 1:
@@ -249,7 +274,8 @@ def create_app(loop: EngineLoop, model: str, api_key: str | None = None, max_bod
                 else:
                     text.append(stops.flush())
                     finish = "stop" if value.finish_reason == "cancel" else value.finish_reason
-                    return completion(cid, model, "".join(text), finish, value.prompt_tokens, value.completion_tokens)
+                    return completion(cid, model, "".join(text), finish, value.prompt_tokens, value.completion_tokens,
+                                      value.reused_tokens)
         except asyncio.CancelledError:  # the client went away
             loop.cancel(sink)
             raise
@@ -281,7 +307,8 @@ def create_app(loop: EngineLoop, model: str, api_key: str | None = None, max_bod
                     finish = "stop" if value.finish_reason == "cancel" else value.finish_reason
                     yield _sse(chunk(cid, model, {}, finish))
                     if call.include_usage:
-                        yield _sse(chunk(cid, model, {}, usage_=usage(value.prompt_tokens, value.completion_tokens)))
+                        yield _sse(chunk(cid, model, {}, usage_=usage(value.prompt_tokens, value.completion_tokens,
+                                                                      value.reused_tokens)))
                     break
             yield "data: [DONE]\n\n"
         finally:
@@ -325,9 +352,9 @@ def listen(host: str, port: int) -> socket.socket:
 
 
 def serve(bundle: str, host: str, port: int, backend: str, api_key: str | None, max_queue: int, max_body_mb: float,
-          allowed_image_dir: str | None, shutdown_timeout: float, on_ready=print):
+          allowed_image_dir: str | None, shutdown_timeout: float, on_ready=print, **cache_mb):
     """Bind, load the bundle in the engine thread (503 until loaded), serve until SIGTERM/SIGINT.
-    Raises UserError for a bad bundle, folder or address, or a bundle that fails to load."""
+    cache_mb: the Engine's encoder_cache_mb and prefix_cache_mb. Raises UserError for a bad bundle, folder or address, or a bundle that fails to load."""
     import uvicorn
 
     from .bundle import Bundle
@@ -344,7 +371,7 @@ def serve(bundle: str, host: str, port: int, backend: str, api_key: str | None, 
     sock = listen(host, port)
     port = sock.getsockname()[1]
     metrics = Metrics()
-    loop = EngineLoop(lambda: Engine(b, backend=backend), max_queue, metrics)
+    loop = EngineLoop(lambda: Engine(b, backend=backend, **cache_mb), max_queue, metrics)
     app = create_app(loop, Path(bundle).resolve().name, api_key, int(max_body_mb * (1 << 20)), image_dir)
 
     class Server(uvicorn.Server):
