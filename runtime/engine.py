@@ -90,9 +90,9 @@ class Engine:
     """A loaded bundle: its backend, tokenizer, KV cache of B rows and the scheduler over them.
 
     bundle: a bundle folder or Bundle; backend: auto | mindspore | onnxruntime | lite (backends.py);
-    verify: hash every file, weights included, before loading; prefix_cache: a request that
-    extends what a free row last held (multi-turn chat) reuses those K/V instead of recomputing, and
-    an image seen before brings its cached embeddings and image prefix (encoder_cache.py);
+    verify: hash every file, weights included, before loading; prefix_cache: in `generate`, a request
+    that extends what a free row last held (multi-turn chat) reuses those K/V instead of recomputing,
+    and an image seen before brings its cached embeddings and image prefix (encoder_cache.py);
     encoder_cache_mb, prefix_cache_mb: the bounds of those two caches in MiB (0: off; None: a share of
     the memory free once loaded, `encoder_cache.ENCODER_SHARE` and `PREFIX_SHARE`).
     Raises UserError for a bundle that cannot run here (damaged, wrong format, missing backend,
@@ -133,7 +133,7 @@ class Engine:
         self.encoder_cache = ByteLRU(budget_bytes(encoder_cache_mb, ENCODER_SHARE, free))
         self.image_prefixes = ByteLRU(budget_bytes(prefix_cache_mb, PREFIX_SHARE, free))
         self.timings = Timings()
-        self.scheduler = Scheduler(self, prefix_cache=prefix_cache)
+        self.scheduler = Scheduler(self, prefix_cache=prefix_cache, encoder_cache=prefix_cache)
 
     def generate(self, requests: list, on_text=None) -> list[Result]:
         """Run any number of requests through the scheduler (B rows in flight) -> their Results, in
