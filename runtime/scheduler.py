@@ -9,10 +9,10 @@ A request waits in a queue until a row is free; from then on every `step()`:
      chunk holds bos, the image section and the first text tokens; `Engine.chunk_plan` picks
      the chunk sizes). An image seen before skips what is cached of it (encoder_cache.py): with
      its image prefix cached, the row is given a copy of those K/V and prefills only the text;
-     else with its embeddings cached, the vision graph is not run. Policy: while other rows are decoding, one step prefills at most
-     `step_tokens` prompt tokens (default: the largest chunk), so a long prompt delays each running
-     stream by about one chunk's time per token instead of freezing it; with no row decoding,
-     prompts are prefilled without a limit. A row that finishes its prompt samples its first token;
+     else with its embeddings cached, the vision graph is not run. Policy: while other rows are
+     decoding, one step prefills at most `step_tokens` prompt tokens (default: the largest
+     chunk), so a long prompt delays each running stream by about one chunk's time per token
+     instead of freezing it; with no row decoding, prompts are prefilled without a limit. A row that finishes its prompt samples its first token;
   4. decode: every row with a token to feed runs in one `decode_<T>` call, T the smallest bucket
      holding the longest occupied row, and samples its next token;
   5. a row is freed the moment its sequence ends (stop, length, context, cancel).

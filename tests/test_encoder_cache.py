@@ -1,6 +1,10 @@
 """Issue 30: the encoder cache and image-prefix reuse across rows: an image seen before costs neither its
 vision graph nor its image prefill again, and changes no answer."""
 import io
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -151,3 +155,38 @@ def test_prefix_cache_off_recomputes_everything(onnx_bundle, pictures):
     results = sched.run([Request("What is it?", image=x, params=greedy(2)) for _ in range(2)])
     assert [r.reused_tokens for r in results] == [0, 0] and e.timings.calls["vision"] == 2
     assert len(e.encoder_cache) == len(e.image_prefixes) == 0
+
+
+def test_tp2_ranks_keep_their_own_slice_and_answer_as_tp1(tiny_bundle, tiny_bundle_tp2, pictures, tmp_path):
+    """Under msrun, X + question 1, Y, X + question 2: each rank caches the prefix of its own KV heads, both reuse
+    it alike, and the third answer equals tp 1's computed from nothing."""
+    np.savez(tmp_path / "pictures.npz", *pictures)
+    script = tmp_path / "tp_reuse.py"
+    script.write_text(f"""
+import numpy as np
+from PIL import Image
+from cogvlm2_lite.runtime.engine import Engine, Request
+from cogvlm2_lite.runtime.sampling import SamplingParams
+pictures = np.load({str(tmp_path / "pictures.npz")!r})
+x, y = (Image.fromarray(pictures[k]) for k in ("arr_0", "arr_1"))
+e = Engine({str(tiny_bundle_tp2)!r})
+g = SamplingParams(max_new_tokens=8, ignore_eos=True)
+asks = [Request("What is in the picture?", image=x, params=g), Request("Describe it.", image=y, params=g),
+        Request("How many colours are there?", image=x, params=g)]
+rs = [e.generate([r])[0] for r in asks]
+k, v = e.image_prefix(0)
+np.savez({str(tmp_path)!r} + f"/rank{{e.rank}}.npz", tokens=rs[2].token_ids, reused=[r.reused_tokens for r in rs],
+         heads=k.shape[2], entries=len(e.image_prefixes), hits=e.image_prefixes.hits)
+""")
+    msrun = Path(sys.executable).parent / "msrun"
+    env = {**os.environ, "PATH": f"{msrun.parent}:{os.environ['PATH']}", "GLOG_v": "3"}
+    subprocess.run([str(msrun), "--worker_num=2", "--local_worker_num=2", "--master_port=29733", "--join=True",
+                    f"--log_dir={tmp_path / 'logs'}", str(script)], check=True, env=env, capture_output=True, timeout=300)
+    fresh = Engine(tiny_bundle, prefix_cache=False)
+    want = fresh.generate([Request("How many colours are there?", image=Image.fromarray(pictures[0]),
+                                   params=greedy())])[0].token_ids
+    ranks = [np.load(tmp_path / f"rank{r}.npz") for r in (0, 1)]
+    kv_heads = fresh.bundle.manifest["kv_cache"]["kv_heads"]
+    for got in ranks:
+        assert got["tokens"].tolist() == want and got["reused"].tolist() == [0, 0, fresh.n_image + 1]
+        assert int(got["heads"]) * 2 == kv_heads and int(got["entries"]) == 2 and int(got["hits"]) == 1
