@@ -2,8 +2,8 @@
 and load time): `python -m cogvlm2_lite.bench.measure SPEC.json OUT.json`.
 
 Sections, in order (each a function below, each with warm-up and repetitions): load; preprocessing;
-the vision graph; TTFT phase by phase; prefill per chunk size; TTFT by prompt length; serving
-(in-flight vs lockstep); decode per cache bucket; the host's share of a decode step; generation end
+the vision graph; TTFT phase by phase; prefill per chunk size; TTFT by prompt length; an image asked
+about again (the encoder and image-prefix caches); serving (in-flight vs lockstep); decode per cache bucket; the host's share of a decode step; generation end
 to end; a per-op profile (MindSpore, onnxruntime). RSS is read after each phase.
 """
 import json
@@ -21,7 +21,8 @@ from .timing import minor_faults, peak_rss_bytes, repeat, rss_bytes, stats
 
 PROMPT = "Describe the image in detail."
 # what `bench --sections` chooses from, in the order they run (generate needs decode)
-SECTIONS = ("preprocess", "vision", "ttft", "ttft_text", "prefill", "ttft_curve", "serving", "decode", "generate", "profile")
+SECTIONS = ("preprocess", "vision", "ttft", "ttft_text", "prefill", "ttft_curve", "image_reuse", "serving", "decode",
+            "generate", "profile")
 TORCHVISION_1344_S = 0.030  # FINDINGS: torchvision's Compose 27-32 ms per photo at 1344 on this machine class
 
 
@@ -31,7 +32,7 @@ def measure_backend(bundle_path: str, backend: str, o: dict) -> dict:
     from cogvlm2_lite.runtime.engine import Engine
     import_s = time.perf_counter() - t
     t = time.perf_counter()
-    engine = Engine(bundle_path, backend=backend, prefix_cache=False)  # every request starts from its first token
+    engine = Engine(bundle_path, backend=backend, prefix_cache=False)  # generate(): every request from its first token
     res = {"backend": backend,
            "load": {"import_s": import_s, "load_s": time.perf_counter() - t, "rss_after_load_bytes": rss_bytes()},
            "settings": {k: getattr(engine.backend, k) for k in ("threads", "spinning") if hasattr(engine.backend, k)}}
@@ -68,6 +69,8 @@ def measure_backend(bundle_path: str, backend: str, o: dict) -> dict:
         res["prefill"] = _prefill(engine, embeds, rng, o, rss)
     if "ttft_curve" in want:
         res["ttft_by_prompt_length"] = _ttft_curve(engine, rng, photo, max(1, o["reps"] // 3))
+    if "image_reuse" in want:
+        res["image_reuse"] = _image_reuse(engine, photo, o)
     if "serving" in want:
         res["serving"] = _serving(engine, rng, o)
     if "decode" in want:
@@ -242,6 +245,38 @@ def _ttft_curve(engine, rng, photo: bytes, reps: int) -> list:
             rows.append({"image": with_image, "prompt_tokens": times[0].prompt_tokens,
                          "ttft_s": stats(r.ttft_s for r in times)})
     return rows
+
+
+def _image_reuse(engine, photo: bytes, o: dict) -> dict:
+    """Image X + question 1, image Y, image X + question 2, one after another with the caches on (issue 30): the
+    third request's TTFT against the first's (it copies X's cached image prefix and prefills only its text), its
+    tokens against the same request computed from nothing, and the caches' counters over the sequence."""
+    from io import BytesIO
+
+    from PIL import Image
+
+    from cogvlm2_lite.runtime.engine import Request
+    from cogvlm2_lite.runtime.sampling import SamplingParams
+    from cogvlm2_lite.runtime.scheduler import Scheduler
+    params = SamplingParams(max_new_tokens=8, ignore_eos=True)
+    other = Image.open(BytesIO(photo)).transpose(Image.Transpose.FLIP_LEFT_RIGHT)   # image Y: other pixels
+    asks = [Request(PROMPT, image=photo, params=params), Request("What is in the picture?", image=other, params=params),
+            Request("Which colours are in the picture, and where?", image=photo, params=params)]
+    runs = []
+    for i in range(min(1, o["warmup"]) + max(1, o["reps"] // 3)):
+        engine.clear_prefix_cache()
+        before = {name: c.stats() for name, c in engine.caches.items()}
+        results = [Scheduler(engine).run([r])[0] for r in asks]   # B = 1: one request at a time, caches on
+        if i >= min(1, o["warmup"]):
+            runs.append((results, {name: {k: v - before[name][k] if k in ("hits", "misses", "evictions") else v
+                                          for k, v in c.stats().items()} for name, c in engine.caches.items()}))
+    fresh = Scheduler(engine, prefix_cache=False, encoder_cache=False).run([asks[2]])[0]
+    engine.clear_prefix_cache()
+    results, caches = runs[-1]
+    return {"ttft_s": [stats(rs[k].ttft_s for rs, _ in runs) for k in range(3)],
+            "third_over_first": stats(rs[2].ttft_s / rs[0].ttft_s for rs, _ in runs),
+            "reused_tokens": [r.reused_tokens for r in results], "prompt_tokens": [r.prompt_tokens for r in results],
+            "tokens_equal_fresh": all(rs[2].token_ids == fresh.token_ids for rs, _ in runs), "caches": caches}
 
 
 def _serving(engine, rng, o: dict) -> dict:

@@ -6,7 +6,7 @@ from .measure import TORCHVISION_1344_S
 SCHEMA = "cogvlm2-lite-bench/1"
 TARGETS = {"decode_roofline_fraction": 0.60, "host_overhead_share": 0.03, "eager_over_exported": 10.0,
            "structured_mask_share": 0.10,
-           "preprocess_1344_s": TORCHVISION_1344_S}
+           "preprocess_1344_s": TORCHVISION_1344_S, "image_reuse_ttft_ratio": 0.35}
 
 
 def derive(report: dict):
@@ -52,6 +52,8 @@ def derive(report: dict):
             s["decode_roofline_fraction"] = d0["roofline_fraction"] if d0 else None
             s["decode_roofline_fraction_by_bucket"] = {str(d["bucket"]): d["roofline_fraction"] for d in r["decode"]}
             s["decode_roofline_fraction_best_step"] = d0["roofline_fraction_best"] if d0 else None
+        if "image_reuse" in r:
+            s["image_reuse_ttft_ratio"] = r["image_reuse"]["third_over_first"]["median"]
         if "serving" in r:
             s["serving_output_tokens_per_s"] = {f"{x['policy']}_x{x['concurrency']}": x["output_tokens_per_s"]
                                                 for x in r["serving"]["runs"]}
@@ -167,6 +169,18 @@ def targets(report) -> list:
                         "goal": TARGETS["eager_over_exported"], "met": ratio >= TARGETS["eager_over_exported"],
                         "detail": f"decode_{e['bucket']}", "limits": why if ratio < TARGETS["eager_over_exported"] else []})
 
+        if "image_reuse" in r:
+            u, ratio = r["image_reuse"], s["image_reuse_ttft_ratio"]
+            out.append({"backend": name, "target": "image X asked again after image Y: TTFT <= 35% of the first",
+                        "value": ratio, "goal": TARGETS["image_reuse_ttft_ratio"],
+                        "met": ratio <= TARGETS["image_reuse_ttft_ratio"] and u["tokens_equal_fresh"],
+                        "detail": f"TTFT {', '.join(_ms(t['median']) for t in u['ttft_s'])}; "
+                                  f"{u['reused_tokens'][2]} of {u['prompt_tokens'][2]} prompt tokens reused; "
+                                  f"tokens {'equal' if u['tokens_equal_fresh'] else 'DIFFER FROM'} a fresh run's",
+                        "limits": [] if ratio <= TARGETS["image_reuse_ttft_ratio"] else
+                        [f"what is left is the text's prefill ({u['prompt_tokens'][2] - u['reused_tokens'][2]} tokens) "
+                         "and the first sample"]})
+
         if "preprocess" not in r:
             continue
         p = r["preprocess"]
@@ -270,6 +284,12 @@ def format_report(report: dict) -> str:
             if pts:
                 L.append(f"  TTFT by prompt length ({'image' if image else 'text-only'}): " + ", ".join(
                     f"{c['prompt_tokens']}: {_ms(c['ttft_s']['median'])}" for c in pts))
+        u = r.get("image_reuse")
+        if u:
+            L.append(f"  image reuse (B = 1; X + q1, Y, X + q2): TTFT " + ", ".join(_ms(t["median"]) for t in u["ttft_s"])
+                     + f" -> third/first {u['third_over_first']['median']:.2f}; reused {u['reused_tokens']} prompt tokens; "
+                     + "; ".join(f"{k} cache {c['hits']} hits, {c['misses']} misses, {c['bytes'] / 2**20:.1f} MiB"
+                                 for k, c in u["caches"].items()))
         sv = r.get("serving")
         if sv:
             L.append(f"  serving (mixed stream, {sv['runs'][0]['requests']} requests, B = {sv['batch']}): " + ", ".join(
@@ -320,7 +340,7 @@ def _fmt_value(t):
 
 KEY_FIGURES = ("load_s", "peak_rss_bytes", "preprocess_1344_s", "vision_s", "ttft_s", "prefill_tokens_per_s", "tpot_s",
                "decode_roofline_fraction", "e2e_tokens_per_s", "decode_tokens_per_s", "host_overhead_share",
-               "eager_over_exported")
+               "eager_over_exported", "image_reuse_ttft_ratio")
 
 
 def _flat(summary: dict) -> dict:

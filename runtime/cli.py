@@ -12,7 +12,7 @@ import click
 from .batch import batch
 from .errors import UserError
 from .msrun import relaunch_under_msrun
-from .options import open_engine, rank0_printer, sampling_options, sampling_params
+from .options import cache_options, open_engine, rank0_printer, sampling_options, sampling_params
 
 class Main(click.Group):
     def list_commands(self, ctx):
@@ -169,11 +169,12 @@ def chat(bundle, image, **o):
               help="Allow image_url to name local files inside this folder (default: data URLs only).")
 @click.option("--shutdown-timeout", type=click.FloatRange(min=0), default=10.0, show_default=True,
               help="Seconds running requests get to finish after SIGTERM/SIGINT.")
-def serve(bundle, host, port, backend, api_key, max_queue, max_body_mb, allowed_image_dir, shutdown_timeout):
+@cache_options
+def serve(bundle, host, port, backend, api_key, max_queue, max_body_mb, allowed_image_dir, shutdown_timeout, **cache_mb):
     """OpenAI-compatible HTTP server: POST /v1/chat/completions (streaming too), GET /v1/models, /health, /metrics."""
     from .server import serve as run_server
     run_server(bundle, host, port, backend, api_key, max_queue, max_body_mb, allowed_image_dir, shutdown_timeout,
-               on_ready=click.echo)
+               on_ready=click.echo, **cache_mb)
 
 
 @main.command()

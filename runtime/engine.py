@@ -24,6 +24,7 @@ import psutil
 
 from .backends import open_backend
 from .bundle import Bundle
+from .encoder_cache import ENCODER_SHARE, PREFIX_SHARE, ByteLRU, budget_bytes
 from .errors import UserError
 from .kv_cache import KVCache, affordable_buckets
 from .preprocess import batch_pixels
@@ -89,14 +90,17 @@ class Engine:
     """A loaded bundle: its backend, tokenizer, KV cache of B rows and the scheduler over them.
 
     bundle: a bundle folder or Bundle; backend: auto | mindspore | onnxruntime | lite (backends.py);
-    verify: hash every file, weights included, before loading; prefix_cache: a request that
-    extends what a free row last held (multi-turn chat) reuses those K/V instead of recomputing.
+    verify: hash every file, weights included, before loading; prefix_cache: in `generate`, a request
+    that extends what a free row last held (multi-turn chat) reuses those K/V instead of recomputing,
+    and an image seen before brings its cached embeddings and image prefix (encoder_cache.py);
+    encoder_cache_mb, prefix_cache_mb: the bounds of those two caches in MiB (0: off; None: a share of
+    the memory free once loaded, `encoder_cache.ENCODER_SHARE` and `PREFIX_SHARE`).
     Raises UserError for a bundle that cannot run here (damaged, wrong format, missing backend,
     a tensor-parallel bundle outside msrun).
     """
 
     def __init__(self, bundle, backend: str = "auto", verify: bool = False, prefix_cache: bool = True,
-                 **backend_options):
+                 encoder_cache_mb: float | None = None, prefix_cache_mb: float | None = None, **backend_options):
         self.bundle = bundle if isinstance(bundle, Bundle) else Bundle(bundle, verify=verify)
         m = self.bundle.manifest
         self.rank = _msrun_rank(self.bundle.tp)
@@ -112,13 +116,24 @@ class Engine:
         kv = m["kv_cache"]
         shape = (kv["layers"], self.batch, kv["kv_heads"], kv["head_dim"])
         buckets = self.bundle.buckets["decode"]
-        fits = affordable_buckets(buckets, KVCache.slot_bytes(*shape, kv["dtype"]), psutil.virtual_memory().available)
+        free = psutil.virtual_memory().available
+        fits = affordable_buckets(buckets, KVCache.slot_bytes(*shape, kv["dtype"]), free)
         if len(fits) < len(buckets):
             log.warning(f"the KV cache is sized to the memory free after loading: decode buckets {fits} of {buckets}, "
                         f"so prompts and answers together hold at most {max(fits)} tokens.")
         self.cache = KVCache(*shape, fits, kv["dtype"])
+        self.image_prefix_bytes = KVCache.slot_bytes(kv["layers"], 1, kv["kv_heads"], kv["head_dim"], kv["dtype"]) \
+            * (self.n_image + 1)
+        # what the caches' default shares apply to: the memory left after the KV cache; with tp > 1 every rank must
+        # evict alike (the scheduler's decisions agree without messages), so a figure all ranks compute alike
+        if self.bundle.tp == 1:
+            free = max(free - self.cache.nbytes, 0)
+        else:
+            free = psutil.virtual_memory().total // (2 * self.bundle.tp)
+        self.encoder_cache = ByteLRU(budget_bytes(encoder_cache_mb, ENCODER_SHARE, free))
+        self.image_prefixes = ByteLRU(budget_bytes(prefix_cache_mb, PREFIX_SHARE, free))
         self.timings = Timings()
-        self.scheduler = Scheduler(self, prefix_cache=prefix_cache)
+        self.scheduler = Scheduler(self, prefix_cache=prefix_cache, encoder_cache=prefix_cache)
 
     def generate(self, requests: list, on_text=None) -> list[Result]:
         """Run any number of requests through the scheduler (B rows in flight) -> their Results, in
@@ -138,8 +153,27 @@ class Engine:
         return ids, types
 
     def clear_prefix_cache(self):
-        """Forget what the rows hold: the next requests are computed from their first token."""
-        self.scheduler.clear_prefix_cache()
+        """Forget what the rows hold, the cached image embeddings and image prefixes: the next requests are
+        computed from their first token."""
+        self.cache.held[:] = [None] * self.batch
+        self.encoder_cache.clear()
+        self.image_prefixes.clear()
+
+    @property
+    def caches(self) -> dict:
+        """The image caches by name (what /metrics and bench count)."""
+        return {"encoder": self.encoder_cache, "image_prefix": self.image_prefixes}
+
+    def image_prefix(self, row: int) -> tuple[np.ndarray, np.ndarray]:
+        """A copy of the K/V of row `row`'s bos and image section (its first n_image + 1 slots), each
+        [L, 1, KV, n_image + 1, D]: what `load_prefix` writes into another row."""
+        return self.cache.read(row, self.n_image + 1)
+
+    def load_prefix(self, row: int, k: np.ndarray, v: np.ndarray):
+        """Row `row` starts over holding K/V [L, 1, KV, n, D] in its first n slots (as a prefill wrote them)."""
+        self.cache.lengths[row] = 0
+        self.cache.reserve(k.shape[3])
+        self.cache.write(row, k, v, k.shape[3])
 
     # --- raw graph calls ----------------------------------------------------------------
     def _run(self, kind, name, inputs):

@@ -99,6 +99,11 @@ class KVCache:
         kc, vc = self.views()
         return [kc[i, row:row + 1] for i in range(self.layers)], [vc[i, row:row + 1] for i in range(self.layers)]
 
+    def read(self, row: int, n: int) -> tuple[np.ndarray, np.ndarray]:
+        """A copy of the first n slots of one row's K and V, each [L, 1, KV, n, D] (what `write` takes)."""
+        kc, vc = self.views()
+        return kc[:, row:row + 1, :, :n].copy(), vc[:, row:row + 1, :, :n].copy()
+
     def write(self, row: int, k, v, n: int):
         """Store the first n slots of one row's new K/V [L, 1, KV, C, D] after its filled slots."""
         kc, vc = self.views()

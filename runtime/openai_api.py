@@ -230,9 +230,11 @@ def completion_id() -> str:
     return f"chatcmpl-{uuid.uuid4().hex}"
 
 
-def usage(prompt_tokens: int, completion_tokens: int) -> dict:
+def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> dict:
+    """OpenAI's usage object; cached_tokens: prompt tokens whose K/V were reused, not computed."""
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
+            "total_tokens": prompt_tokens + completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": cached_tokens}}
 
 
 def completion(cid: str, model: str, results: list, token_bytes) -> dict:
@@ -242,7 +244,7 @@ def completion(cid: str, model: str, results: list, token_bytes) -> dict:
                 "logprobs": logprobs(r.logprobs, token_bytes), "finish_reason": FINISH.get(r.finish_reason, "stop")}
                for i, r in enumerate(results)]
     return {"id": cid, "object": "chat.completion", "created": int(time.time()), "model": model, "choices": choices,
-            "usage": usage(results[0].prompt_tokens, sum(r.completion_tokens for r in results))}
+            "usage": usage(results[0].prompt_tokens, sum(r.completion_tokens for r in results), results[0].reused_tokens)}
 
 
 def logprobs(entries, token_bytes) -> dict | None:

@@ -5,6 +5,8 @@ import sys
 
 import click
 
+from .encoder_cache import ENCODER_SHARE, PREFIX_SHARE
+
 
 def stack(*options):
     """One decorator applying several click options, listed in --help order."""
@@ -15,7 +17,17 @@ def stack(*options):
     return apply
 
 
-sampling_options = stack(  # the sampling flags shared by run, chat and batch
+cache_options = stack(  # the image caches' bounds (runtime/encoder_cache.py), for run, chat, batch and serve
+    click.option("--encoder-cache-mb", type=click.FloatRange(min=0), default=None,
+                 help=f"MiB of vision-graph outputs kept for images seen again (0: off; default: {ENCODER_SHARE:.0%} of "
+                      "the memory free after loading and the KV cache)."),
+    click.option("--prefix-cache-mb", type=click.FloatRange(min=0), default=None,
+                 help=f"MiB of image-prefix K/V (bos + image) kept for new questions about images seen before (0: off; "
+                      f"default: {PREFIX_SHARE:.0%} of the memory free after loading and the KV cache)."),
+)
+
+
+sampling_options = stack(  # the sampling flags shared by run, chat and batch (and the engine's)
     click.option("--max-new-tokens", type=int, default=256, show_default=True),
     click.option("--temperature", type=float, default=0.0, show_default=True, help="0 = greedy."),
     click.option("--top-k", type=int, default=0, show_default=True, help="0 = off."),
@@ -30,6 +42,7 @@ sampling_options = stack(  # the sampling flags shared by run, chat and batch
                  help="auto (onnxruntime if the bundle has ONNX graphs, else mindspore, else lite), "
                       "mindspore, onnxruntime, lite."),
     click.option("--verify", is_flag=True, help="Hash every bundle file (weights too) before loading."),
+    cache_options,
 )
 
 
@@ -57,7 +70,8 @@ def open_engine(bundle_path: str, o: dict):
         os._exit(130)
     previous = signal.signal(signal.SIGINT, exit_now)
     try:
-        engine = Engine(bundle_path, backend=o["backend"], verify=o["verify"])
+        engine = Engine(bundle_path, backend=o["backend"], verify=o["verify"], encoder_cache_mb=o["encoder_cache_mb"],
+                        prefix_cache_mb=o["prefix_cache_mb"])
     finally:
         signal.signal(signal.SIGINT, previous)
     signal.signal(signal.SIGTERM, signal.default_int_handler)

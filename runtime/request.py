@@ -25,7 +25,7 @@ class Result:
     completion_tokens: int
     ttft_s: float
     total_s: float
-    reused_tokens: int = 0               # prompt tokens whose K/V were reused from the row's previous request
+    reused_tokens: int = 0               # prompt tokens whose K/V were reused (the row's previous request, an image prefix)
     logprobs: list | None = None         # with SamplingParams.logprobs: per token (id, logprob, [(id, logprob), ...])
 
     @property

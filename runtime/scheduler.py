@@ -10,10 +10,12 @@ A request waits in a queue until a row is free; from then on every `step()`:
      prompt is prefilled once for all choices;
   3. prefill: rows still reading their prompt feed it chunk by chunk (an image prompt's first
      chunk holds bos, the image section and the first text tokens; `Engine.chunk_plan` picks
-     the chunk sizes). Policy: while other rows are decoding, one step prefills at most
-     `step_tokens` prompt tokens (default: the largest chunk), so a long prompt delays each running
-     stream by about one chunk's time per token instead of freezing it; with no row decoding,
-     prompts are prefilled without a limit. A row that finishes its prompt samples its first token;
+     the chunk sizes). An image seen before skips what is cached of it (encoder_cache.py): with
+     its image prefix cached, the row is given a copy of those K/V and prefills only the text;
+     else with its embeddings cached, the vision graph is not run. Policy: while other rows are
+     decoding, one step prefills at most `step_tokens` prompt tokens (default: the largest
+     chunk), so a long prompt delays each running stream by about one chunk's time per token
+     instead of freezing it; with no row decoding, prompts are prefilled without a limit. A row that finishes its prompt samples its first token;
   4. decode: every row with a token to feed runs in one `decode_<T>` call, T the smallest bucket
      holding the longest occupied row, and samples its next token;
   5. a row is freed the moment its sequence ends (stop, length, context, cancel).
@@ -28,7 +30,6 @@ Its decisions depend only on that order and on the logits, which the graphs all-
 ranks agree without messages; requests without a seed draw their seed from COGVLM2_LITE_SEED,
 which the msrun launcher (cli.py) sets alike for every rank.
 """
-import hashlib
 import itertools
 import os
 import time
@@ -37,6 +38,7 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
+from .encoder_cache import pixel_digest
 from .errors import UserError
 from .request import Result
 from .sampling import Sampler
@@ -64,7 +66,7 @@ class Sequence:
     arrived: float = field(default_factory=time.perf_counter)
     row: int | None = None
     fed: int = 0                         # prompt tokens whose K/V are in the row
-    reused: int = 0
+    reused: int = 0                      # prompt tokens whose K/V came from a cache (a row's, an image prefix)
     tokens: list = field(default_factory=list)
     logprobs: list = field(default_factory=list)  # per token, when asked: (id, logprob, [(id, logprob), ...])
     pieces: list = field(default_factory=list)
@@ -93,11 +95,17 @@ class Sequence:
 
 
 class Scheduler:
-    """The step loop over the engine's B rows (see the module docstring for the policy)."""
+    """The step loop over the engine's B rows (see the module docstring for the policy).
 
-    def __init__(self, engine, prefix_cache: bool = True, step_tokens: int | None = None, lockstep: bool = False):
+    prefix_cache: reuse K/V, a free row's and the engine's cached image prefixes (off: every prompt is
+    prefilled from its first token); encoder_cache: reuse the engine's cached image embeddings (the same
+    bits as running the vision graph again, so it changes no result)."""
+
+    def __init__(self, engine, prefix_cache: bool = True, encoder_cache: bool = True, step_tokens: int | None = None,
+                 lockstep: bool = False):
         self.engine = engine
         self.prefix_cache = prefix_cache
+        self.encoder_cache = encoder_cache
         self.step_tokens = step_tokens or engine.chunks[-1]
         self.lockstep = lockstep
         self.queue: deque[Sequence] = deque()
@@ -116,7 +124,7 @@ class Scheduler:
         with_image = request.image is not None
         ids, types = e.prompt(request)
         pixels = e.pixels([request.image])[0] if with_image else None
-        digest = hashlib.blake2b(pixels.tobytes(), digest_size=16).digest() if with_image else None
+        digest = pixel_digest(pixels) if with_image else None
         number = next(self._numbers)
         params = request.params
         stops = () if params.ignore_eos else e.stop_ids
@@ -153,9 +161,6 @@ class Scheduler:
     @property
     def rows_in_use(self) -> int:
         return sum(s is not None for s in self.rows)
-
-    def clear_prefix_cache(self):
-        self.engine.cache.held[:] = [None] * len(self.rows)
 
     # --- one step ---------------------------------------------------------------------------
     def step(self):
@@ -223,8 +228,10 @@ class Scheduler:
             logits = None
             while seq.fed < len(seq.ids) and (budget > 0 or not decoding):
                 if seq.pixels is not None and seq.fed == 0:
-                    embeds = e.image_embeddings(seq.pixels[None])[0]
-                    logits, n = e.prefill_image(seq.row, embeds, seq.ids, seq.positions)
+                    if self._load_image_prefix(seq):
+                        continue
+                    logits, n = e.prefill_image(seq.row, self._image_embeddings(seq), seq.ids, seq.positions)
+                    self._keep_image_prefix(seq)
                 else:
                     logits, n = e.extend_chunk(seq.row, seq.ids[seq.fed:], seq.positions[seq.fed:])
                 seq.fed += n
@@ -233,6 +240,35 @@ class Scheduler:
                 if any(s.parent is seq for s in self.queue):
                     seq.prompt_logits = logits
                 self._accept(seq, seq.sampler(logits))
+
+    def _image_embeddings(self, seq: Sequence) -> np.ndarray:
+        """The vision graph's output for seq's pixels [n_image, hidden], from the encoder cache when it holds them."""
+        cache = self.engine.encoder_cache
+        embeds = cache.get(seq.digest) if self.encoder_cache else None
+        if embeds is None:
+            embeds = self.engine.image_embeddings(seq.pixels[None])[0]
+            if self.encoder_cache:
+                cache.put(seq.digest, embeds)
+        return embeds
+
+    def _load_image_prefix(self, seq: Sequence) -> bool:
+        """Give seq's row a copy of its image's cached prefix (bos + image section) -> whether it was cached."""
+        e = self.engine
+        n = e.n_image + 1
+        if not self.prefix_cache or len(seq.ids) <= n:   # the last prompt token must be fed: its logits sample
+            return False
+        kv = e.image_prefixes.get(seq.digest)
+        if kv is None:
+            return False
+        e.load_prefix(seq.row, *kv)
+        seq.fed = seq.reused = n
+        return True
+
+    def _keep_image_prefix(self, seq: Sequence):
+        """After seq's image prefill: keep a copy of its row's bos + image section K/V for the next question."""
+        e = self.engine
+        if self.prefix_cache and seq.digest not in e.image_prefixes and e.image_prefixes.fits(e.image_prefix_bytes):
+            e.image_prefixes.put(seq.digest, e.image_prefix(seq.row))
 
     def _decode(self):
         live = [s for s in self.rows if s is not None and s.pending is not None]

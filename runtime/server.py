@@ -52,6 +52,29 @@ class Metrics:
                               buckets=BUCKETS_S, registry=r)
         self.prompt_tokens = Counter("cogvlm2_prompt_tokens", "Prompt tokens of finished requests", registry=r)
         self.completion_tokens = Counter("cogvlm2_completion_tokens", "Generated tokens", registry=r)
+        self.cached_tokens = Counter("cogvlm2_cached_prompt_tokens", "Prompt tokens whose K/V were reused", registry=r)
+
+    def count_caches(self, engine_of):
+        """Publish the engine's image caches (encoder_cache.py) at each scrape: hits, misses, evictions, bytes,
+        entries and capacity by cache; engine_of() is the engine, None while loading."""
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        class Caches:
+            def collect(self):
+                stats = {name: c.stats() for name, c in engine_of().caches.items()} if engine_of() else {}
+                for key, family, text in (("hits", CounterMetricFamily, "Lookups that found the image"),
+                                          ("misses", CounterMetricFamily, "Lookups that did not"),
+                                          ("evictions", CounterMetricFamily, "Entries dropped for room"),
+                                          ("bytes", GaugeMetricFamily, "Bytes held"),
+                                          ("entries", GaugeMetricFamily, "Images held"),
+                                          ("capacity_bytes", GaugeMetricFamily, "The bound (--encoder-cache-mb, "
+                                                                                "--prefix-cache-mb)")):
+                    metric = family(f"cogvlm2_cache_{key}", f"Image caches (encoder, image_prefix): {text}",
+                                    labels=["cache"])
+                    for name, st in stats.items():
+                        metric.add_metric([name], st[key])
+                    yield metric
+        self.registry.register(Caches())
 
 
 class EngineLoop:
@@ -69,6 +92,7 @@ class EngineLoop:
         self._rows_free = 0               # rows without a sequence (engine thread's count)
         self._lock = threading.Lock()
         self._thread = threading.Thread(target=self._run, name="engine", daemon=True)
+        metrics.count_caches(lambda: self.engine)
 
     def start(self):
         self._thread.start()
@@ -172,6 +196,7 @@ class EngineLoop:
         m.requests.labels(r.finish_reason).inc()
         m.prompt_tokens.inc(r.prompt_tokens)
         m.completion_tokens.inc(r.completion_tokens)
+        m.cached_tokens.inc(r.reused_tokens)
         if r.completion_tokens:
             m.ttft.observe(r.ttft_s)
         if r.completion_tokens > 1:
@@ -346,7 +371,7 @@ def create_app(loop: EngineLoop, model: str, api_key: str | None = None, max_bod
 
     async def _stream(events, cancel, call, cid):
         left, failed = call.n, False
-        completion_tokens = prompt_tokens = 0
+        completion_tokens = prompt_tokens = cached_tokens = 0
         try:
             for i in range(call.n):
                 yield _sse(chunk(cid, model, {"role": "assistant", "content": ""}, index=i))
@@ -363,10 +388,12 @@ def create_app(loop: EngineLoop, model: str, api_key: str | None = None, max_bod
                     break
                 else:
                     left -= 1
-                    prompt_tokens, completion_tokens = value.prompt_tokens, completion_tokens + value.completion_tokens
+                    if index == 0:  # the prompt is counted once, with what of it was reused
+                        prompt_tokens, cached_tokens = value.prompt_tokens, value.reused_tokens
+                    completion_tokens += value.completion_tokens
                     yield _sse(chunk(cid, model, {}, value.finish_reason, index=index))
             if call.include_usage and not failed:
-                yield _sse(chunk(cid, model, {}, usage_=usage(prompt_tokens, completion_tokens)))
+                yield _sse(chunk(cid, model, {}, usage_=usage(prompt_tokens, completion_tokens, cached_tokens)))
             yield "data: [DONE]\n\n"
         finally:
             if left:  # the client disconnected mid-stream: free its rows
@@ -428,9 +455,9 @@ def listen(host: str, port: int) -> socket.socket:
 
 
 def serve(bundle: str, host: str, port: int, backend: str, api_key: str | None, max_queue: int, max_body_mb: float,
-          allowed_image_dir: str | None, shutdown_timeout: float, on_ready=print):
+          allowed_image_dir: str | None, shutdown_timeout: float, on_ready=print, **cache_mb):
     """Bind, load the bundle in the engine thread (503 until loaded), serve until SIGTERM/SIGINT.
-    Raises UserError for a bad bundle, folder or address, or a bundle that fails to load."""
+    cache_mb: the Engine's encoder_cache_mb and prefix_cache_mb. Raises UserError for a bad bundle, folder or address, or a bundle that fails to load."""
     import uvicorn
 
     from .bundle import Bundle
@@ -447,7 +474,7 @@ def serve(bundle: str, host: str, port: int, backend: str, api_key: str | None, 
     sock = listen(host, port)
     port = sock.getsockname()[1]
     metrics = Metrics()
-    loop = EngineLoop(lambda: Engine(b, backend=backend), max_queue, metrics)
+    loop = EngineLoop(lambda: Engine(b, backend=backend, **cache_mb), max_queue, metrics)
     app = create_app(loop, Path(bundle).resolve().name, api_key, int(max_body_mb * (1 << 20)), image_dir)
 
     class Server(uvicorn.Server):

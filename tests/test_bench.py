@@ -120,6 +120,13 @@ def test_report_has_every_section_with_sane_values(smoke):
     for r in runs.values():
         assert r["output_tokens"] > r["requests"] * 7 and r["output_tokens_per_s"] > 0
 
+    u = ms["image_reuse"]   # X + q1, Y, X + q2: only the third reuses (X's image prefix), one lookup each
+    for st in u["ttft_s"]:
+        check_stats(st, "image reuse ttft")
+    assert u["reused_tokens"] == [0, 0, n_image + 1] and u["tokens_equal_fresh"]
+    assert {k: (c["hits"], c["misses"]) for k, c in u["caches"].items()} == {"encoder": (0, 2), "image_prefix": (1, 2)}
+    assert u["caches"]["image_prefix"]["entries"] == 2 and u["caches"]["image_prefix"]["bytes"] > 0
+
     g = ms["generate"]
     assert 0 <= g["host_overhead_share"] <= 1
     assert g["e2e_tokens_per_s"]["median"] > 0 and g["tpot_s"]["median"] > 0

@@ -322,3 +322,24 @@ def test_sigterm_finishes_or_ends_running_requests_within_the_bound(tiny_bundle)
     last = json.loads(events[-2])
     assert ("error" in last and "shut down before this request finished" in last["error"]["message"]) or \
         last["choices"][0]["finish_reason"] in ("stop", "length")
+
+
+def test_usage_counts_cached_prompt_tokens_and_metrics_count_the_caches(server, engine4):
+    """A second question about an image: usage.prompt_tokens_details.cached_tokens says how many prompt tokens were
+    reused (issue 30); /metrics counts the image caches."""
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(30).integers(0, 256, (24, 32, 3), dtype=np.uint8)).save(buf, "PNG")
+    url = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+    misses = server.metric("cogvlm2_cache_misses_total", '{cache="encoder"}')
+    cached = server.metric("cogvlm2_cached_prompt_tokens_total")
+    c = server.client()
+    first = c.chat.completions.create(model=server.model, messages=[image_message("what is it?", url)], max_tokens=2)
+    assert first.usage.prompt_tokens_details.cached_tokens == 0
+    assert server.metric("cogvlm2_cache_misses_total", '{cache="encoder"}') == misses + 1
+    second = c.chat.completions.create(model=server.model, messages=[image_message("which colours?", url)], max_tokens=2,
+                                       stream=True, stream_options={"include_usage": True})
+    usage = [ch.usage for ch in second if ch.usage][0]
+    assert usage.prompt_tokens_details.cached_tokens >= engine4.n_image + 1   # bos and the image section at least
+    assert server.metric("cogvlm2_cached_prompt_tokens_total") == cached + usage.prompt_tokens_details.cached_tokens
+    assert server.metric("cogvlm2_cache_entries", '{cache="image_prefix"}') >= 1
+    assert server.metric("cogvlm2_cache_bytes", '{cache="encoder"}') > 0
