@@ -179,6 +179,14 @@ def test_an_image_question_is_answered_as_the_api_answers_it(browser, demo_serve
     assert re.fullmatch(rf"{n} tokens · TTFT \d+ ms · \d+\.\d tokens/s", answer.find_element("class name", "stats").text)
     assert browser.find_element("id", "attach").get_attribute("disabled")   # one image per conversation
     assert not browser.find_element("id", "thumb").is_displayed()
+    browser.save_screenshot(str(tmp_path / "chat-page.png"))
+    browser.set_window_size(*PHONE)
+    try:
+        assert browser.execute_script("return document.documentElement.scrollWidth <= window.innerWidth")
+        browser.save_screenshot(str(tmp_path / "chat-page-phone.png"))
+    finally:
+        browser.set_window_size(*LAPTOP)
+    print(f"screenshots: {tmp_path}")
 
     prompt = browser.find_element("id", "prompt")          # Shift+Enter is a new line, Enter sends
     prompt.send_keys("How many shapes", Keys.SHIFT, Keys.ENTER, Keys.SHIFT, "are there?")
@@ -188,14 +196,14 @@ def test_an_image_question_is_answered_as_the_api_answers_it(browser, demo_serve
                        {"role": "user", "content": "How many shapes\nare there?"}]
     want2 = api(demo_server, history, 48, temperature=0).json()["choices"][0]["message"]["content"]
     assert text_of(second.find_element("class name", "text")) == want2
-    browser.save_screenshot(str(tmp_path / "chat-page.png"))
-    browser.set_window_size(*PHONE)
-    try:
-        assert browser.execute_script("return document.documentElement.scrollWidth <= window.innerWidth")
-        browser.save_screenshot(str(tmp_path / "chat-page-phone.png"))
-    finally:
-        browser.set_window_size(*LAPTOP)
-    print(f"screenshots: {tmp_path}")
+    set_field(browser, "max-tokens", 2)                    # the third turn is cut where the page says
+    third = ask(browser, "Describe the image.")
+    history += [{"role": "assistant", "content": want2}, {"role": "user", "content": "Describe the image."}]
+    want3 = api(demo_server, history, 2, temperature=0).json()
+    assert want3["choices"][0]["finish_reason"] == "length"
+    assert text_of(third.find_element("class name", "text")) == want3["choices"][0]["message"]["content"]
+    assert third.find_element("class name", "stats").text.startswith("2 tokens")
+    assert third.find_element("class name", "stats").text.endswith("· cut at max tokens")
 
     urls = only_own_origin(browser, demo_server)
     assert {demo_server.url + p for p in ("/", "/ui/chat.js", "/ui/chat.css", "/v1/models", "/v1/chat/completions")} <= set(urls)

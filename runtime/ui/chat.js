@@ -131,6 +131,7 @@ async function send() {
   }
   const answer = bubble("assistant");
   answer.dataset.state = "waiting";
+  answer.setAttribute("aria-busy", "true");   // screen readers read the answer once, when it has ended
   const out = answer.querySelector(".text");
   const stats = document.createElement("p");
   stats.className = "stats";
@@ -186,6 +187,7 @@ async function send() {
       showError(e.message);
     }
   } finally {
+    answer.removeAttribute("aria-busy");
     state.controller = null;
     setBusy(false);
     $("prompt").focus();
@@ -277,6 +279,7 @@ document.addEventListener("DOMContentLoaded", () => {
   $("composer").addEventListener("submit", (e) => { e.preventDefault(); send(); });
   $("prompt").addEventListener("keydown", (e) => {
     if (e.key === "Enter" && !e.shiftKey && !e.isComposing) { e.preventDefault(); send(); }
+    if (e.key === "Escape" && state.controller) state.controller.abort();
   });
   $("prompt").addEventListener("input", growPrompt);
   $("stop").addEventListener("click", () => state.controller && state.controller.abort());
@@ -288,13 +291,19 @@ document.addEventListener("DOMContentLoaded", () => {
     const item = [...e.clipboardData.items].find((i) => i.kind === "file" && i.type.startsWith("image/"));
     if (item) { e.preventDefault(); attach(item.getAsFile()); }
   });
-  document.addEventListener("dragover", (e) => { e.preventDefault(); document.body.classList.add("dropping"); });
+  const dragsFiles = (e) => [...e.dataTransfer.types].includes("Files");   // text dropped in the box stays text
+  document.addEventListener("dragover", (e) => {
+    if (!dragsFiles(e)) return;
+    e.preventDefault();
+    document.body.classList.add("dropping");
+  });
   document.addEventListener("dragleave", (e) => {
     if (!e.relatedTarget) document.body.classList.remove("dropping");
   });
   document.addEventListener("drop", (e) => {
-    e.preventDefault();
     document.body.classList.remove("dropping");
+    if (!dragsFiles(e)) return;
+    e.preventDefault();
     attach(e.dataTransfer.files[0]);
   });
   $("key-form").addEventListener("submit", () => {
