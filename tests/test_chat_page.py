@@ -39,7 +39,7 @@ def browser():
     for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", f"--window-size={LAPTOP[0]},{LAPTOP[1]}",
                 "--force-color-profile=srgb", "--hide-scrollbars"):
         options.add_argument(arg)
-    options.set_capability("goog:loggingPrefs", {"performance": "ALL"})   # every request the page makes
+    options.set_capability("goog:loggingPrefs", {"performance": "ALL", "browser": "ALL"})   # requests, console
     driver = webdriver.Chrome(options=options, service=Service(CHROMEDRIVER))
     yield driver
     driver.quit()
@@ -52,15 +52,18 @@ def sent_urls(driver) -> list[str]:
 
 
 def only_own_origin(driver, server) -> list[str]:
-    """The URLs the page requested since it was opened, checked to be all on its own server (or data: URLs)."""
+    """The URLs the page requested since it was opened, checked to be all on its own server (or data: URLs),
+    with no request elsewhere that the page's Content-Security-Policy had to block."""
     urls = sent_urls(driver)
     assert all(u.startswith(server.url + "/") or u.startswith("data:") for u in urls), urls
+    blocked = [e["message"] for e in driver.get_log("browser") if "Content Security Policy" in e["message"]]
+    assert not blocked, blocked
     return urls
 
 
 def open_page(driver, server, key=KEY):
     """The page, loaded fresh, with `key` already given in this tab (None: none kept)."""
-    sent_urls(driver)   # the log starts here
+    sent_urls(driver), driver.get_log("browser")   # the logs start here
     driver.get(server.url + "/")
     driver.execute_script("sessionStorage.clear(); if (arguments[0]) sessionStorage.setItem('cogvlm2-lite.api-key', "
                           "arguments[0]);", key)
@@ -264,7 +267,8 @@ def test_stop_frees_the_row_and_the_next_turn_is_answered(browser, tiny_server):
     wait(browser).until(lambda d: answer.get_attribute("data-state") == "stopped")
     assert answer.find_element("class name", "stats").text.endswith("· stopped")
     assert browser.find_element("id", "send").is_displayed() and not browser.find_element("id", "stop").is_displayed()
-    wait(browser, 20, 0.1).until(lambda d: tiny_server.metric("cogvlm2_requests_total", '{outcome="cancel"}') > cancelled)
+    wait(browser, 20, 0.1).until(lambda d: tiny_server.metric("cogvlm2_requests_total", '{outcome="cancel"}') > cancelled,
+                                 "the server cancelled no request: did the answer end before Stop was clicked?")
     assert tiny_server.metric("cogvlm2_rows_in_use") == 0
     partial = text_of(answer.find_element("class name", "text"))
     assert partial and full.startswith(partial) and len(partial) < len(full)
