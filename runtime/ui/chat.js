@@ -266,7 +266,6 @@ function clearError() {
 function setBusy(busy) {
   $("send").hidden = busy;
   $("stop").hidden = !busy;
-  document.body.classList.toggle("busy", busy);
 }
 
 function growPrompt() {
