@@ -169,12 +169,15 @@ def chat(bundle, image, **o):
               help="Allow image_url to name local files inside this folder (default: data URLs only).")
 @click.option("--shutdown-timeout", type=click.FloatRange(min=0), default=10.0, show_default=True,
               help="Seconds running requests get to finish after SIGTERM/SIGINT.")
+@click.option("--no-ui", is_flag=True, help="No chat page at GET / (API-only deployments).")
 @cache_options
-def serve(bundle, host, port, backend, api_key, max_queue, max_body_mb, allowed_image_dir, shutdown_timeout, **cache_mb):
-    """OpenAI-compatible HTTP server: POST /v1/chat/completions (streaming too), GET /v1/models, /health, /metrics."""
+def serve(bundle, host, port, backend, api_key, max_queue, max_body_mb, allowed_image_dir, shutdown_timeout, no_ui,
+          **cache_mb):
+    """OpenAI-compatible HTTP server: POST /v1/chat/completions (streaming too), GET /v1/models, /health, /metrics,
+    and a chat page at GET /."""
     from .server import serve as run_server
     run_server(bundle, host, port, backend, api_key, max_queue, max_body_mb, allowed_image_dir, shutdown_timeout,
-               on_ready=click.echo, **cache_mb)
+               ui=not no_ui, on_ready=click.echo, **cache_mb)
 
 
 @main.command()

@@ -5,7 +5,7 @@
         parse + check (openai_api.py), decode the          scheduler.step() while busy
         image in a worker thread  ── submit ──────►      each text piece / end ──► the request's
         stream or collect the events ◄─────────────       asyncio queue (call_soon_threadsafe)
-      GET /v1/models, /health, /metrics
+      GET /v1/models, /health, /metrics; GET / the chat page (chat_page.py; off with --no-ui)
 
 The graphs run only in the engine thread; the event loop never waits on them. A request is
 refused with 429 (and Retry-After) when more than --max-queue requests wait for a row; a client
@@ -249,8 +249,8 @@ class DrainUnreadBody:
 
 
 def create_app(loop: EngineLoop, model: str, api_key: str | None = None, max_body_bytes: int = 20 << 20,
-               allowed_image_dir: Path | None = None):
-    """The ASGI app over a started EngineLoop."""
+               allowed_image_dir: Path | None = None, ui: bool = True):
+    """The ASGI app over a started EngineLoop; with `ui`, the chat page at GET /."""
     from fastapi import FastAPI, Request
     from fastapi.responses import JSONResponse, Response, StreamingResponse
     from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -259,6 +259,9 @@ def create_app(loop: EngineLoop, model: str, api_key: str | None = None, max_bod
     app = FastAPI(title="cogvlm2-lite", docs_url=None, redoc_url=None)
     app.add_middleware(DrainUnreadBody, limit=max(4 * max_body_bytes, 64 << 20))
     metrics = loop.metrics
+    if ui:
+        from .chat_page import add_chat_page
+        add_chat_page(app)
 
     def refuse(e: ApiError):
         if e.status >= 400:
@@ -455,7 +458,7 @@ def listen(host: str, port: int) -> socket.socket:
 
 
 def serve(bundle: str, host: str, port: int, backend: str, api_key: str | None, max_queue: int, max_body_mb: float,
-          allowed_image_dir: str | None, shutdown_timeout: float, on_ready=print, **cache_mb):
+          allowed_image_dir: str | None, shutdown_timeout: float, ui: bool = True, on_ready=print, **cache_mb):
     """Bind, load the bundle in the engine thread (503 until loaded), serve until SIGTERM/SIGINT.
     cache_mb: the Engine's encoder_cache_mb and prefix_cache_mb. Raises UserError for a bad bundle, folder or address, or a bundle that fails to load."""
     import uvicorn
@@ -475,7 +478,7 @@ def serve(bundle: str, host: str, port: int, backend: str, api_key: str | None, 
     port = sock.getsockname()[1]
     metrics = Metrics()
     loop = EngineLoop(lambda: Engine(b, backend=backend, **cache_mb), max_queue, metrics)
-    app = create_app(loop, Path(bundle).resolve().name, api_key, int(max_body_mb * (1 << 20)), image_dir)
+    app = create_app(loop, Path(bundle).resolve().name, api_key, int(max_body_mb * (1 << 20)), image_dir, ui)
 
     class Server(uvicorn.Server):
         def handle_exit(self, sig, frame):
@@ -498,7 +501,8 @@ def serve(bundle: str, host: str, port: int, backend: str, api_key: str | None, 
         if loop.error:
             server.should_exit = True   # reported once, by the UserError below
         elif server.started:
-            on_ready(f"serving {Path(bundle).resolve().name} on http://{host}:{port}/v1 (OpenAI chat completions)")
+            page = f"; chat page: http://{host}:{port}/" if ui else ""
+            on_ready(f"serving {Path(bundle).resolve().name} on http://{host}:{port}/v1 (OpenAI chat completions){page}")
     threading.Thread(target=announce, daemon=True).start()
     for sig in (signal.SIGINT, signal.SIGTERM):  # uvicorn re-raises the signal it handled once it has stopped:
         signal.signal(sig, lambda *_: None)      # a graceful stop then exits 0, not as killed

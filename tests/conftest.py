@@ -86,3 +86,24 @@ def photo(tmp_path_factory):
     path = tmp_path_factory.mktemp("img") / "photo.png"
     Image.fromarray(rgb).save(path)
     return path
+
+
+@pytest.fixture(scope="session")
+def demo_cache(tmp_path_factory):
+    """A private cache folder holding the embedded model's bundle, exported once per session."""
+    from cogvlm2_lite.demo.embedded import CACHE_ENV, ensure_bundle
+    folder = tmp_path_factory.mktemp("cogvlm2-lite-cache")
+    mp = pytest.MonkeyPatch()
+    mp.setenv(CACHE_ENV, str(folder))
+    try:
+        ensure_bundle()
+        yield folder
+    finally:
+        mp.undo()
+
+
+@pytest.fixture(scope="session")
+def demo_bundle(demo_cache):
+    """The embedded model's bundle (in demo_cache)."""
+    [bundle] = demo_cache.glob("demo-bundle-*")
+    return bundle

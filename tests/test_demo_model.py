@@ -7,7 +7,7 @@ from click.testing import CliRunner
 
 from cogvlm2_lite.demo import task
 from cogvlm2_lite.demo.cli import demo
-from cogvlm2_lite.demo.embedded import CACHE_ENV, MODEL_DIR, SAMPLE_IMAGE, SAMPLE_INDEX, bundle_path, ensure_bundle
+from cogvlm2_lite.demo.embedded import CACHE_ENV, MODEL_DIR, SAMPLE_IMAGE, SAMPLE_INDEX, bundle_path
 from cogvlm2_lite.demo.evaluate import demo_eval
 from cogvlm2_lite.demo.train import demo_config
 from cogvlm2_lite.export.hf_checkpoint import Checkpoint
@@ -27,22 +27,9 @@ def test_committed_weights_are_a_valid_small_checkpoint():
     assert 769 in gen["eos_token_id"]
 
 
-@pytest.fixture(scope="session")
-def cache(tmp_path_factory):
-    """A private cache folder holding the embedded model's bundle, exported once per session."""
-    folder = tmp_path_factory.mktemp("cogvlm2-lite-cache")
-    mp = pytest.MonkeyPatch()
-    mp.setenv(CACHE_ENV, str(folder))
-    try:
-        ensure_bundle()
-        yield folder
-    finally:
-        mp.undo()
-
-
-def test_greedy_accuracy_through_the_exported_bundle(cache, monkeypatch):
+def test_greedy_accuracy_through_the_exported_bundle(demo_cache, monkeypatch):
     """A real check of the trained model: held-out samples, greedy, runtime engine, exact match."""
-    monkeypatch.setenv(CACHE_ENV, str(cache))
+    monkeypatch.setenv(CACHE_ENV, str(demo_cache))
     result = CliRunner().invoke(demo_eval, [str(bundle_path()), "-n", "20", "--json"], catch_exceptions=False)
     assert result.exit_code == 0, result.output
     r = json.loads(result.stdout)
@@ -50,12 +37,12 @@ def test_greedy_accuracy_through_the_exported_bundle(cache, monkeypatch):
     assert r["overall"]["accuracy"] >= 0.9, r["mistakes"]
 
 
-def test_demo_command_end_to_end(cache, monkeypatch):
-    monkeypatch.setenv(CACHE_ENV, str(cache))
-    exported = sorted(p.name for p in cache.iterdir())
+def test_demo_command_end_to_end(demo_cache, monkeypatch):
+    monkeypatch.setenv(CACHE_ENV, str(demo_cache))
+    exported = sorted(p.name for p in demo_cache.iterdir())
     result = CliRunner().invoke(demo, [], catch_exceptions=False)
     assert result.exit_code == 0, result.output
-    assert sorted(p.name for p in cache.iterdir()) == exported  # the cached bundle was reused
+    assert sorted(p.name for p in demo_cache.iterdir()) == exported  # the cached bundle was reused
     expected = task.generate(task.HELDOUT_SEED, SAMPLE_INDEX + 1, 56)[SAMPLE_INDEX].scene.describe()
     assert f"answer: {expected}\n" in result.stdout
     assert "TTFT" in result.stdout and "tokens/s" in result.stdout
@@ -78,13 +65,13 @@ def test_demo_bad_image_is_a_user_error(tmp_path, monkeypatch):
 
 
 @pytest.fixture(scope="module")
-def fp32_first_100(cache):
+def fp32_first_100(demo_cache):
     from cogvlm2_lite.demo.evaluate import evaluate
     return evaluate(bundle_path(), 100)
 
 
 @pytest.mark.parametrize("scheme", ["w8a8", "w4a8"])   # the schemes that quantize activations too
-def test_quantized_demo_model_keeps_its_accuracy(scheme, cache, fp32_first_100, monkeypatch, tmp_path):
+def test_quantized_demo_model_keeps_its_accuracy(scheme, demo_cache, fp32_first_100, monkeypatch, tmp_path):
     """Issue 10's target on the trained model: the demo task's exact match quantized stays within
     2 answers in 100 of fp32 on the same held-out samples, run by onnxruntime's integer / 4-bit
     kernels (500 samples, measured: fp32 98.0%, w8a8 97.8%, w4a8 97.6%, on both backends).
@@ -98,7 +85,7 @@ def test_quantized_demo_model_keeps_its_accuracy(scheme, cache, fp32_first_100, 
     from cogvlm2_lite.demo.evaluate import evaluate
     from cogvlm2_lite.export.bundle import export_bundle
     from cogvlm2_lite.runtime.engine import Engine
-    monkeypatch.setenv(CACHE_ENV, str(cache))
+    monkeypatch.setenv(CACHE_ENV, str(demo_cache))
     fp32 = fp32_first_100
     stats = None
     if scheme == "w8a8":
@@ -112,8 +99,8 @@ def test_quantized_demo_model_keeps_its_accuracy(scheme, cache, fp32_first_100, 
     assert q["overall"]["correct"] >= fp32["overall"]["correct"] - 2, (fp32["overall"], q["overall"], q["mistakes"])
 
 
-def test_demo_eval_compares_bundles_on_the_same_samples(cache, monkeypatch):
-    monkeypatch.setenv(CACHE_ENV, str(cache))
+def test_demo_eval_compares_bundles_on_the_same_samples(demo_cache, monkeypatch):
+    monkeypatch.setenv(CACHE_ENV, str(demo_cache))
     b = str(bundle_path())
     result = CliRunner().invoke(demo_eval, [b, b, "-n", "5", "--json"], catch_exceptions=False)
     assert result.exit_code == 0, result.output
