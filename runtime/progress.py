@@ -2,11 +2,12 @@
 
 A phase is one stretch of work with its own unit: a graph trace (no unit: its elapsed time), weights
 (bytes), calibration samples. On a terminal each phase is a tqdm bar, redrawn every second (so the
-elapsed time moves during a phase that reports nothing until it ends, a graph trace) and left on
-screen when done. Elsewhere (CI logs, `2>file`) each phase writes one line when it ends, and never a
-carriage return. A command that can estimate its whole remaining time passes `eta`: it is shown
-with every phase ("~12:30 left") instead of the phase's own, which would say nothing of the phases
-still to come.
+elapsed time moves during a phase that reports nothing until it ends, a graph trace, except while
+native code holds Python's lock: MindSpore's tracing does for up to minutes) and left on screen when
+done. Elsewhere (CI logs, `2>file`) each phase writes one line when it ends, and never a carriage
+return. Each phase shows the time left ("~12:30 left"): a command that can estimate its whole
+remaining time passes `eta`, shown instead of the phase's own (which would say nothing of the phases
+still to come); otherwise a counted phase's own, at its mean rate.
 """
 import sys
 import threading
@@ -43,7 +44,7 @@ class Phase:
             self.bar = tqdm(total=total, desc=desc, unit=unit, unit_scale=unit_scale, file=progress.file,
                             bar_format=COUNTED_BAR if total else TIMED, smoothing=0, dynamic_ncols=True,
                             mininterval=REDRAW_S / 4)
-            self.bar.set_postfix_str(progress.eta_text(), refresh=True)
+            self.bar.set_postfix_str(progress.eta_text(self), refresh=True)
 
     @property
     def elapsed(self) -> float:
@@ -54,19 +55,23 @@ class Phase:
         if self.bar is not None:
             self.bar.update(n)
 
+    def left(self) -> float | None:
+        """Seconds this phase has left at its mean rate so far (None: uncounted, or nothing counted yet)."""
+        return (self.total - self.n) * self.elapsed / self.n if self.total and self.n else None
+
     def redraw(self):
         if self.bar is not None:
-            self.bar.set_postfix_str(self.progress.eta_text(), refresh=True)
+            self.bar.set_postfix_str(self.progress.eta_text(self), refresh=True)
 
     def close(self):
         """End the phase: the bar stays on screen, or its one line is written."""
         self.end = time.perf_counter()
         if self.bar is not None:
-            self.bar.set_postfix_str(self.progress.eta_text(), refresh=False)
+            self.bar.set_postfix_str(self.progress.eta_text(self), refresh=False)
             self.bar.close()
         elif self.progress.enabled:
             line = tqdm.format_meter(self.n, self.total, self.elapsed, prefix=self.desc, unit=self.unit,
-                                     unit_scale=self.unit_scale, postfix=self.progress.eta_text(),
+                                     unit_scale=self.unit_scale, postfix=self.progress.eta_text(self),
                                      bar_format=COUNTED_LINE if self.total else TIMED)
             print(line, file=self.progress.file, flush=True)
 
@@ -88,8 +93,9 @@ class Progress:
         if self.enabled:
             tqdm.write(text, file=self.file)
 
-    def eta_text(self) -> str:
-        left = self.eta(self) if self.eta is not None else None
+    def eta_text(self, phase: Phase) -> str:
+        """What is left, shown with `phase`: the command's `eta`, or else the phase's own."""
+        left = self.eta(self) if self.eta is not None else phase.left()
         return "" if left is None else f"~{duration(left)} left"
 
     @contextmanager

@@ -49,6 +49,17 @@ def test_on_a_terminal_phases_are_bars_left_on_screen():
     assert finals[-1].startswith("weights: 100%")
 
 
+def test_without_a_command_eta_a_counted_phase_shows_its_own():
+    out = io.StringIO()
+    p = Progress(file=out)
+    with p.phase("statistics", total=4, unit="prompt") as phase:
+        phase.update(1)
+        phase.start -= 3.0   # one prompt in 3 s: three more take 9 s
+        assert phase.left() == pytest.approx(9.0, rel=0.01)
+        phase.update(3)
+    assert re.fullmatch(r"statistics: 4/4 \[00:03, +1\.33prompt/s, ~00:00 left\]\n", out.getvalue()), out.getvalue()
+
+
 def test_disabled_progress_writes_nothing():
     out = io.StringIO()
     p = Progress(enabled=False, file=out)
