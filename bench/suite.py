@@ -11,6 +11,7 @@ import click
 
 from cogvlm2_lite.runtime.bundle import FORMAT_VERSION, Bundle
 from cogvlm2_lite.runtime.errors import UserError
+from cogvlm2_lite.runtime.progress import Progress
 
 from .report import format_report
 from .run import check_counts, options, run_bench, write_outputs
@@ -53,7 +54,8 @@ def demo_tokenizer() -> Path:
 
 def cached_export(out: Path, key: dict, export_args: list[str], log) -> Path:
     """`cogvlm2-lite export ... out --force` unless `out` holds a valid bundle made under the same `key`
-    (any JSON: what the bundle depends on). Raises UserError when the export fails."""
+    (any JSON: what the bundle depends on). The export's progress lines (one per phase: its stderr is a pipe)
+    go to `log` as they come. Raises UserError when the export fails, with its error."""
     stamp = out / ".bench-key"
     key = json.dumps({**key, "src": source_hash()}, sort_keys=True)
     if stamp.is_file() and stamp.read_text() == key:
@@ -63,9 +65,16 @@ def cached_export(out: Path, key: dict, export_args: list[str], log) -> Path:
         except UserError:
             pass
     log(f"exporting {out} ...")
-    p = subprocess.run(cogvlm2_cli() + ["export", *export_args, str(out), "--force"], capture_output=True, text=True)
+    last = "?"
+    with subprocess.Popen(cogvlm2_cli() + ["export", *export_args, str(out), "--force"], stdout=subprocess.DEVNULL,
+                          stderr=subprocess.PIPE, text=True) as p:
+        for line in p.stderr:
+            if line.strip():
+                last = line.strip()
+                if not last.startswith("error: "):   # the error is said once, below
+                    log(f"  {last}")
     if p.returncode != 0:
-        raise UserError(f"exporting {out} failed: {(p.stderr.strip().splitlines() or ['?'])[-1]}")
+        raise UserError(f"exporting {out} failed: {last.removeprefix('error: ')}")
     stamp.write_text(key)
     return out
 
@@ -90,19 +99,22 @@ def ensure_bundle(preset: str, folder: Path, tokenizer: Path, log) -> Path:
 def bench_suite(presets, bundles_dir, out_dir, tokenizer, **o):
     """Export the tiny and bench presets once (cached) and benchmark both: JSON + PNG in out/bench."""
     check_counts(o)
-    log = lambda s: click.echo(s, err=True)  # noqa: E731
+    progress = Progress()   # each preset's export and benchmark is a phase on stderr (runtime/progress.py)
+    log = progress.note
     tokenizer = tokenizer or demo_tokenizer()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     for preset in [p.strip() for p in presets.split(",") if p.strip()]:
         if preset not in SUITE_PRESETS:
             raise UserError(f"preset {preset!r} is not one of {', '.join(SUITE_PRESETS)}.")
-        path = ensure_bundle(preset, Path(bundles_dir), Path(tokenizer), log)
+        with progress.phase(f"{preset}: export"):
+            path = ensure_bundle(preset, Path(bundles_dir), Path(tokenizer), log)
         settings = dict(o)
         if preset == "tiny":  # the tiny model measures the runtime's fixed costs: fewer reps suffice
             settings["reps"] = min(o["reps"], 5)
         log(f"benchmarking {path}...")
-        report = run_bench(path, log=log, **settings)
+        with progress.phase(f"{preset}: benchmark"):
+            report = run_bench(path, log=log, **settings)
         click.echo(f"\n===== {preset} =====")
         click.echo(format_report(report))
         js, png = out / f"{preset}.json", out / f"{preset}.png"

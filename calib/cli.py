@@ -6,6 +6,7 @@ import click
 
 from cogvlm2_lite.graphs.quant import SCHEMES
 from cogvlm2_lite.runtime.errors import UserError
+from cogvlm2_lite.runtime.progress import Progress
 
 
 @click.command()
@@ -35,13 +36,14 @@ def calibrate(bundle, calib_jsonl, samples, quant, smooth_alpha, report, eval_js
         raise UserError("-n must be at least 1.")
     if not 0.0 <= smooth_alpha <= 1.0:
         raise UserError(f"--smooth-alpha must be within 0..1, not {smooth_alpha}.")
+    progress = Progress()   # each pass over the prompts is a phase on stderr (runtime/progress.py)
     b, cfg, weights = load_fp32_bundle(bundle)
     model = EagerModel(cfg, b.tokenizer_path, b.manifest["preprocess"])
     size = cfg.vision.image_size
     if not no_stats:
         t = time.perf_counter()
         data = jsonl_samples(calib_jsonl, samples) if calib_jsonl else train_samples(samples, size)
-        stats = collect(model, weights, data)
+        stats = collect(model, weights, progress.track(data, "statistics", unit="prompt"))
         source = ({"jsonl": str(calib_jsonl)} if calib_jsonl else {"demo_task": "train"})
         f = save_stats(bundle, stats, {"samples": len(data), "source": source, "statistic": "absmax_per_input_channel"})
         click.echo(f"wrote {f} ({len(stats)} linears, {len(data)} samples, {time.perf_counter() - t:.1f} s)")
@@ -53,7 +55,8 @@ def calibrate(bundle, calib_jsonl, samples, quant, smooth_alpha, report, eval_js
         qz = Quantizer(quant, stats=load_stats(bundle) if calibrated else None, alpha=smooth_alpha)
         data = jsonl_samples(eval_jsonl, eval_samples) if eval_jsonl else heldout_samples(eval_samples, size)
         qmodel = EagerModel(cfg, b.tokenizer_path, b.manifest["preprocess"], quant)
-        r = accuracy_report(model, qmodel, weights, data, qz, steps, tuple(b.manifest["tokenizer"]["stop_ids"]))
+        r = accuracy_report(model, qmodel, weights, data, qz, steps, tuple(b.manifest["tokenizer"]["stop_ids"]),
+                            progress)
         click.echo(format_report(r))
         if as_json:
             with open(as_json, "w") as fh:

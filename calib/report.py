@@ -13,6 +13,7 @@ import numpy as np
 
 from cogvlm2_lite.graphs.quant import Quantizer, is_linear_weight
 from cogvlm2_lite.graphs.weights import REPLICATED, WeightSpec
+from cogvlm2_lite.runtime.progress import Progress
 
 from .stats import collect
 
@@ -40,14 +41,17 @@ def compare_logits(ref: np.ndarray, q: np.ndarray) -> dict:
     return {"top1": (a.argmax(-1) == b.argmax(-1)), "cosine": cos, "kl": np.maximum(kl, 0.0)}
 
 
-def accuracy_report(model, qmodel, weights: dict, samples, quantizer, steps: int = 8, stop_ids=()) -> dict:
-    """model / qmodel: calib.eager.EagerModel without / with quantizer.scheme."""
+def accuracy_report(model, qmodel, weights: dict, samples, quantizer, steps: int = 8, stop_ids=(),
+                    progress: Progress | None = None) -> dict:
+    """model / qmodel: calib.eager.EagerModel without / with quantizer.scheme. `progress`: its two passes over
+    the samples as phases."""
+    progress = progress or Progress(enabled=False)
     qweights = quantizer.quantize(weights)
     t_ref, t_q = model.tensors(weights), qmodel.tensors(qweights)
     n_img = model.cfg.num_image_tokens
     per_pos = {"top1": [], "cosine": [], "kl": []}
     greedy_match, prefix = [], []
-    for image, prompt in samples:
+    for image, prompt in progress.track(samples, f"report: {quantizer.scheme} against fp32", unit="prompt"):
         ref, ids, pos, e_ref = model.run(image, prompt, t_ref)
         q, _, _, e_q = qmodel.run(image, prompt, t_q)
         keep = np.ones(len(ids), bool)
@@ -74,7 +78,8 @@ def accuracy_report(model, qmodel, weights: dict, samples, quantizer, steps: int
     if steps:
         out.update({"greedy_steps": steps, "greedy_sequence_match": float(np.mean(greedy_match)),
                     "greedy_common_prefix": float(np.mean(prefix))})
-    out["layers"] = layer_errors(model, weights, qweights, samples, quantizer)
+    out["layers"] = layer_errors(model, weights, qweights,
+                                 progress.track(samples, "report: per-layer errors", unit="prompt"), quantizer)
     out["bytes"] = quantized_bytes(weights, quantizer)
     return out
 

@@ -48,7 +48,8 @@ def bundle_path(model_dir: Path = MODEL_DIR) -> Path:
 
 
 def ensure_bundle(model_dir: Path = MODEL_DIR, log=None) -> Path:
-    """The embedded model's bundle: exported on first use, reused after (re-exported if damaged)."""
+    """The embedded model's bundle: exported on first use, reused after (re-exported if damaged). With `log`,
+    the export says so and shows its phases on stderr."""
     from cogvlm2_lite.runtime.bundle import Bundle
     from cogvlm2_lite.runtime.errors import UserError
     out = bundle_path(model_dir)
@@ -67,7 +68,7 @@ def ensure_bundle(model_dir: Path = MODEL_DIR, log=None) -> Path:
         raise UserError(f"cannot create the cache folder {out.parent} ({e.strerror}); set {CACHE_ENV} "
                         "to a writable folder.") from None
     try:
-        export_bundle(out, hf_dir=Path(model_dir), buckets=BUCKETS, force=out.exists(), progress=False)
+        export_bundle(out, hf_dir=Path(model_dir), buckets=BUCKETS, force=out.exists(), progress=log is not None)
     except UserError:
         if out.is_dir():  # another process finished the same export first
             Bundle(out)

@@ -25,7 +25,6 @@ import ml_dtypes  # noqa: F401  (registers numpy's "bfloat16" dtype name)
 import numpy as np
 from safetensors import safe_open
 from safetensors.numpy import load_file, save_file
-from tqdm import tqdm
 
 from cogvlm2_lite.calib.stats import STATS_FILE
 from cogvlm2_lite.graphs.config import CogVLM2Config
@@ -35,11 +34,13 @@ from cogvlm2_lite.graphs.quant import SCHEMES as QUANT_SCHEMES, Quantizer
 from cogvlm2_lite.runtime.bundle import FORMAT_VERSION, sha256
 from cogvlm2_lite.runtime.errors import UserError
 from cogvlm2_lite.runtime.preprocess import MEAN, STD
+from cogvlm2_lite.runtime.progress import Progress, duration, size
 from cogvlm2_lite.runtime.tokenizer import TEMPLATES
 
 from .hf_checkpoint import Checkpoint, random_tensor
 from .tp import check_tp, shard_index
 from . import trace as trace_module
+from .eta import BYTES, ExportEta, probe
 from .trace import Plan, trace_rank
 
 SHARD_BYTES = 256 << 20  # weight files are cut at 256 MiB: bounds the memory of export and of loading
@@ -73,37 +74,53 @@ class Source:
         full = random_tensor(spec.name, spec.shape, self.seed)
         return full[index] if index else full
 
+    def nbytes(self, spec) -> int:
+        """Bytes read for the tensor: as the checkpoint stores it, or as random init draws it (fp32)."""
+        if self.checkpoint is not None:
+            return self.checkpoint.nbytes(spec.name)
+        return int(np.prod(spec.shape, dtype=np.int64)) * 4
 
-def write_weights(source: Source, tp: int, dtype: str, staging: Path, bar, quantizer=None) -> list[list[str]]:
+
+def rank_tensors(spec, full: np.ndarray, tp: int, dtype: str, quantizer=None):
+    """One checkpoint tensor -> (rank, stored name, array) of every stored form (quantized with a quantizer),
+    cut for every rank and cast."""
+    for stored, tensor in (quantizer.tensors(spec, full) if quantizer else [(spec, full)]):
+        for r in range(tp):
+            parts = [tensor[index] for index in shard_index(stored, r, tp)]
+            a = parts[0] if len(parts) == 1 else np.concatenate(parts, axis=stored.split.dim)
+            yield r, stored.name, np.ascontiguousarray(a.astype(stored.dtype or NUMPY_NAMES[dtype]))
+
+
+def write_weights(source: Source, tp: int, dtype: str, staging: Path, phase, quantizer=None) -> tuple[list, dict]:
     """One pass over the checkpoint: each tensor is read once, cut for every rank, cast, and
-    streamed into rank{K}/weights-NNNNN.safetensors files. Peak memory is one full tensor plus
-    the pending shard of each rank."""
+    streamed into rank{K}/weights-NNNNN.safetensors files, each hashed as soon as written (while its
+    pages are fresh). Peak memory is one full tensor plus the pending shard of each rank. `phase`
+    counts the bytes read -> ([the weight files of each rank], {path in the bundle: {bytes, sha256}})."""
     files = [[] for _ in range(tp)]
     pending = [{} for _ in range(tp)]
     sizes = [0] * tp
+    digests = {}
 
     def flush(r):
         name = f"weights-{len(files[r]):05d}.safetensors"
-        save_file(pending[r], str(staging / f"rank{r}" / name))
+        path = staging / f"rank{r}" / name
+        save_file(pending[r], str(path))
+        digests[f"rank{r}/{name}"] = {"bytes": path.stat().st_size, "sha256": sha256(path)}
         files[r].append(name)
         pending[r], sizes[r] = {}, 0
     for spec in weight_specs(source.cfg):
         full = source.read(spec, ())
-        for stored, tensor in (quantizer.tensors(spec, full) if quantizer else [(spec, full)]):
-            for r in range(tp):
-                parts = [tensor[index] for index in shard_index(stored, r, tp)]
-                a = parts[0] if len(parts) == 1 else np.concatenate(parts, axis=stored.split.dim)
-                a = a.astype(stored.dtype or NUMPY_NAMES[dtype])
-                pending[r][stored.name] = np.ascontiguousarray(a)
-                sizes[r] += pending[r][stored.name].nbytes
-                if sizes[r] >= SHARD_BYTES:
-                    flush(r)
+        for r, name, a in rank_tensors(spec, full, tp, dtype, quantizer):
+            pending[r][name] = a
+            sizes[r] += a.nbytes
+            if sizes[r] >= SHARD_BYTES:
+                flush(r)
         del full
-        bar.update(1)
+        phase.update(source.nbytes(spec))
     for r in range(tp):
         if pending[r]:
             flush(r)
-    return files
+    return files, digests
 
 
 def read_tokenizer_ranks(path: Path) -> int:
@@ -143,11 +160,19 @@ def tool_versions(formats=("mindir",)) -> dict:
     return v
 
 
-def trace_all_ranks(plan: Plan, staging: Path, bar):
-    """tp 1: trace here. tp > 1: every rank traces its graphs (with collectives) under msrun."""
+def trace_all_ranks(plan: Plan, staging: Path, progress: Progress):
+    """tp 1: trace here, a phase per graph. tp > 1: every rank traces its graphs (with collectives) under
+    msrun, one phase."""
     if plan.tp == 1:
-        trace_rank(plan, staging / "rank0", on_graph=lambda name: bar.update(1))
+        trace_rank(plan, staging / "rank0", progress)
         return
+    n_graphs = sum(1 for _ in plan.graphs())
+    with progress.phase(f"graphs: {n_graphs} on each of {plan.tp} ranks under msrun", unit="msrun"):
+        trace_under_msrun(plan, staging, n_graphs)
+
+
+def trace_under_msrun(plan: Plan, staging: Path, n_graphs: int):
+    """Every rank's graphs (n_graphs each) traced by msrun's workers (export/trace.py)."""
     (staging / "plan.json").write_text(json.dumps(plan.__dict__))
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -158,14 +183,12 @@ def trace_all_ranks(plan: Plan, staging: Path, bar):
            trace_module.__file__, str(staging / "plan.json")]
     env = {**os.environ, "PATH": f"{msrun.parent}{os.pathsep}{os.environ.get('PATH', '')}"}  # msrun runs `python`
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    n_graphs = sum(1 for _ in plan.graphs())
     if proc.returncode != 0 or any(len(list((staging / f"rank{r}").glob("*.mindir"))) != n_graphs
                                    for r in range(plan.tp)):
         logs = "\n".join(p.read_text()[-2000:] for p in sorted((staging / "msrun_logs").glob("*.log")))
         raise RuntimeError(f"tracing under msrun failed (exit {proc.returncode}):\n{proc.stdout[-2000:]}\n{logs}")
     (staging / "plan.json").unlink()
     shutil.rmtree(staging / "msrun_logs", ignore_errors=True)
-    bar.update(n_graphs * plan.tp)
 
 
 def stats_metadata(path: Path) -> dict:
@@ -175,8 +198,9 @@ def stats_metadata(path: Path) -> dict:
 
 
 def build_manifest(plan: Plan, staging: Path, tokenizer_ranks: int, generation: dict, weight_files: list,
-                   quantizer=None) -> dict:
-    """The manifest of the bundle staged in `staging`: everything a runtime needs to run it, and every file's size and sha256."""
+                   quantizer=None, digests: dict | None = None) -> dict:
+    """The manifest of the bundle staged in `staging`: everything a runtime needs to run it, and every file's size
+    and sha256 (those in `digests`, {path: {bytes, sha256}}, as given: computed as they were written)."""
     cfg = plan.cfg
     graphs = {}
     for g in plan.graphs():
@@ -216,7 +240,9 @@ def build_manifest(plan: Plan, staging: Path, tokenizer_ranks: int, generation: 
         if quantizer.stats:
             manifest["calibration"] = {"file": STATS_FILE, **stats_metadata(staging / STATS_FILE)}
     files = sorted(p for p in staging.rglob("*") if p.is_file())
-    manifest["files"] = {str(p.relative_to(staging)): {"bytes": p.stat().st_size, "sha256": sha256(p)} for p in files}
+    digests = digests or {}
+    manifest["files"] = {str(p.relative_to(staging)): digests.get(str(p.relative_to(staging)))
+                         or {"bytes": p.stat().st_size, "sha256": sha256(p)} for p in files}
     return manifest
 
 
@@ -234,7 +260,8 @@ def export_bundle(out: Path, *, hf_dir: Path | None = None, random_init: CogVLM2
     graphs. `buckets`: {"chunk": [C...], "decode": [T...]} (default: default_buckets(cfg)).
     `formats`: any of mindir, onnx, lite. `quant`: w8a16 | w8a8 | w4a16 | w4a8 (graphs/quant.py), with
     `calib_stats` (calibrate's file; needed by w8a8) and SmoothQuant's `smooth_alpha`. `force` replaces a
-    non-empty `out`; `progress` shows a bar.
+    non-empty `out`; `progress` shows the export's phases on stderr (runtime/progress.py): the plan, each
+    graph trace, then the weights in bytes, with the time the export has left (export/eta.py).
 
     The bundle is built in a hidden sibling folder and moved into place when complete; memory stays
     bounded by one tensor plus the pending weight shard. Raises UserError, before any work where it can,
@@ -285,24 +312,41 @@ def export_bundle(out: Path, *, hf_dir: Path | None = None, random_init: CogVLM2
         raise UserError(f"cannot write the bundle into {out.parent} ({e.strerror or e}): choose a folder you can "
                         "write.") from None
     try:
-        n_graphs = sum(1 for _ in plan.graphs())
-        n_weights = len(weight_specs(cfg))
-        with tqdm(total=tp * n_graphs + n_weights, desc="export", unit="step", disable=not progress) as bar:
-            trace_all_ranks(plan, staging, bar)
-            bar.set_postfix_str("weights")
-            weight_files = write_weights(source, tp, dtype, staging, bar, quantizer)
+        shown = plan_progress(plan, source, quantizer, progress)
+        trace_all_ranks(plan, staging, shown)
+        with shown.phase("weights", total=shown.eta.weight_bytes, unit=BYTES, unit_scale=True) as phase:
+            weight_files, digests = write_weights(source, tp, dtype, staging, phase, quantizer)
         shutil.copyfile(tokenizer, staging / "tokenizer.model")
         if quantizer is not None and quantizer.stats:  # the quantized bundle carries what it was made from
             shutil.copyfile(calib_stats, staging / STATS_FILE)
         for p in [staging, *staging.rglob("*")]:  # mkdtemp and ms.export create owner-only modes
             p.chmod(0o755 if p.is_dir() else 0o644)
-        manifest = build_manifest(plan, staging, tokenizer_ranks, generation_defaults(hf_dir), weight_files, quantizer)
+        manifest = build_manifest(plan, staging, tokenizer_ranks, generation_defaults(hf_dir), weight_files, quantizer,
+                                  digests)
         (staging / "manifest.json").write_text(json.dumps(manifest, indent=1))
         _replace(staging, out)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return out
+
+
+def plan_progress(plan: Plan, source: Source, quantizer, enabled: bool) -> Progress:
+    """The export's Progress, its ETA measured (export/eta.py), after its first line: the plan (graphs, tensors,
+    bytes read and written, the weights' time at the rate of one tensor converted now)."""
+    specs = weight_specs(plan.cfg)
+    n_graphs = sum(1 for _ in plan.graphs())
+    probed = probe(source, specs, lambda spec, full: sum(1 for _ in rank_tensors(spec, full, plan.tp, plan.dtype,
+                                                                                   quantizer)))
+    eta = ExportEta(n_graphs if plan.tp == 1 else 0, sum(source.nbytes(s) for s in specs), probed)
+    written = sum(int(np.prod(s.shape, dtype=np.int64)) * np.dtype(s.dtype or NUMPY_NAMES[plan.dtype]).itemsize
+                  for s in weight_specs(plan.cfg, plan.quant, plan.tp))
+    progress = Progress(enabled, eta=eta)
+    rate = eta.weights_rate()
+    progress.note(f"export: {n_graphs} graphs to trace{f' on each of {plan.tp} ranks' if plan.tp > 1 else ''}, then "
+                  f"{len(specs)} tensors, {size(eta.weight_bytes)} read and {size(written)} written "
+                  f"(at {size(rate)}/s read: ~{duration(eta.weight_bytes / rate)})")
+    return progress
 
 
 def make_quantizer(quant: str | None, tp: int, calib_stats: Path | None, alpha: float):

@@ -16,6 +16,7 @@ from safetensors.numpy import save_file
 from cogvlm2_lite.graphs.config import CogVLM2Config, ConfigError
 from cogvlm2_lite.graphs.model import weight_specs
 from cogvlm2_lite.runtime.errors import UserError
+from cogvlm2_lite.runtime.weights import DTYPES
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
@@ -58,6 +59,11 @@ class Checkpoint:
 
     def shape(self, name) -> tuple:
         return tuple(self._slice(name).get_shape())
+
+    def nbytes(self, name) -> int:
+        """Bytes of the tensor as stored in the checkpoint."""
+        s = self._slice(name)
+        return int(np.prod(s.get_shape(), dtype=np.int64)) * np.dtype(DTYPES[s.get_dtype()]).itemsize
 
     def read(self, name, index=()) -> np.ndarray:
         """The tensor, or `index` (a tuple of slices) of it, reading only those bytes."""

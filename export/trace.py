@@ -13,9 +13,11 @@ from pathlib import Path
 import mindspore as ms
 from mindspore.common.initializer import Zero
 
+from cogvlm2_lite.export.eta import GRAPH
 from cogvlm2_lite.graphs.config import CogVLM2Config
 from cogvlm2_lite.graphs.entry import NUMPY_NAMES, ExtendGraph, VisionGraph, image_prefix_graph
 from cogvlm2_lite.runtime.mindspore_backend import use_device
+from cogvlm2_lite.runtime.progress import Progress
 
 # MindSpore's default limit of 1000 nested calls is below the 19B vision tower's (63 layers, each
 # attending in 10 query blocks): the graphs are finite, so the limit only needs to be above them.
@@ -69,29 +71,37 @@ def example_inputs(graph, dtype: str, tp: int) -> list:
     return [ms.Tensor(shape=shape, dtype=dt, init=Zero()) for shape, dt in data + weights]
 
 
-def trace_rank(plan: Plan, out_dir: Path, on_graph=lambda name: None):
-    """Write `<name>.mindir` and/or `<name>.onnx` (plan.formats) for every graph of the plan into out_dir."""
+def trace_rank(plan: Plan, out_dir: Path, progress: Progress | None = None):
+    """Write `<name>.mindir` and/or `<name>.onnx` (plan.formats) for every graph of the plan into out_dir,
+    each graph a phase of `progress` ("graph 2/6: prefill_image_256")."""
     use_device()
     ms.set_recursion_limit(CALL_DEPTH)
     out_dir.mkdir(parents=True, exist_ok=True)
     forms = plan.forms()
-    for graph in plan.graphs():
-        inputs = example_inputs(graph, plan.dtype, plan.tp)
-        if "mindir" in plan.formats:
-            ms.export(graph, *inputs, file_name=str(out_dir / graph.name), file_format="MINDIR")
-        if "onnx" in plan.formats or "lite" in plan.formats:
-            from .onnx_export import export_onnx  # imports onnx only when asked for
-            export_onnx(graph, inputs, out_dir / f"{graph.name}.onnx")
-        if "lite" in plan.formats:  # MindSpore Lite's MindIR, converted from the ONNX graph
-            from .lite_export import SUFFIX, convert_to_lite, lite_form
-            convert_to_lite(out_dir / f"{graph.name}.onnx", out_dir / f"{graph.name}{SUFFIX}",
-                            lite_form(graph.name, plan.batch))
-            if "onnx" not in plan.formats:
-                (out_dir / f"{graph.name}.onnx").unlink()
-        if "onnx" in plan.formats:  # after Lite: it has none of onnxruntime's contrib ops
-            from .onnx_graph import rewrite_file
-            rewrite_file(out_dir / f"{graph.name}.onnx", for_onnxruntime, graph, plan, forms)
-        on_graph(graph.name)
+    progress = progress or Progress(enabled=False)
+    n = sum(1 for _ in plan.graphs())
+    for i, graph in enumerate(plan.graphs(), 1):
+        with progress.phase(f"graph {i}/{n}: {graph.name}", unit=GRAPH):
+            trace_graph(graph, plan, forms, out_dir)
+
+
+def trace_graph(graph, plan: Plan, forms: dict, out_dir: Path):
+    """One graph's files (plan.formats) in out_dir."""
+    inputs = example_inputs(graph, plan.dtype, plan.tp)
+    if "mindir" in plan.formats:
+        ms.export(graph, *inputs, file_name=str(out_dir / graph.name), file_format="MINDIR")
+    if "onnx" in plan.formats or "lite" in plan.formats:
+        from .onnx_export import export_onnx  # imports onnx only when asked for
+        export_onnx(graph, inputs, out_dir / f"{graph.name}.onnx")
+    if "lite" in plan.formats:  # MindSpore Lite's MindIR, converted from the ONNX graph
+        from .lite_export import SUFFIX, convert_to_lite, lite_form
+        convert_to_lite(out_dir / f"{graph.name}.onnx", out_dir / f"{graph.name}{SUFFIX}",
+                        lite_form(graph.name, plan.batch))
+        if "onnx" not in plan.formats:
+            (out_dir / f"{graph.name}.onnx").unlink()
+    if "onnx" in plan.formats:  # after Lite: it has none of onnxruntime's contrib ops
+        from .onnx_graph import rewrite_file
+        rewrite_file(out_dir / f"{graph.name}.onnx", for_onnxruntime, graph, plan, forms)
 
 
 def for_onnxruntime(model, graph, plan: Plan, forms: dict) -> bool:

@@ -23,6 +23,7 @@ onnx bundle.
 """
 import logging
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -30,10 +31,12 @@ import psutil
 
 from .bundle import Bundle, safetensors_header
 from .errors import UserError
+from .progress import Progress, size
 from .weights import load_rank_weights
 
 log = logging.getLogger(__name__)
 PACK_SHARE = 0.9  # a packed copy may take this share of the free memory (packing needs a little scratch)
+PACK_SHOWN = 1 << 30  # a load packing more shows each graph that packs as a phase on stderr (full 19B: 4.4 GiB, ~10 s)
 PRESENT = "present."  # a graph output present.<input> is written into that input's buffer (export/onnx_fuse.py)
 # How long an idle worker spins before it sleeps. A decode step's ops are microseconds apart, so 10 us
 # bridges them (w4a8 decode 5.24 ms, as with onnxruntime's longer default); longer, the workers of one
@@ -154,8 +157,11 @@ class OnnxRuntimeBackend:
         self._every_graph = every_graph and self._packing != decode
         self.packed_bytes = {}  # graph -> bytes of the weights onnxruntime packs a copy of for it
         self._bundle, self._paths, self._providers = bundle, paths, providers
+        packs = {n: self._pack_bytes(self._packed_inputs(n, paths[n])) for n in self._packing}
+        progress = Progress(enabled=sum(packs.values()) >= PACK_SHOWN)
         for name in bundle.graph_names:
-            self._graphs[name] = self._open(name)
+            with progress.phase(f"load {name}: pack {size(packs[name])} of weights") if name in packs else nullcontext():
+                self._graphs[name] = self._open(name)
         self._models.clear()   # what the packing decision read of graphs that then did not pack
 
         if self.device == "cuda":

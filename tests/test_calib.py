@@ -212,6 +212,7 @@ def test_calibrate_cli_is_deterministic_and_lands_in_the_bundle(tiny_bundle, tmp
         r = subprocess.run([sys.executable, "-c", "from cogvlm2_lite.runtime.cli import main; main()",
                             "calibrate", str(b), "-n", "2"], capture_output=True, text=True)
         assert r.returncode == 0, r.stderr[-2000:]
+        assert "\r" not in r.stderr and "\nstatistics: 2/2 [" in "\n" + r.stderr   # its phase, as one line
         bundle = Bundle(b, verify=True)
         assert bundle.manifest["calibration"]["samples"] == 2
         assert "calib_stats.safetensors" in bundle.manifest["files"]

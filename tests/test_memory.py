@@ -71,6 +71,23 @@ def test_packed_copies_are_one_per_decode_bucket_not_per_graph(w4_bundle):
     assert be.packed_bytes == {"decode_32": expected, "decode_64": expected}
 
 
+def test_a_load_that_packs_shows_each_graph_it_packs_as_a_phase(w4_bundle, monkeypatch, capsys):
+    """Off a terminal: one line per graph that packs, with the bytes it packs; a load packing less than
+    PACK_SHOWN (this tiny one: kilobytes) says nothing."""
+    import re
+
+    from cogvlm2_lite.runtime import onnx_backend
+    from cogvlm2_lite.runtime.progress import size
+    onnx_backend.OnnxRuntimeBackend(w4_bundle)
+    assert capsys.readouterr().err == ""
+    monkeypatch.setattr(onnx_backend, "PACK_SHOWN", 0)
+    be = onnx_backend.OnnxRuntimeBackend(w4_bundle)
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 2 and sorted(be.packed_bytes) == ["decode_32", "decode_64"]
+    for line, name in zip(lines, ["decode_32", "decode_64"]):
+        assert re.fullmatch(rf"load {name}: pack {size(be.packed_bytes[name])} of weights \[\d\d:\d\d\]", line), line
+
+
 def test_a_packed_copy_that_cannot_fit_is_refused_before_packing(w4_bundle, monkeypatch):
     from cogvlm2_lite.runtime import onnx_backend
     monkeypatch.setattr(onnx_backend.psutil, "virtual_memory", lambda: FREE(available=64 << 10, total=1 << 30))
