@@ -257,7 +257,6 @@ def _image_reuse(engine, photo: bytes, o: dict) -> dict:
 
     from cogvlm2_lite.runtime.engine import Request
     from cogvlm2_lite.runtime.sampling import SamplingParams
-    from cogvlm2_lite.runtime.scheduler import Scheduler
     params = SamplingParams(max_new_tokens=8, ignore_eos=True)
     other = Image.open(BytesIO(photo)).transpose(Image.Transpose.FLIP_LEFT_RIGHT)   # image Y: other pixels
     asks = [Request(PROMPT, image=photo, params=params), Request("What is in the picture?", image=other, params=params),
@@ -266,11 +265,13 @@ def _image_reuse(engine, photo: bytes, o: dict) -> dict:
     for i in range(min(1, o["warmup"]) + max(1, o["reps"] // 3)):
         engine.clear_prefix_cache()
         before = {name: c.stats() for name, c in engine.caches.items()}
-        results = [Scheduler(engine).run([r])[0] for r in asks]   # B = 1: one request at a time, caches on
+        with engine.scheduler.policy(prefix_cache=True, encoder_cache=True):   # one request at a time, caches on
+            results = [engine.generate([r])[0] for r in asks]
         if i >= min(1, o["warmup"]):
             runs.append((results, {name: {k: v - before[name][k] if k in ("hits", "misses", "evictions") else v
                                           for k, v in c.stats().items()} for name, c in engine.caches.items()}))
-    fresh = Scheduler(engine, prefix_cache=False, encoder_cache=False).run([asks[2]])[0]
+    with engine.scheduler.policy(prefix_cache=False, encoder_cache=False):
+        fresh = engine.generate([asks[2]])[0]
     engine.clear_prefix_cache()
     results, caches = runs[-1]
     return {"ttft_s": [stats(rs[k].ttft_s for rs, _ in runs) for k in range(3)],
@@ -286,7 +287,6 @@ def _serving(engine, rng, o: dict) -> dict:
     admits only when all rows are free)."""
     from cogvlm2_lite.runtime.engine import Request
     from cogvlm2_lite.runtime.sampling import SamplingParams
-    from cogvlm2_lite.runtime.scheduler import Scheduler
     n = max(4 * engine.batch, 12) if not o.get("quick") else 2 * engine.batch + 2
     top = max(17, min(200, engine.cache.max_len // 2))                  # prompt tokens, up to
     new_top = max(9, min(129, engine.cache.max_len - top - 2))          # new tokens, up to
@@ -299,15 +299,15 @@ def _serving(engine, rng, o: dict) -> dict:
         for conc in sorted({1, engine.batch, 2 * engine.batch}):
             if lockstep and conc == 1:
                 continue
-            sched = Scheduler(engine, prefix_cache=False, lockstep=lockstep)
-            todo = list(reqs)
-            seqs = [sched.add(todo.pop(0)) for _ in range(min(conc, len(todo)))]
-            t = time.perf_counter()
-            while sched.busy:
-                sched.step()
-                while todo and sum(not s.done for s in seqs) < conc:
-                    seqs.append(sched.add(todo.pop(0)))
-            wall = time.perf_counter() - t
+            with engine.scheduler.policy(prefix_cache=False, lockstep=lockstep):
+                todo = list(reqs)
+                seqs = [engine.add(todo.pop(0)) for _ in range(min(conc, len(todo)))]
+                t = time.perf_counter()
+                while engine.busy:
+                    engine.step()
+                    while todo and sum(not s.done for s in seqs) < conc:
+                        seqs.append(engine.add(todo.pop(0)))
+                wall = time.perf_counter() - t
             tokens = sum(len(s.tokens) for s in seqs)
             out.append({"policy": "lockstep" if lockstep else "in-flight", "concurrency": conc, "requests": n,
                         "output_tokens": tokens, "wall_s": wall, "output_tokens_per_s": tokens / wall,

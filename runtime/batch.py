@@ -303,8 +303,8 @@ class _Preparer:
         if item.error is None:
             try:
                 obj = json.loads(p.raw.decode("utf-8-sig"))
-                item.request = (batch_openai.request(obj, self.in_dir, self.engine) if self.openai
-                                else self._request(obj))
+                request = batch_openai.request(obj, self.in_dir, self.engine) if self.openai else self._request(obj)
+                item.request = self.engine.prepare(request)   # tokenized here, on this thread, once
             except ApiError as e:
                 item.error, item.status = e.message, e.status
             except UserError as e:
@@ -390,7 +390,6 @@ def _open_output(out_path: Path) -> int:
 
 def _run(engine, pending, prepare, writer, summary, progress):
     from tqdm import tqdm
-    from .scheduler import Scheduler
     b = engine.batch
     q = queue.Queue(maxsize=2 * b)
     stop = threading.Event()
@@ -416,7 +415,7 @@ def _run(engine, pending, prepare, writer, summary, progress):
     if progress is None:
         progress = sys.stderr.isatty()
     bar = tqdm(total=len(pending), unit="line", disable=not progress, dynamic_ncols=True, file=sys.stderr)
-    scheduler = Scheduler(engine, prefix_cache=False)  # each line's result independent of the previous one
+    scheduler = engine.scheduler
     start = time.perf_counter()
 
     def emit(item, obj):
@@ -449,6 +448,8 @@ def _run(engine, pending, prepare, writer, summary, progress):
     thread = threading.Thread(target=produce, name="batch-prepare", daemon=True)
     thread.start()
     ended = False
+    no_reuse = scheduler.policy(prefix_cache=False)  # each line's result independent of the previous one
+    no_reuse.__enter__()
     try:
         while not ended or scheduler.busy:
             while not ended and len(scheduler.queue) < b:  # B lines waiting: a freed row never waits for the reader
@@ -464,15 +465,16 @@ def _run(engine, pending, prepare, writer, summary, progress):
                     fail(item, item.error)
                 else:
                     try:
-                        scheduler.add(item.request, on_finish=lambda seq, item=item: finished(item, seq))
+                        engine.add(item.request, on_finish=lambda seq, item=item: finished(item, seq))
                     except UserError as e:
                         fail(item, str(e))
             if scheduler.busy:
-                scheduler.step()
+                engine.step()
         if writer.waiting:
             raise RuntimeError(f"batch: {len(writer.waiting)} ordered lines were never written")  # a bug
     finally:
         stop.set()
+        no_reuse.__exit__(None, None, None)
         writer.sync()
         bar.close()
         thread.join(timeout=5)

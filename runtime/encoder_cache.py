@@ -12,8 +12,9 @@ the preprocessed pixels alone, so both are kept under the pixels' digest (`pixel
 
 Each is a `ByteLRU`: bounded in bytes, least recently used evicted first. Pixels, not object
 identity, are compared: the same picture as a path, bytes, a PIL image or an ndarray is one entry, and
-an edited PIL image is another. The scheduler decides when to read and fill them (scheduler.py); the
-engine owns them and copies K/V in and out of its rows (engine.py).
+an edited PIL image is another. The scheduler keeps their index (what is cached, by size: a ByteLRU of
+sizes) and decides when to read, fill and evict them (scheduler.py); the runner holds the tensors of its rank
+and copies K/V in and out of its rows as the plans say (runner.py).
 """
 import hashlib
 from collections import OrderedDict
@@ -38,12 +39,14 @@ def budget_bytes(mb: float | None, share: float, free_bytes: int) -> int:
 
 
 def _nbytes(value) -> int:
+    if isinstance(value, int):   # an index entry: only its size
+        return value
     return sum(a.nbytes for a in value) if isinstance(value, tuple) else value.nbytes
 
 
 class ByteLRU:
-    """Arrays (or tuples of arrays) by key, at most `capacity` bytes in all, the least recently used evicted
-    first; capacity 0 keeps nothing. Counts hits, misses and evictions (for /metrics and bench: they grow
+    """Arrays (or tuples of arrays, or only their sizes in bytes: an index of what another holder keeps) by key,
+    at most `capacity` bytes in all, the least recently used evicted first; capacity 0 keeps nothing. Counts hits, misses and evictions (for /metrics and bench: they grow
     monotonically, `clear` keeps them)."""
 
     def __init__(self, capacity: int):
@@ -51,6 +54,7 @@ class ByteLRU:
         self._entries: OrderedDict = OrderedDict()
         self.bytes = 0
         self.hits = self.misses = self.evictions = 0
+        self.evicted: list = []   # keys evicted since the holder last took them (the scheduler: into a plan)
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -85,9 +89,10 @@ class ByteLRU:
         if old is not None:
             self.bytes -= _nbytes(old)
         while self.bytes + nbytes > self.capacity:
-            _, evicted = self._entries.popitem(last=False)
+            gone, evicted = self._entries.popitem(last=False)
             self.bytes -= _nbytes(evicted)
             self.evictions += 1
+            self.evicted.append(gone)
         self._entries[key] = value
         self.bytes += nbytes
         return True

@@ -43,7 +43,6 @@ class KVCache:
         self._v = np.zeros(n, dtype)
         self.bucket = self.buckets[0]
         self.lengths = np.zeros(batch, np.int32)   # filled slots per row
-        self.held: list = [None] * batch   # per row: what its slots hold, as tagged by the scheduler; any write clears it
 
     @staticmethod
     def slot_bytes(layers: int, batch: int, kv_heads: int, head_dim: int, dtype: str) -> int:
@@ -111,7 +110,6 @@ class KVCache:
         kc[:, row, :, i:i + n] = k[:, 0, :, :n]
         vc[:, row, :, i:i + n] = v[:, 0, :, :n]
         self.lengths[row] = i + n
-        self.held[row] = None
 
     def copy_row(self, src: int, dst: int, n: int):
         """Row `dst` starts over with the first n slots of row `src` (choices of one prompt share its prefill)."""
@@ -119,7 +117,6 @@ class KVCache:
         kc[:, dst, :, :n] = kc[:, src, :, :n]
         vc[:, dst, :, :n] = vc[:, src, :, :n]
         self.lengths[dst] = n
-        self.held[dst] = None
 
     def append(self, k_new, v_new, rows=None):
         """Store one decode step's K/V [L, B, KV, 1, D] at each row's next slot and advance it."""
@@ -129,4 +126,3 @@ class KVCache:
             kc[:, b, :, i] = k_new[:, b, :, 0]
             vc[:, b, :, i] = v_new[:, b, :, 0]
             self.lengths[b] += 1
-            self.held[b] = None

@@ -40,3 +40,14 @@ class Result:
                 "prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
                 "ttft_s": round(self.ttft_s, 4), "total_s": round(self.total_s, 4),
                 "tokens_per_s": round(self.tokens_per_s, 2)}
+
+
+@dataclass
+class Prepared:
+    """A request made ready in the caller's thread, once (Engine.prepare): its prompt's token ids and RoPE
+    positions, its preprocessed pixels and their digest (None, None for text only)."""
+    request: Request
+    ids: list
+    positions: list
+    pixels: object = None                # float32 [3, S, S] or None
+    digest: bytes | None = None          # encoder_cache.pixel_digest(pixels): the image caches' key

@@ -134,8 +134,8 @@ class EngineLoop:
             self.error = str(e) if isinstance(e, UserError) else f"{type(e).__name__}: {e}"
             self.ready.set()
             return
-        from .scheduler import Scheduler
-        sched = Scheduler(self.engine)
+        engine = self.engine
+        sched = engine.scheduler   # read for counts only; requests go in through the engine
         seqs = {}  # sink -> Sequence
         sent = {}  # sink -> logprob entries already sent
         self._count(sched)
@@ -154,9 +154,9 @@ class EngineLoop:
                         parent = None
                         for request, s in value:
                             try:
-                                seqs[s] = sched.add(request, parent=parent,
-                                                    on_text=lambda piece, s=s: self._text(seqs, sent, s, piece),
-                                                    on_finish=lambda seq, s=s: self._finished(seqs, sent, s, seq))
+                                seqs[s] = engine.add(request, parent=parent,
+                                                     on_text=lambda piece, s=s: self._text(seqs, sent, s, piece),
+                                                     on_finish=lambda seq, s=s: self._finished(seqs, sent, s, seq))
                                 parent = parent or seqs[s]
                             except UserError as e:
                                 s("error", str(e))
@@ -170,7 +170,7 @@ class EngineLoop:
                 pass
             self._count(sched)
             if sched.busy:
-                sched.step()
+                engine.step()
                 self._count(sched)
             self.metrics.queue.set(len(sched.queue) + self._waiting)
             self.metrics.rows.set(sched.rows_in_use)
@@ -313,9 +313,8 @@ def create_app(loop: EngineLoop, model: str, api_key: str | None = None, max_bod
             engine = loop.engine
             call = await run_in_threadpool(parse_chat, body, model, lambda src: engine.pixels([src])[0],
                                            allowed_image_dir)
-            r = call.request
-            try:
-                engine.prompt(r)
+            try:  # tokenized and its image hashed here, once, off the event loop
+                prepared = await run_in_threadpool(engine.prepare, call.request)
             except UserError as e:  # before the stream starts: a 400, not an error event
                 raise ApiError(400, str(e), "messages", "context_length_exceeded") from None
             if gone.done():  # left while the image was decoded: nothing to run
@@ -327,9 +326,7 @@ def create_app(loop: EngineLoop, model: str, api_key: str | None = None, max_bod
             def sink_of(index):
                 return lambda kind, value: aloop.call_soon_threadsafe(events.put_nowait, (index, kind, value))
             sinks = [sink_of(i) for i in range(call.n)]
-            seed = r.params.seed
-            loop.submit([r] + [replace(r, params=replace(r.params, seed=None if seed is None else seed + i))
-                               for i in range(1, call.n)], sinks)
+            loop.submit([prepared] + [choice(prepared, i) for i in range(1, call.n)], sinks)
         except ApiError as e:
             if gone is not None:
                 gone.cancel()
@@ -403,6 +400,13 @@ def create_app(loop: EngineLoop, model: str, api_key: str | None = None, max_bod
                 cancel()
 
     return app
+
+
+def choice(prepared, index: int):
+    """Choice `index` of a prepared request: the same prompt, seeded seed + index when a seed is given."""
+    params = prepared.request.params
+    seed = None if params.seed is None else params.seed + index
+    return replace(prepared, request=replace(prepared.request, params=replace(params, seed=seed)))
 
 
 def _sse(obj) -> str:

@@ -166,12 +166,11 @@ def test_forked_choices_match_separate_requests_token_for_token(engine4, photo):
         separate.append(engine4.generate([Request("what is it", image=photo, params=p)])[0])
         calls_one = {k: v - before.get(k, 0) for k, v in engine4.timings.calls.items()}
     engine4.clear_prefix_cache()
-    sched = engine4.scheduler
     before = dict(engine4.timings.calls)
-    parent = sched.add(Request("what is it", image=photo, params=params[0]))
-    children = [sched.add(Request("what is it", image=photo, params=p), parent=parent) for p in params[1:]]
-    while sched.busy:
-        sched.step()
+    parent = engine4.add(Request("what is it", image=photo, params=params[0]))
+    children = [engine4.add(Request("what is it", image=photo, params=p), parent=parent) for p in params[1:]]
+    while engine4.busy:
+        engine4.step()
     assert [s.result().token_ids for s in [parent, *children]] == [r.token_ids for r in separate]
     calls = {k: v - before.get(k, 0) for k, v in engine4.timings.calls.items()}
     assert calls["vision"] == 1 and calls["prefill"] == calls_one["prefill"]   # one request's prefill, three answers

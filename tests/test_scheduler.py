@@ -7,13 +7,31 @@ from PIL import Image
 import eager
 from cogvlm2_lite.runtime.engine import Engine, Request
 from cogvlm2_lite.runtime.sampling import SamplingParams
-from cogvlm2_lite.runtime.scheduler import Scheduler
 
 from conftest import BUCKETS, prompt
 
 
 def greedy(n):
     return SamplingParams(max_new_tokens=n, ignore_eos=True)
+
+
+@pytest.fixture
+def planning(monkeypatch):
+    """planning(engine, **policy) -> the engine, its one scheduler planning with `policy` (prefix_cache off by
+    default) for this test; at the end whatever the test left in flight is cancelled: the engine is shared."""
+    used = []
+
+    def plan(engine, **policy):
+        for k, v in {"prefix_cache": False, **policy}.items():
+            monkeypatch.setattr(engine.scheduler, k, v)
+        used.append(engine)
+        return engine
+    yield plan
+    for e in used:
+        for s in [*e.scheduler.queue, *(r for r in e.scheduler.rows if r is not None)]:
+            s.cancel()
+        while e.busy:
+            e.step()
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +47,7 @@ def mixed_requests(pictures, n=12):
 
 
 def test_chunk_plan_pays_for_tokens_not_buckets():
-    from cogvlm2_lite.runtime.engine import chunk_plan
+    from cogvlm2_lite.runtime.runner import chunk_plan
     assert chunk_plan(52, (16, 64, 256), 32) == (64,)
     assert chunk_plan(128, (16, 64, 256), 32) == (64, 64)  # not one half-empty 256
     assert chunk_plan(300, (16, 64, 256), 32) == (64, 256)  # padding only in the last chunk
@@ -60,23 +78,23 @@ def test_chunked_prefill_equals_whole_prompt_logits(engine, tiny_cfg, tiny_weigh
                 assert np.abs(split - ref).max() <= 1e-5, words
 
 
-def test_in_flight_batching_changes_no_request(engine, engine4, pictures):
+def test_in_flight_batching_changes_no_request(engine, engine4, pictures, planning):
     """B = 4, 12 requests arriving while others run: each one's greedy tokens equal its tokens alone."""
     requests = mixed_requests(pictures)
     alone = [engine.generate([r])[0].token_ids for r in requests]
-    sched = Scheduler(engine4, prefix_cache=False)
+    sched = planning(engine4)
     seqs, occupied = [], []
     for i, r in enumerate(requests):
         seqs.append(sched.add(r))
         for _ in range(i % 3):  # a few steps between arrivals
             sched.step()
-            occupied.append(sched.rows_in_use)
+            occupied.append(sched.scheduler.rows_in_use)
     while sched.busy:
         sched.step()
-        occupied.append(sched.rows_in_use)
+        occupied.append(sched.scheduler.rows_in_use)
     assert [s.result().token_ids for s in seqs] == alone
     assert all(s.result().finish_reason == "length" for s in seqs)
-    assert max(occupied) == 4 and engine4.scheduler is not sched
+    assert max(occupied) == 4
 
 
 def test_generate_runs_more_requests_than_rows(engine4, pictures):
@@ -99,13 +117,13 @@ def test_a_freed_row_never_leaks_into_the_next_request(engine4, pictures):
     assert [r.token_ids for r in dirty] == [r.token_ids for r in clean]
 
 
-def test_cancel_frees_the_row_at_the_next_step(engine, pictures):
-    sched = Scheduler(engine, prefix_cache=False)
+def test_cancel_frees_the_row_at_the_next_step(engine, pictures, planning):
+    sched = planning(engine)
     first = sched.add(Request("a long answer", params=greedy(40)))
     second = sched.add(Request("what is it?", image=pictures[1], params=greedy(6)))
     for _ in range(3):
         sched.step()
-    assert first.row == 0 and second.row is None and len(first.tokens) == 4  # prefill + first decode in step 1
+    assert first.row == 0 and second.row is None and len(first.tokens) == 3  # one token per step
     first.cancel()
     sched.step()
     assert first.result().finish_reason == "cancel" and second.row == 0
@@ -118,8 +136,8 @@ def test_cancel_frees_the_row_at_the_next_step(engine, pictures):
     assert queued.result().finish_reason == "cancel" and queued.result().token_ids == []
 
 
-def test_decode_bucket_follows_the_longest_active_row(engine4):
-    sched = Scheduler(engine4, prefix_cache=False)
+def test_decode_bucket_follows_the_longest_active_row(engine4, planning):
+    sched = planning(engine4)
     long = sched.add(Request("go on " * 5, params=greedy(20)))
     short = sched.add(Request("hi", params=greedy(24)))
     assert len(long.ids) + 20 > 32 >= len(short.ids) + 24
@@ -132,9 +150,9 @@ def test_decode_bucket_follows_the_longest_active_row(engine4):
     assert short.result().completion_tokens == 24
 
 
-def test_a_long_prompt_does_not_freeze_running_streams(engine4):
+def test_a_long_prompt_does_not_freeze_running_streams(engine4, planning):
     """Policy: while rows decode, one step prefills at most one largest chunk (16 tokens here)."""
-    sched = Scheduler(engine4, prefix_cache=False)
+    sched = planning(engine4)
     running = sched.add(Request("hi", params=greedy(30)))
     sched.step()
     sched.step()
@@ -148,14 +166,14 @@ def test_a_long_prompt_does_not_freeze_running_streams(engine4):
     assert len(running.tokens) - before == steps  # ... and the running stream got a token in each of them
 
 
-def test_lockstep_admits_only_when_every_row_is_free(engine4, pictures):
-    sched = Scheduler(engine4, prefix_cache=False, lockstep=True)
+def test_lockstep_admits_only_when_every_row_is_free(engine4, pictures, planning):
+    sched = planning(engine4, lockstep=True)
     seqs = [sched.add(r) for r in mixed_requests(pictures, 6)]
     sched.step()
-    assert sched.rows_in_use == 4 and len(sched.queue) == 2
+    assert sched.scheduler.rows_in_use == 4 and len(sched.scheduler.queue) == 2
     while not seqs[0].done:
         sched.step()
-    assert len(sched.queue) == 2  # a row is free, but lockstep waits for the whole batch
+    assert len(sched.scheduler.queue) == 2  # a row is free, but lockstep waits for the whole batch
     while sched.busy:
         sched.step()
     assert [s.result().token_ids for s in seqs] == [r.token_ids for r in engine4.generate(mixed_requests(pictures, 6))]
@@ -185,7 +203,7 @@ def test_ignore_eos_generates_exactly_max_new_tokens(engine):
 
 
 def test_any_other_write_to_a_row_ends_its_reuse(tiny_bundle):
-    """Raw graph calls or another scheduler on the same engine overwrite a row: its old prefix is not reused."""
+    """Raw graph calls or another request overwrite a row: its old prefix is not reused."""
     e = Engine(tiny_bundle)
     request = Request("Describe the image.", params=greedy(4))
     first = e.generate([request])[0]
@@ -193,7 +211,8 @@ def test_any_other_write_to_a_row_ends_its_reuse(tiny_bundle):
     e.prefill([prompt(e, "something else entirely", False)[0]])
     again = e.generate([request])[0]
     assert again.reused_tokens == 0 and again.token_ids == first.token_ids
-    Scheduler(e, prefix_cache=False).run([Request("other words here", params=greedy(3))])
+    with e.scheduler.policy(prefix_cache=False):
+        e.generate([Request("other words here", params=greedy(3))])
     other, mine = prompt(e, "other words here", False)[0], prompt(e, "Describe the image.", False)[0]
     common = next(i for i, (a, b) in enumerate(zip(other, mine)) if a != b)
     last = e.generate([request])[0]

@@ -54,8 +54,8 @@ class FakeLoop:
     def check_open(self):
         pass
 
-    def prompt(self, request):
-        return [1, 2, 3], [0, 0, 0]
+    def prepare(self, request):
+        return request
 
     def pixels(self, images):
         time.sleep(self.decode_s)       # a large image being decoded
