@@ -119,12 +119,13 @@ def occupancy(monkeypatch):
     """Record, at every scheduler step, which rows hold a request and whether it has an image."""
     from cogvlm2_lite.runtime.scheduler import Scheduler
     seen = []
-    step = Scheduler.step
+    schedule = Scheduler.schedule
 
     def spy(self):
-        step(self)
+        plan = schedule(self)
         seen.append(tuple(None if s is None else s.pixels is not None for s in self.rows))
-    monkeypatch.setattr(Scheduler, "step", spy)
+        return plan
+    monkeypatch.setattr(Scheduler, "schedule", spy)
     return seen
 
 
