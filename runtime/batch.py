@@ -47,7 +47,7 @@ import click
 import numpy as np
 
 from .errors import UserError
-from .msrun import relaunch_under_msrun
+from .msrun import cluster_option, relaunch_under_msrun
 from . import batch_openai
 from .openai_api import ApiError
 from .options import open_engine, sampling_options, sampling_params
@@ -494,7 +494,8 @@ def _run(engine, pending, prepare, writer, summary, progress):
 @click.option("--retry-errors", is_flag=True,
               help="Run the lines OUT holds as errors again (after fixing what they name); appended at the end.")
 @sampling_options
-def batch(bundle, in_file, out_file, ordered, fsync_interval, progress, retry_errors, **o):
+@cluster_option
+def batch(bundle, in_file, out_file, ordered, fsync_interval, progress, retry_errors, cluster, **o):
     """Answer every line of IN.jsonl into OUT.jsonl; run it again to resume after a crash.
 
     \b
@@ -512,7 +513,7 @@ def batch(bundle, in_file, out_file, ordered, fsync_interval, progress, retry_er
         raise UserError("IN.jsonl and OUT.jsonl are the same file; write the results to another file.")
     defaults = sampling_params(o)
     defaults = {k: getattr(defaults, k) for k in SAMPLING_FIELDS}
-    if relaunch_under_msrun(bundle):
+    if relaunch_under_msrun(bundle, cluster):
         return
     if os.environ.get("MS_ROLE") == "MS_SCHED":  # msrun's scheduler runs this command too: it only
         open_engine(bundle, o)                   # serves the cluster and must not touch OUT

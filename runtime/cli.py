@@ -3,6 +3,7 @@
 never imports the exporter. Every UserError becomes one line on stderr and exit code 1.
 """
 import json
+import os
 import sys
 import time
 from importlib.metadata import entry_points
@@ -11,7 +12,7 @@ import click
 
 from .batch import batch
 from .errors import UserError
-from .msrun import relaunch_under_msrun
+from .msrun import cluster_option, relaunch_under_msrun
 from .options import cache_options, open_engine, rank0_printer, sampling_options, sampling_params
 
 class Main(click.Group):
@@ -70,13 +71,14 @@ def read_schema(path: str) -> dict:
 @click.option("--json-schema", "schema_file", type=click.Path(dir_okay=False), default=None,
               help="Answer JSON matching this JSON schema file (structured output).")
 @sampling_options
-def run(bundle, image, prompt, stream, as_json, schema_file, **o):
+@cluster_option
+def run(bundle, image, prompt, stream, as_json, schema_file, cluster, **o):
     """Answer one prompt about one image."""
     from dataclasses import replace
     params = sampling_params(o)
     if schema_file is not None:
         params = replace(params, json_schema=read_schema(schema_file))
-    if relaunch_under_msrun(bundle):
+    if relaunch_under_msrun(bundle, cluster):
         return
     from .engine import Request
     t = time.perf_counter()
@@ -171,11 +173,16 @@ def chat(bundle, image, **o):
               help="Seconds running requests get to finish after SIGTERM/SIGINT.")
 @click.option("--no-ui", is_flag=True, help="No chat page at GET / (API-only deployments).")
 @cache_options
+@cluster_option
 def serve(bundle, host, port, backend, api_key, max_queue, max_body_mb, allowed_image_dir, shutdown_timeout, no_ui,
-          **cache_mb):
+          cluster, **cache_mb):
     """OpenAI-compatible HTTP server: POST /v1/chat/completions (streaming too), GET /v1/models, /health, /metrics,
-    and a chat page at GET /."""
-    from .server import serve as run_server
+    and a chat page at GET /. A tensor-parallel bundle is served by rank 0 under msrun, launched here."""
+    from .server import check_address, serve as run_server
+    if "MS_WORKER_NUM" not in os.environ and (cluster is None or cluster.split(",")[1:2] == ["0"]):
+        check_address(host, port)   # before msrun starts: a taken port is one sentence at once
+    if relaunch_under_msrun(bundle, cluster):
+        return
     run_server(bundle, host, port, backend, api_key, max_queue, max_body_mb, allowed_image_dir, shutdown_timeout,
                ui=not no_ui, on_ready=click.echo, **cache_mb)
 

@@ -17,6 +17,7 @@ Calls go one way: front -> scheduler (decides) and runner (executes) -> backends
 other ranks only execute plans (`follow`). The raw graph calls (image_embeddings, prefill_image, extend,
 prefill, decode) are the runner's, exposed here so other implementations can be compared against the bundle.
 """
+import functools
 import os
 import numpy as np
 
@@ -32,8 +33,10 @@ from .scheduler import Limits, Scheduler, Sequence
 from .tokenizer import Tokenizer, position_ids
 
 
-def _msrun_rank(tp: int) -> int:
-    """Join the communication group when launched by msrun; a tp > 1 bundle needs that."""
+@functools.lru_cache(maxsize=1)
+def join_ranks(tp: int) -> int:
+    """Join the communication group when launched by msrun (once per process; a tp > 1 bundle needs it) -> this
+    process's rank. Raises UserError outside msrun or with another number of processes."""
     if tp == 1:
         return 0
     if "MS_WORKER_NUM" not in os.environ and "RANK_SIZE" not in os.environ:
@@ -65,7 +68,7 @@ class Engine:
                  encoder_cache_mb: float | None = None, prefix_cache_mb: float | None = None, **backend_options):
         self.bundle = bundle if isinstance(bundle, Bundle) else Bundle(bundle, verify=verify)
         m = self.bundle.manifest
-        self.rank = _msrun_rank(self.bundle.tp)
+        self.rank = join_ranks(self.bundle.tp)
         self.tokenizer = Tokenizer(self.bundle.tokenizer_path)
         self.runner = Runner(self.bundle, backend, self.rank, self.tokenizer, **backend_options)
         self.channel = None

@@ -1,4 +1,5 @@
 """The flags and helpers that run, chat, batch and serve share (a leaf module: click and the runtime only)."""
+import atexit
 import os
 import signal
 import sys
@@ -75,11 +76,23 @@ def open_engine(bundle_path: str, o: dict):
     finally:
         signal.signal(signal.SIGINT, previous)
     signal.signal(signal.SIGTERM, signal.default_int_handler)
+    follow_if_not_rank0(engine)
     return engine
 
 
+def follow_if_not_rank0(engine):
+    """Under msrun: a rank other than 0 only executes rank 0's plans, then exits; rank 0 tells them to stop when
+    its process ends, however it ends."""
+    if engine.channel is None:
+        return
+    if engine.rank != 0:
+        engine.follow()
+        sys.exit(0)
+    atexit.register(engine.close)
+
+
 def rank0_printer(rank: int):
-    """Only rank 0 speaks: every rank computes the same tokens."""
+    """Only rank 0 speaks (the other ranks only follow its plans)."""
     def say(text, nl=True, err=False):
         if rank == 0:
             click.echo(text, nl=nl, err=err)

@@ -448,6 +448,11 @@ async def _read_json(request, limit: int):
         raise ApiError(400, f"the request body is not valid JSON here ({str(e).split(';')[0]}).") from None
 
 
+def check_address(host: str, port: int):
+    """Raises UserError now if `listen` would (the port is then free again for the process that serves)."""
+    listen(host, port).close()
+
+
 def listen(host: str, port: int) -> socket.socket:
     """The server's listening socket (port 0: any free one), bound before anything loads, so that a taken
     port or a bad address is one sentence, with no half-loaded engine to tear down. Raises UserError."""
@@ -471,8 +476,10 @@ def serve(bundle: str, host: str, port: int, backend: str, api_key: str | None, 
     from .engine import Engine
     b = Bundle(bundle)
     if b.tp > 1:
-        raise UserError(f"{bundle} is split over {b.tp} ranks: serve runs tp 1 bundles; export one with --tp 1 "
-                        "(or run this one with `cogvlm2-lite run`/`batch`, which launch msrun).")
+        from .engine import join_ranks
+        if join_ranks(b.tp) != 0:   # under msrun: the other ranks execute rank 0's plans, and serve nothing
+            from .options import follow_if_not_rank0
+            follow_if_not_rank0(Engine(b, backend=backend, **cache_mb))
     image_dir = None
     if allowed_image_dir is not None:
         image_dir = Path(allowed_image_dir).resolve()
@@ -512,5 +519,7 @@ def serve(bundle: str, host: str, port: int, backend: str, api_key: str | None, 
         signal.signal(sig, lambda *_: None)      # a graceful stop then exits 0, not as killed
     server.run(sockets=[sock])
     loop.stop()
+    if loop.engine is not None:
+        loop.engine.close()   # tensor parallel: the other ranks stop following
     if loop.error:
         raise UserError(loop.error)
