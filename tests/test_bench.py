@@ -147,7 +147,7 @@ def test_report_has_every_section_with_sane_values(smoke):
     assert s["eager_over_exported"] > 0
     assert 0 < s["decode_roofline_fraction"] <= 1 and 0 <= s["host_overhead_share"] <= 1
     names = {t["target"] for t in rep["targets"]}
-    assert len(names) == 5
+    assert len(names) == 6
     assert 0 < hb["structured_mask_s"] < hb["structured_sample_s"] and hb["structured_mask_share_of_decode_step"] > 0
     for t in rep["targets"]:
         assert isinstance(t["met"], bool) and t["value"] > 0 and isinstance(t["limits"], list)
