@@ -160,7 +160,7 @@ class Engine:
         self.image_prefixes.clear()
 
     @property
-    def caches(self) -> dict:
+    def image_caches(self) -> dict:
         """The image caches by name (what /metrics and bench count)."""
         return {"encoder": self.encoder_cache, "image_prefix": self.image_prefixes}
 

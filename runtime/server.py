@@ -55,7 +55,7 @@ class Metrics:
 
         class Caches:
             def collect(self):
-                stats = {name: c.stats() for name, c in engine_of().caches.items()} if engine_of() else {}
+                stats = {name: c.stats() for name, c in engine_of().image_caches.items()} if engine_of() else {}
                 for key, family, text in (("hits", CounterMetricFamily, "Lookups that found the image"),
                                           ("misses", CounterMetricFamily, "Lookups that did not"),
                                           ("evictions", CounterMetricFamily, "Entries dropped for room"),
