@@ -12,7 +12,8 @@ A request waits in a queue until a row is free; from then on every `step()`:
      else with its embeddings cached, the vision graph is not run. Policy: while other rows are
      decoding, one step prefills at most `step_tokens` prompt tokens (default: the largest
      chunk), so a long prompt delays each running stream by about one chunk's time per token
-     instead of freezing it; with no row decoding, prompts are prefilled without a limit. A row that finishes its prompt samples its first token;
+     instead of freezing it; with no row decoding, prompts are prefilled without a limit. A row
+     that finishes its prompt samples its first token;
   4. decode: every row with a token to feed runs in one `decode_<T>` call, T the smallest bucket
      holding the longest occupied row, and samples its next token;
   5. a row is freed the moment its sequence ends (stop, length, context, cancel).
@@ -23,8 +24,9 @@ free (a batch runs until its longest member ends: what batching did before this 
 for comparison in `bench`).
 
 Tensor parallel: every rank runs this same scheduler over the same requests in the same order.
-Its decisions depend only on that order and on the logits, which the graphs all-gather, so the
-ranks agree without messages; requests without a seed draw their seed from COGVLM2_LITE_SEED,
+Its decisions depend only on that order, on the logits, which the graphs all-gather, and on the
+image caches, which every rank fills alike under a bound every rank computes alike (engine.py), so
+the ranks agree without messages; requests without a seed draw their seed from COGVLM2_LITE_SEED,
 which the msrun launcher (cli.py) sets alike for every rank.
 """
 import itertools
