@@ -3,8 +3,9 @@ and load time): `python -m cogvlm2_lite.bench.measure SPEC.json OUT.json`.
 
 Sections, in order (each a function below, each with warm-up and repetitions): load; preprocessing;
 the vision graph; TTFT phase by phase; prefill per chunk size; TTFT by prompt length; an image asked
-about again (the encoder and image-prefix caches); serving (in-flight vs lockstep); decode per cache bucket; the host's share of a decode step; generation end
-to end; a per-op profile (MindSpore, onnxruntime). RSS is read after each phase.
+about again (the encoder and image-prefix caches); serving (in-flight vs lockstep); decode per cache
+bucket; the host's share of a decode step; generation end to end; a per-op profile (MindSpore,
+onnxruntime). RSS is read after each phase.
 """
 import json
 import sys
@@ -261,15 +262,18 @@ def _image_reuse(engine, photo: bytes, o: dict) -> dict:
     other = Image.open(BytesIO(photo)).transpose(Image.Transpose.FLIP_LEFT_RIGHT)   # image Y: other pixels
     asks = [Request(PROMPT, image=photo, params=params), Request("What is in the picture?", image=other, params=params),
             Request("Which colours are in the picture, and where?", image=photo, params=params)]
+    def since(before: dict) -> dict:   # the caches' counters since `before`, their sizes now
+        return {name: {k: v - before[name][k] if k in ("hits", "misses", "evictions") else v
+                       for k, v in c.stats().items()} for name, c in engine.image_caches.items()}
     runs = []
-    for i in range(min(1, o["warmup"]) + max(1, o["reps"] // 3)):
+    warmup = min(1, o["warmup"])
+    for i in range(warmup + max(1, o["reps"] // 3)):
         engine.clear_prefix_cache()
-        before = {name: c.stats() for name, c in engine.caches.items()}
+        before = {name: c.stats() for name, c in engine.image_caches.items()}
         with engine.scheduler.policy(prefix_cache=True, encoder_cache=True):   # one request at a time, caches on
             results = [engine.generate([r])[0] for r in asks]
-        if i >= min(1, o["warmup"]):
-            runs.append((results, {name: {k: v - before[name][k] if k in ("hits", "misses", "evictions") else v
-                                          for k, v in c.stats().items()} for name, c in engine.caches.items()}))
+        if i >= warmup:
+            runs.append((results, since(before)))
     with engine.scheduler.policy(prefix_cache=False, encoder_cache=False):
         fresh = engine.generate([asks[2]])[0]
     engine.clear_prefix_cache()

@@ -5,6 +5,8 @@ One run measures (bench/measure.py, one worker process per backend, side by side
   - image preprocessing (JPEG decode, resize, normalize) at the bundle's size and at 1344;
   - the vision graph; TTFT with its breakdown (tokenize, preprocess, vision, prefill, first sample);
   - prefill tokens/s per chunk size; decode time per token per cache bucket; serving throughput;
+  - an image asked about again (image X + question 1, image Y, image X + question 2, B = 1): the third
+    TTFT against the first with the encoder and image-prefix caches, and their hits, misses and bytes;
   - generation end to end (tokens/s) and the host share of a decode step;
 and the reference points that give those numbers a meaning (bench/machine.py, bench/costs.py):
   - the machine's read bandwidth with all cores and the bytes one decode step must read -> decode's

@@ -159,7 +159,7 @@ class Engine:
         self._execute(Plan([self.scheduler.clear()]))
 
     @property
-    def caches(self) -> dict:
+    def image_caches(self) -> dict:
         """The image caches' indexes by name (what /metrics and bench count: hits, misses, bytes)."""
         return {"encoder": self.encoder_cache, "image_prefix": self.image_prefixes}
 

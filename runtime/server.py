@@ -55,26 +55,32 @@ class Metrics:
         self.cached_tokens = Counter("cogvlm2_cached_prompt_tokens", "Prompt tokens whose K/V were reused", registry=r)
 
     def count_caches(self, engine_of):
-        """Publish the engine's image caches (encoder_cache.py) at each scrape: hits, misses, evictions, bytes,
-        entries and capacity by cache; engine_of() is the engine, None while loading."""
-        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+        """Publish the engine's image caches at each scrape (`ImageCacheMetrics`); engine_of() -> the engine, or None
+        while loading."""
+        self.registry.register(ImageCacheMetrics(engine_of))
 
-        class Caches:
-            def collect(self):
-                stats = {name: c.stats() for name, c in engine_of().caches.items()} if engine_of() else {}
-                for key, family, text in (("hits", CounterMetricFamily, "Lookups that found the image"),
-                                          ("misses", CounterMetricFamily, "Lookups that did not"),
-                                          ("evictions", CounterMetricFamily, "Entries dropped for room"),
-                                          ("bytes", GaugeMetricFamily, "Bytes held"),
-                                          ("entries", GaugeMetricFamily, "Images held"),
-                                          ("capacity_bytes", GaugeMetricFamily, "The bound (--encoder-cache-mb, "
-                                                                                "--prefix-cache-mb)")):
-                    metric = family(f"cogvlm2_cache_{key}", f"Image caches (encoder, image_prefix): {text}",
-                                    labels=["cache"])
-                    for name, st in stats.items():
-                        metric.add_metric([name], st[key])
-                    yield metric
-        self.registry.register(Caches())
+
+class ImageCacheMetrics:
+    """A Prometheus collector of the image caches (encoder_cache.py), read when scraped: hits, misses, evictions,
+    bytes, entries and capacity, labelled by cache (encoder, image_prefix)."""
+    FIGURES = (("hits", "Lookups that found the image", True), ("misses", "Lookups that did not", True),
+               ("evictions", "Entries dropped for room", True), ("bytes", "Bytes held", False),
+               ("entries", "Images held", False), ("capacity_bytes", "The bound (--encoder-cache-mb, --prefix-cache-mb)",
+                                                   False))
+
+    def __init__(self, engine_of):
+        self.engine_of = engine_of
+
+    def collect(self):
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+        engine = self.engine_of()
+        stats = {name: c.stats() for name, c in engine.image_caches.items()} if engine else {}
+        for key, text, counter in self.FIGURES:
+            metric = (CounterMetricFamily if counter else GaugeMetricFamily)(
+                f"cogvlm2_cache_{key}", f"Image caches: {text}", labels=["cache"])
+            for name, st in stats.items():
+                metric.add_metric([name], st[key])
+            yield metric
 
 
 class EngineLoop:
@@ -469,7 +475,8 @@ def listen(host: str, port: int) -> socket.socket:
 def serve(bundle: str, host: str, port: int, backend: str, api_key: str | None, max_queue: int, max_body_mb: float,
           allowed_image_dir: str | None, shutdown_timeout: float, ui: bool = True, on_ready=print, **cache_mb):
     """Bind, load the bundle in the engine thread (503 until loaded), serve until SIGTERM/SIGINT.
-    cache_mb: the Engine's encoder_cache_mb and prefix_cache_mb. Raises UserError for a bad bundle, folder or address, or a bundle that fails to load."""
+    cache_mb: the Engine's encoder_cache_mb and prefix_cache_mb. Raises UserError for a bad bundle, folder or
+    address, or a bundle that fails to load."""
     import uvicorn
 
     from .bundle import Bundle

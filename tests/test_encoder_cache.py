@@ -93,7 +93,7 @@ def test_the_encoder_cache_evicts_under_its_bound(onnx_bundle, pictures):
     """Room for one image's embeddings: X, Y, X all run the vision graph."""
     probe = Engine(onnx_bundle, encoder_cache_mb=0)
     one = probe.image_embeddings(probe.pixels([Image.fromarray(pictures[0])]))[0].nbytes
-    e = Engine(onnx_bundle, prefix_cache=False, encoder_cache_mb=1.5 * one / 2**20)
+    e = Engine(onnx_bundle, prefix_cache_mb=0, encoder_cache_mb=1.5 * one / 2**20)   # B = 1: the row never holds X
     for p in (pictures[0], pictures[1], pictures[0]):
         e.generate([Request("What is it?", image=Image.fromarray(p), params=greedy(1))])
     st = e.encoder_cache.stats()
