@@ -58,7 +58,8 @@ class Engine:
     bundle: a bundle folder or Bundle; backend: auto | mindspore | onnxruntime | lite (backends.py);
     verify: hash every file, weights included, before loading; prefix_cache: a request that extends what a
     free row last held (multi-turn chat) reuses those K/V instead of recomputing, and an image seen before
-    brings its cached embeddings and image prefix (encoder_cache.py); encoder_cache_mb, prefix_cache_mb: the
+    brings its cached embeddings and image prefix (encoder_cache.py); False: every request is computed from
+    nothing (references, benchmarks); encoder_cache_mb, prefix_cache_mb: the
     bounds of those two caches in MiB (0: off; None: a share of the memory free once loaded,
     `encoder_cache.ENCODER_SHARE` and `PREFIX_SHARE`). Raises UserError for a bundle that cannot run here
     (damaged, wrong format, missing backend, a tensor-parallel bundle outside msrun).
@@ -93,7 +94,7 @@ class Engine:
         self.scheduler = Scheduler(limits, self.tokenizer, self.stop_ids,
                                    budget_bytes(encoder_cache_mb, ENCODER_SHARE, free),
                                    budget_bytes(prefix_cache_mb, PREFIX_SHARE, free),
-                                   prefix_cache=prefix_cache)   # cached embeddings are the same bits: always on
+                                   prefix_cache=prefix_cache, encoder_cache=prefix_cache)
 
     # --- the front: requests in, results and text out -------------------------------------------------
     def prepare(self, request: Request) -> Prepared:
