@@ -89,13 +89,23 @@ print(json.dumps(out))
     return json.loads(r.stdout)
 
 
-def test_tp2_server_answers_as_tp1_and_drains_on_sigterm(tiny_bundle_tp2, want, photo):
+def serve_tp(bundle) -> tuple[subprocess.Popen, str]:
+    """`serve` on a tp bundle on loopback, healthy -> (the launcher process, its URL)."""
     port = free_port()
-    proc = subprocess.Popen([CLI, "serve", str(tiny_bundle_tp2), "--port", str(port)], stdout=subprocess.PIPE,
+    proc = subprocess.Popen([CLI, "serve", str(bundle), "--port", str(port)], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     url = f"http://127.0.0.1:{port}"
     try:
         wait_healthy(url, proc)
+    except BaseException:
+        proc.kill()
+        raise
+    return proc, url
+
+
+def test_tp2_server_answers_as_tp1_and_drains_on_sigterm(tiny_bundle_tp2, want, photo):
+    proc, url = serve_tp(tiny_bundle_tp2)
+    try:
         got = ask(url, Path(tiny_bundle_tp2).name, photo)
         assert got == {p: [want[p], want[p]] for p, _ in PROMPTS}
     finally:
@@ -115,12 +125,8 @@ def rank_process(bundle, rank: int) -> psutil.Process:
 
 
 def test_a_rank_that_dies_ends_the_streams_and_the_server(tiny_bundle_tp2):
-    port = free_port()
-    proc = subprocess.Popen([CLI, "serve", str(tiny_bundle_tp2), "--port", str(port)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
-    url = f"http://127.0.0.1:{port}"
+    proc, url = serve_tp(tiny_bundle_tp2)
     try:
-        wait_healthy(url, proc)
         body = {"messages": [{"role": "user", "content": "a long story"}], "max_tokens": 60, "temperature": 0.9,
                 "stream": True}
         lines = []
