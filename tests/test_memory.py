@@ -98,22 +98,23 @@ def test_a_packed_copy_that_cannot_fit_is_refused_before_packing(w4_bundle, monk
 
 def test_the_kv_cache_is_sized_from_the_free_memory(w4_bundle, monkeypatch):
     """The slot bytes are the K and V of every layer: 2 x 2 layers x 2 KV heads x 8 dims x 4 bytes."""
-    from cogvlm2_lite.runtime import engine as engine_module
+    from cogvlm2_lite.runtime import runner
+    from cogvlm2_lite.runtime.engine import Engine, Request
     from cogvlm2_lite.runtime.kv_cache import CACHE_SHARE, KVCache
     slot = KVCache.slot_bytes(2, 1, 2, 8, "float32")
     assert slot == 2 * 2 * 2 * 8 * 4
     free = int(48 * slot / CACHE_SHARE)   # room for 48 slots: bucket 32 fits, 64 does not
-    def free_memory(available):   # what the engine sees after loading (the backend sees the machine's)
-        monkeypatch.setattr(engine_module, "psutil", types.SimpleNamespace(
+    def free_memory(available):   # what the runner sees after loading (the backend sees the machine's)
+        monkeypatch.setattr(runner, "psutil", types.SimpleNamespace(
             virtual_memory=lambda: FREE(available=available, total=1 << 30)))
     free_memory(free)
-    e = engine_module.Engine(w4_bundle, backend="onnxruntime")
+    e = Engine(w4_bundle, backend="onnxruntime")
     assert e.cache.buckets == [32] and e.cache.nbytes == 32 * slot
     with pytest.raises(UserError, match="more than this bundle's cache holds \\(32"):
-        e.prompt(engine_module.Request("word " * 40))
+        e.prompt(Request("word " * 40))
     free_memory(16 * slot)
     with pytest.raises(UserError, match="smallest decode bucket \\(32 slots"):
-        engine_module.Engine(w4_bundle, backend="onnxruntime")
+        Engine(w4_bundle, backend="onnxruntime")
 
 
 @pytest.fixture(scope="module")
