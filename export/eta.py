@@ -4,7 +4,8 @@ The two phases have nothing in common to count: a graph trace takes minutes and 
 it ends, the weights are a stream of bytes. So each is estimated from its own measurements: the graphs
 left at the mean time of the graphs traced so far (unknown until the first ends), the weights' bytes
 left at the rate measured converting them, which before the weights phase comes from converting one
-tensor up front (`probe`), and within it counts that tensor as its first. Weights are counted in the
+tensor up front (`probe`), and within it counts that tensor as its first. Both count down while the
+graph or tensor at hand is worked on (a tensor of the 19B takes up to 25 s: its lm_head). Weights are counted in the
 bytes read from the checkpoint (or drawn by --random-init): the work per byte read is about even, while
 per byte written it is 4-10 times larger for a 4-bit matrix than for an fp32 embedding (measured at full size).
 """
@@ -35,15 +36,16 @@ class ExportEta:
         self.probe_bytes, self.probe_s = probed
 
     def weights_rate(self, weights=None) -> float:
-        """Bytes per second of the weights phase: the probe's and the phase's own so far."""
-        n, s = (weights.n, weights.elapsed) if weights is not None else (0, 0.0)
+        """Bytes per second of the weights phase: the probe's and the phase's own up to its last update."""
+        n, s = (weights.n, weights.updated) if weights is not None else (0, 0.0)
         return (self.probe_bytes + n) / max(self.probe_s + s, 1e-9)
 
     def __call__(self, progress) -> float | None:
         phases = progress.done + ([progress.current] if progress.current else [])
         weights = next((p for p in phases if p.unit == BYTES), None)
         if weights is not None:
-            return (weights.total - weights.n) / self.weights_rate(weights)
+            at_update = (weights.total - weights.n) / self.weights_rate(weights)
+            return max(0.0, at_update - (weights.elapsed - weights.updated))
         traced = [p.elapsed for p in progress.done if p.unit == GRAPH]
         if not traced:
             return None

@@ -68,8 +68,8 @@ def test_disabled_progress_writes_nothing():
     assert out.getvalue() == "" and p.done[0].n == 3
 
 
-def phase(unit, elapsed, n=0, total=None):
-    return SimpleNamespace(unit=unit, elapsed=elapsed, n=n, total=total)
+def phase(unit, elapsed, n=0, total=None, updated=0.0):
+    return SimpleNamespace(unit=unit, elapsed=elapsed, n=n, total=total, updated=updated)
 
 
 def test_export_eta_from_the_graphs_traced_and_the_weight_rate_measured():
@@ -81,9 +81,12 @@ def test_export_eta_from_the_graphs_traced_and_the_weight_rate_measured():
     assert eta(progress) == pytest.approx(10 + 15 + 10)
     progress.current = phase(GRAPH, 40.0)   # past the mean: nothing more of it is expected
     assert eta(progress) == pytest.approx(15 + 10)
-    # weights: 300 of 1000 bytes in 5 s; with the probe, 400 B in 6 s: 700 B left at 66.7 B/s
-    progress = SimpleNamespace(done=[phase(GRAPH, 10.0)] * 4, current=phase(BYTES, 5.0, n=300, total=1000))
-    assert eta(progress) == pytest.approx(700 / (400 / 6))
+    # weights: 300 of 1000 bytes in 5 s; with the probe, 400 B in 6 s: 700 B left at 66.7 B/s, 2 s of which
+    # have gone into the tensor at hand since
+    progress = SimpleNamespace(done=[phase(GRAPH, 10.0)] * 4, current=phase(BYTES, 7.0, n=300, total=1000, updated=5.0))
+    assert eta(progress) == pytest.approx(700 / (400 / 6) - 2)
+    progress.current.elapsed = 30.0   # the tensor took longer than its share: nothing is left to say
+    assert eta(progress) == 0.0
 
 
 def test_export_phases_off_a_terminal_through_bench_suite(tmp_path):
