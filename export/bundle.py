@@ -333,12 +333,13 @@ def export_bundle(out: Path, *, hf_dir: Path | None = None, random_init: CogVLM2
 
 def plan_progress(plan: Plan, source: Source, quantizer, enabled: bool) -> Progress:
     """The export's Progress, its ETA measured (export/eta.py), after its first line: the plan (graphs, tensors,
-    bytes read and written, the weights' time at the rate of one tensor converted now)."""
+    bytes read and written, the weights' time at the rate of a few tensors converted now)."""
     specs = weight_specs(plan.cfg)
-    n_graphs = sum(1 for _ in plan.graphs())
+    graphs = [g.name for g in plan.graphs()]
+    n_graphs = len(graphs)
     probed = probe(source, specs, lambda spec, full: sum(1 for _ in rank_tensors(spec, full, plan.tp, plan.dtype,
                                                                                    quantizer)))
-    eta = ExportEta(n_graphs if plan.tp == 1 else 0, sum(source.nbytes(s) for s in specs), probed)
+    eta = ExportEta(graphs if plan.tp == 1 else [], sum(source.nbytes(s) for s in specs), probed)
     written = sum(int(np.prod(s.shape, dtype=np.int64)) * np.dtype(s.dtype or NUMPY_NAMES[plan.dtype]).itemsize
                   for s in weight_specs(plan.cfg, plan.quant, plan.tp))
     progress = Progress(enabled, eta=eta)

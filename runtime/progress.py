@@ -34,11 +34,11 @@ def size(nbytes: float) -> str:
 
 class Phase:
     """One phase: `update(n)` counts its progress; `n` and `elapsed` (seconds; fixed once it ends) are what it
-    has done so far."""
+    has done so far, `updated` the elapsed seconds at its last update."""
 
     def __init__(self, progress: "Progress", desc: str, total, unit: str, unit_scale: bool):
         self.progress, self.desc, self.total, self.unit, self.unit_scale = progress, desc, total, unit, unit_scale
-        self.n, self.start, self.end = 0, time.perf_counter(), None
+        self.n, self.start, self.end, self.updated = 0, time.perf_counter(), None, 0.0
         self.bar = None
         if progress.terminal:
             self.bar = tqdm(total=total, desc=desc, unit=unit, unit_scale=unit_scale, file=progress.file,
@@ -52,6 +52,7 @@ class Phase:
 
     def update(self, n: int = 1):
         self.n += n
+        self.updated = self.elapsed
         if self.bar is not None:
             self.bar.update(n)
 

@@ -68,22 +68,30 @@ def test_disabled_progress_writes_nothing():
     assert out.getvalue() == "" and p.done[0].n == 3
 
 
-def phase(unit, elapsed, n=0, total=None):
-    return SimpleNamespace(unit=unit, elapsed=elapsed, n=n, total=total)
+def phase(unit, elapsed, n=0, total=None, updated=0.0):
+    return SimpleNamespace(unit=unit, elapsed=elapsed, n=n, total=total, updated=updated)
 
 
 def test_export_eta_from_the_graphs_traced_and_the_weight_rate_measured():
     """4 graphs, 1000 bytes of weights, a probe of 100 bytes in 1 s (100 B/s)."""
-    eta = ExportEta(4, 1000, (100, 1.0))
+    eta = ExportEta(["vision", "prefill_image_8", "extend_8_32", "decode_32"], 1000, (100, 1.0))
     assert eta(SimpleNamespace(done=[], current=phase(GRAPH, 30.0))) is None   # no graph traced: no estimate
-    # two graphs took 10 and 20 s (mean 15); the third is 5 s in: 10 + 15 s of graphs, then 1000 B at 100 B/s
-    progress = SimpleNamespace(done=[phase(GRAPH, 10.0), phase(GRAPH, 20.0)], current=phase(GRAPH, 5.0))
-    assert eta(progress) == pytest.approx(10 + 15 + 10)
-    progress.current = phase(GRAPH, 40.0)   # past the mean: nothing more of it is expected
-    assert eta(progress) == pytest.approx(15 + 10)
-    # weights: 300 of 1000 bytes in 5 s; with the probe, 400 B in 6 s: 700 B left at 66.7 B/s
-    progress = SimpleNamespace(done=[phase(GRAPH, 10.0)] * 4, current=phase(BYTES, 5.0, n=300, total=1000))
-    assert eta(progress) == pytest.approx(700 / (400 / 6))
+    # vision took 40 s, no language graph is traced yet: each takes vision's time, the first 10 s in; then the
+    # weights, 1000 B at 100 B/s
+    progress = SimpleNamespace(done=[phase(GRAPH, 40.0)], current=phase(GRAPH, 10.0))
+    assert eta(progress) == pytest.approx(30 + 40 + 40 + 10)
+    # two language graphs took 10 and 20 s (mean 15); the last is 5 s in: 10 s of it left
+    progress = SimpleNamespace(done=[phase(GRAPH, 40.0), phase(GRAPH, 10.0), phase(GRAPH, 20.0)],
+                               current=phase(GRAPH, 5.0))
+    assert eta(progress) == pytest.approx(10 + 10)
+    progress.current = phase(GRAPH, 40.0)   # past its mean: nothing more of it is expected
+    assert eta(progress) == pytest.approx(0 + 10)
+    # weights: 300 of 1000 bytes in 5 s; with the probe, 400 B in 6 s: 700 B left at 66.7 B/s, 2 s of which
+    # have gone into the tensor at hand since
+    progress = SimpleNamespace(done=[phase(GRAPH, 10.0)] * 4, current=phase(BYTES, 7.0, n=300, total=1000, updated=5.0))
+    assert eta(progress) == pytest.approx(700 / (400 / 6) - 2)
+    progress.current.elapsed = 30.0   # the tensor took longer than its share: nothing is left to say
+    assert eta(progress) == 0.0
 
 
 def test_export_phases_off_a_terminal_through_bench_suite(tmp_path):
