@@ -1,0 +1,62 @@
+// Quantized matmuls on a bundle's stored codes (graphs/quant.py), one set per instruction set.
+//
+// Both kernels take fp32 activations x [M, K], quantize them to int8 the way the graphs spell it in
+// float (so the results are the graphs' arithmetic, with int32 sums), and multiply with the weights
+// where they lie (the memory-mapped bundle): nothing is packed ahead, nothing is kept between calls.
+//
+//   w4a8  (form int4x8)  codes uint8 [N, K/2] (low nibble = even input, q + 8), scales fp32 [N, K/32];
+//         x per block of 32: q = clamp(floor(x * (127 / amax) + 1/2), +-127), d = amax * (1/127);
+//         y[m, n] = sum_b (d[m, b] * scale[n, b]) * sum_j q[m, 32b + j] * (code[n, 32b + j] - 8).
+//   w8a8  (form int8x8)  weight int8 [K, N] in [-63, 63], scale fp32 [N], smooth fp32 [K];
+//         xs = x * smooth, step = max(amax(xs), 1e-30) * (1/127), q = clamp(floor(xs / step + 1/2), +-127);
+//         y[m, n] = (sum_k q[m, k] * w[k, n] * step) * scale[n].
+//
+// A `Plan` holds the quantized activations of up to ROWS rows; `run_tasks` computes the output for the
+// tasks [first, last) of `tasks()` (column strips): the caller spreads the tasks over threads.
+//
+// Each instruction set's file is compiled with its own -m flags, so it uses nothing from the C++ library
+// that the linker could merge between them (templates, inline functions): its AVX-512 copy of a helper
+// must never serve the AVX2 path. Buffers are allocated by the caller (ops.cpp).
+#pragma once
+#include <cstddef>
+#include <cstdint>
+
+namespace qmm {
+
+constexpr int GROUP = 32;      // int4 block: inputs per scale (graphs/quant.py GROUP)
+constexpr int ROWS = 128;      // activation rows quantized and multiplied at a time (they stay in L2)
+
+// the quantized activations of one chunk of rows, laid out for one instruction set's vectors; the caller
+// allocates rows * row_bytes, rows * row_lanes and rows * row_lanes elements (`Isa::layout`)
+struct Activations {
+    int rows, k;
+    size_t row_bytes, row_lanes;
+    int8_t* q;          // w4a8: per row [even inputs | odd inputs], blocks padded to whole vectors; w8a8: [K] padded to 4
+    float* scale;       // w4a8: per row and block, the block's step repeated over its 4 int32 lanes; w8a8: step per row
+    int32_t* offset;    // w4a8: per row and block, -8 * sum(q) in the block's first lane, 0 in its others;
+                        // w8a8: per row, -64 * sum(q)
+};
+
+struct W4A8 {
+    const uint8_t* codes; const float* scales; int n, k;
+};
+struct W8A8 {
+    const int8_t* weight; const float* scale; const float* smooth; int n, k;
+};
+
+// one instruction set's kernels
+struct Isa {
+    const char* name;
+    bool (*supported)();
+    void (*layout)(bool w4a8, int k, size_t* row_bytes, size_t* row_lanes);
+    void (*quantize_w4a8)(const float* x, int rows, int k, Activations& a);
+    int (*tasks_w4a8)(int n, int rows);
+    void (*run_w4a8)(const W4A8& w, const Activations& a, float* y, int task);
+    void (*quantize_w8a8)(const float* x, const float* smooth, int rows, int k, Activations& a);
+    int (*tasks_w8a8)(int n, int rows);
+    void (*run_w8a8)(const W8A8& w, const Activations& a, float* y, int task);
+};
+
+extern const Isa avx2, avxvnni, avx512, avx512vnni;
+
+}  // namespace qmm

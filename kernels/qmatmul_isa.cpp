@@ -1,0 +1,413 @@
+// The kernels of qmatmul.h for one instruction set, chosen at compile time: this file is compiled once per
+// set (QMM_AVX2, QMM_AVXVNNI, QMM_AVX512, QMM_AVX512VNNI; build.sh), and ops.cpp picks one at run time.
+//
+// Vectors of W bytes (32: AVX2, 64: AVX-512). The integer dot products multiply unsigned by signed bytes
+// in groups of 4 into int32 lanes (VNNI's vpdpbusd; without VNNI vpmaddubsw + vpmaddwd, whose int16 pair
+// sums stay exact because one operand is below 128 in magnitude and the other below 128 too):
+//   w4a8  unsigned: the 4-bit codes (0..15), signed: the int8 activations; the -8 of each code is the
+//         activations' block sum times -8, the accumulator's starting value.
+//   w8a8  unsigned: the weights + 64 (the form keeps them in [-63, 63]), signed: the activations; the
+//         +64 is the activations' sum times -64, added at the end. The [K, N] weight is read 4 rows
+//         at a time and interleaved in registers so that each int32 lane holds one column's 4 products.
+#include <immintrin.h>
+
+#include <cmath>
+#include <cstdlib>
+#include <cstring>
+
+#include "qmatmul.h"
+
+#if defined(QMM_AVX512) || defined(QMM_AVX512VNNI)
+#define QMM_512 1
+#endif
+#if defined(QMM_AVXVNNI) || defined(QMM_AVX512VNNI)
+#define QMM_VNNI 1
+#endif
+
+#if defined(QMM_AVX2)
+#define QMM_ISA avx2
+#define QMM_NS impl_avx2
+#define QMM_NAME "avx2"
+#elif defined(QMM_AVXVNNI)
+#define QMM_ISA avxvnni
+#define QMM_NS impl_avxvnni
+#define QMM_NAME "avxvnni"
+#elif defined(QMM_AVX512)
+#define QMM_ISA avx512
+#define QMM_NS impl_avx512
+#define QMM_NAME "avx512"
+#elif defined(QMM_AVX512VNNI)
+#define QMM_ISA avx512vnni
+#define QMM_NS impl_avx512vnni
+#define QMM_NAME "avx512vnni"
+#else
+#error "define one of QMM_AVX2, QMM_AVXVNNI, QMM_AVX512, QMM_AVX512VNNI"
+#endif
+
+namespace qmm {
+namespace QMM_NS {
+namespace {
+
+const float INV127 = static_cast<float>(1.0 / 127.0);   // the graphs' `* (1 / 127)`, a float32 constant
+
+#ifdef QMM_512
+using VI = __m512i;
+using VF = __m512;
+constexpr int W = 64;
+inline VI load(const void* p) { return _mm512_loadu_si512(p); }
+inline VI load_bytes(const void* p, int n) {   // the first n < W bytes, zeros after
+    return _mm512_maskz_loadu_epi8(n >= W ? ~0ULL : ((1ULL << n) - 1), p);
+}
+inline VI load_blocks(const void* p, int r) {  // r of the W/16 blocks of 16 bytes
+    return r == W / 16 ? load(p) : _mm512_maskz_loadu_epi32(static_cast<__mmask16>((1u << (4 * r)) - 1), p);
+}
+inline VF block_scales(const float* p, int r) {  // r block scales, each repeated over its 4 lanes
+    const __m128 s = r == 4 ? _mm_loadu_ps(p) : _mm_maskz_loadu_ps(static_cast<__mmask8>((1u << r) - 1), p);
+    const __m512i idx = _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0);
+    return _mm512_permutexvar_ps(idx, _mm512_castps128_ps512(s));
+}
+inline void store(void* p, VI v) { _mm512_storeu_si512(p, v); }
+inline VI set1_8(char v) { return _mm512_set1_epi8(v); }
+inline VI set1_32(int32_t v) { return _mm512_set1_epi32(v); }
+inline VI add8(VI a, VI b) { return _mm512_add_epi8(a, b); }
+inline VI and_(VI a, VI b) { return _mm512_and_si512(a, b); }
+inline VI high_nibbles(VI a) { return _mm512_and_si512(_mm512_srli_epi16(a, 4), _mm512_set1_epi8(0x0F)); }
+inline VI unpacklo8(VI a, VI b) { return _mm512_unpacklo_epi8(a, b); }
+inline VI unpackhi8(VI a, VI b) { return _mm512_unpackhi_epi8(a, b); }
+inline VI unpacklo16(VI a, VI b) { return _mm512_unpacklo_epi16(a, b); }
+inline VI unpackhi16(VI a, VI b) { return _mm512_unpackhi_epi16(a, b); }
+inline VI dot(VI acc, VI u, VI s) {
+#ifdef QMM_VNNI
+    return _mm512_dpbusd_epi32(acc, u, s);
+#else
+    return _mm512_add_epi32(acc, _mm512_madd_epi16(_mm512_maddubs_epi16(u, s), _mm512_set1_epi16(1)));
+#endif
+}
+inline VF fzero() { return _mm512_setzero_ps(); }
+inline VF loadf(const float* p) { return _mm512_loadu_ps(p); }
+inline VF cvt(VI a) { return _mm512_cvtepi32_ps(a); }
+inline VF mul(VF a, VF b) { return _mm512_mul_ps(a, b); }
+inline VF fma(VF a, VF b, VF c) { return _mm512_fmadd_ps(a, b, c); }
+inline float hsum(VF v) { return _mm512_reduce_add_ps(v); }
+#else
+using VI = __m256i;
+using VF = __m256;
+constexpr int W = 32;
+inline VI load(const void* p) { return _mm256_loadu_si256(static_cast<const __m256i*>(p)); }
+inline VI load_bytes(const void* p, int n) {
+    if (n >= W) return load(p);
+    alignas(32) uint8_t tmp[W] = {};
+    std::memcpy(tmp, p, n);
+    return load(tmp);
+}
+inline VI load_blocks(const void* p, int r) {
+    return r == 2 ? load(p) : _mm256_zextsi128_si256(_mm_loadu_si128(static_cast<const __m128i*>(p)));
+}
+inline VF block_scales(const float* p, int r) {
+    return _mm256_set_m128(r == 2 ? _mm_set1_ps(p[1]) : _mm_setzero_ps(), _mm_set1_ps(p[0]));
+}
+inline void store(void* p, VI v) { _mm256_storeu_si256(static_cast<__m256i*>(p), v); }
+inline VI set1_8(char v) { return _mm256_set1_epi8(v); }
+inline VI set1_32(int32_t v) { return _mm256_set1_epi32(v); }
+inline VI add8(VI a, VI b) { return _mm256_add_epi8(a, b); }
+inline VI and_(VI a, VI b) { return _mm256_and_si256(a, b); }
+inline VI high_nibbles(VI a) { return _mm256_and_si256(_mm256_srli_epi16(a, 4), _mm256_set1_epi8(0x0F)); }
+inline VI unpacklo8(VI a, VI b) { return _mm256_unpacklo_epi8(a, b); }
+inline VI unpackhi8(VI a, VI b) { return _mm256_unpackhi_epi8(a, b); }
+inline VI unpacklo16(VI a, VI b) { return _mm256_unpacklo_epi16(a, b); }
+inline VI unpackhi16(VI a, VI b) { return _mm256_unpackhi_epi16(a, b); }
+inline VI dot(VI acc, VI u, VI s) {
+#ifdef QMM_VNNI
+    return _mm256_dpbusd_avx_epi32(acc, u, s);
+#else
+    return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1)));
+#endif
+}
+inline VF fzero() { return _mm256_setzero_ps(); }
+inline VF loadf(const float* p) { return _mm256_loadu_ps(p); }
+inline VF cvt(VI a) { return _mm256_cvtepi32_ps(a); }
+inline VF mul(VF a, VF b) { return _mm256_mul_ps(a, b); }
+inline VF fma(VF a, VF b, VF c) { return _mm256_fmadd_ps(a, b, c); }
+inline float hsum(VF v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+#endif
+
+constexpr int G = W / 16;      // int4 blocks per vector (16 bytes of codes each)
+constexpr int LANES = W / 4;   // int32 / fp32 lanes per vector
+
+inline bool cpu_has() {
+    __builtin_cpu_init();
+#if defined(QMM_AVX512VNNI)
+    return __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni");
+#elif defined(QMM_AVX512)
+    return __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl");
+#elif defined(QMM_AVXVNNI)
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("avxvnni");
+#else
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+#endif
+}
+
+inline int imin(int a, int b) { return a < b ? a : b; }
+inline int imax(int a, int b) { return a > b ? a : b; }
+inline float fmax_(float a, float b) { return a > b ? a : b; }
+
+inline int8_t round_half_up(float v) {   // the graphs' clamp(floor(v + 1/2), -127, 127)
+    const float r = floorf(v + 0.5f);
+    return static_cast<int8_t>(r > 127.0f ? 127.0f : r < -127.0f ? -127.0f : r);
+}
+
+void layout(bool w4a8, int k, size_t* row_bytes, size_t* row_lanes) {
+    if (w4a8) {
+        const size_t groups = (k / GROUP + G - 1) / G;
+        *row_bytes = groups * W * 2;
+        *row_lanes = groups * LANES;
+    } else {
+        *row_bytes = (k + 3) / 4 * 4;
+        *row_lanes = 1;
+    }
+}
+
+// ---------------------------------------------------------------- w4a8
+
+void quantize_w4a8(const float* x, int rows, int k, Activations& a) {
+    const int nb = k / GROUP;
+    std::memset(a.q, 0, rows * a.row_bytes);
+    std::memset(a.scale, 0, rows * a.row_lanes * sizeof(float));
+    std::memset(a.offset, 0, rows * a.row_lanes * sizeof(int32_t));
+    for (int m = 0; m < rows; m++) {
+        int8_t* even = a.q + m * a.row_bytes;
+        int8_t* odd = even + a.row_bytes / 2;
+        for (int b = 0; b < nb; b++) {
+            const float* xb = x + static_cast<size_t>(m) * k + b * GROUP;
+            float amax = 0.0f;
+            for (int j = 0; j < GROUP; j++) amax = fmax_(amax, fabsf(xb[j]));
+            const float inv = 127.0f / fmax_(amax, 1e-30f);
+            int sum = 0;
+            for (int j = 0; j < GROUP; j++) {
+                const int8_t q = round_half_up(xb[j] * inv);
+                sum += q;
+                (j % 2 ? odd : even)[b * 16 + j / 2] = q;
+            }
+            float* s = a.scale + m * a.row_lanes + b * 4;
+            s[0] = s[1] = s[2] = s[3] = amax * INV127;
+            a.offset[m * a.row_lanes + b * 4] = -8 * sum;
+        }
+    }
+}
+
+int w4a8_rows_per_task(int n) { return imax(4, (n / 32 + 3) / 4 * 4); }
+
+int tasks_w4a8(int n, int rows) {
+    (void)rows;
+    const int per = w4a8_rows_per_task(n);
+    return (n + per - 1) / per;
+}
+
+// y[m, n0 + i] for NR weight rows and MR activation rows from m0
+template <int NR, int MR>
+inline void w4a8_tile(const W4A8& w, const Activations& a, float* y, int n0, int m0) {
+    const int nb = w.k / GROUP, ng = (nb + G - 1) / G, half = static_cast<int>(a.row_bytes / 2);
+    const VI low = set1_8(0x0F);
+    VF acc[NR][MR];
+    for (int i = 0; i < NR; i++)
+        for (int j = 0; j < MR; j++) acc[i][j] = fzero();
+    const uint8_t* codes[NR];
+    const float* scales[NR];
+    for (int i = 0; i < NR; i++) {
+        codes[i] = w.codes + static_cast<size_t>(n0 + i) * (w.k / 2);
+        scales[i] = w.scales + static_cast<size_t>(n0 + i) * nb;
+    }
+    for (int g = 0; g < ng; g++) {
+        const int r = imin(G, nb - g * G);
+        VI lo[NR], hi[NR];
+        VF ws[NR];
+        for (int i = 0; i < NR; i++) {
+            const VI c = load_blocks(codes[i] + g * W, r);
+            lo[i] = and_(c, low);
+            hi[i] = high_nibbles(c);
+            ws[i] = block_scales(scales[i] + g * G, r);
+        }
+        for (int j = 0; j < MR; j++) {
+            const int8_t* xe = a.q + (m0 + j) * a.row_bytes + g * W;
+            const VI e = load(xe), o = load(xe + half);
+            const VI off = load(a.offset + (m0 + j) * a.row_lanes + g * LANES);
+            const VF ds = loadf(a.scale + (m0 + j) * a.row_lanes + g * LANES);
+            for (int i = 0; i < NR; i++)
+                acc[i][j] = fma(cvt(dot(dot(off, lo[i], e), hi[i], o)), mul(ws[i], ds), acc[i][j]);
+        }
+    }
+    for (int i = 0; i < NR; i++)
+        for (int j = 0; j < MR; j++) y[static_cast<size_t>(m0 + j) * w.n + n0 + i] = hsum(acc[i][j]);
+}
+
+template <int NR>
+inline void w4a8_rows(const W4A8& w, const Activations& a, float* y, int n0) {
+    constexpr int MR = W == 64 ? 4 : 2;
+    int m = 0;
+    for (; m + MR <= a.rows; m += MR) w4a8_tile<NR, MR>(w, a, y, n0, m);
+    for (; m < a.rows; m++) w4a8_tile<NR, 1>(w, a, y, n0, m);
+}
+
+void run_w4a8(const W4A8& w, const Activations& a, float* y, int task) {
+    const int per = w4a8_rows_per_task(w.n), n1 = imin(w.n, (task + 1) * per);
+    int n = task * per;
+    if (a.rows == 1) {   // decode: four weight rows at a time, for four independent streams
+        for (; n + 4 <= n1; n += 4) w4a8_tile<4, 1>(w, a, y, n, 0);
+        for (; n < n1; n++) w4a8_tile<1, 1>(w, a, y, n, 0);
+        return;
+    }
+    for (; n + 2 <= n1; n += 2) w4a8_rows<2>(w, a, y, n);
+    for (; n < n1; n++) w4a8_rows<1>(w, a, y, n);
+}
+
+// ---------------------------------------------------------------- w8a8
+
+void quantize_w8a8(const float* x, const float* smooth, int rows, int k, Activations& a) {
+    std::memset(a.q, 0, rows * a.row_bytes);
+    for (int m = 0; m < rows; m++) {
+        const float* xm = x + static_cast<size_t>(m) * k;
+        float amax = 0.0f;
+        for (int i = 0; i < k; i++) amax = fmax_(amax, fabsf(xm[i] * smooth[i]));
+        const float step = fmax_(amax, 1e-30f) * INV127;
+        int8_t* q = a.q + m * a.row_bytes;
+        int sum = 0;
+        for (int i = 0; i < k; i++) {
+            q[i] = round_half_up(xm[i] * smooth[i] / step);
+            sum += q[i];
+        }
+        a.scale[m] = step;
+        a.offset[m] = -64 * sum;
+    }
+}
+
+// 4 rows of W weight columns -> 4 vectors whose int32 lanes each hold one column's 4 weights + 64
+inline void interleave(VI r0, VI r1, VI r2, VI r3, VI out[4]) {
+    const VI bias = set1_8(64);
+    r0 = add8(r0, bias);
+    r1 = add8(r1, bias);
+    r2 = add8(r2, bias);
+    r3 = add8(r3, bias);
+    const VI a = unpacklo8(r0, r1), b = unpackhi8(r0, r1), c = unpacklo8(r2, r3), d = unpackhi8(r2, r3);
+    out[0] = unpacklo16(a, c);
+    out[1] = unpackhi16(a, c);
+    out[2] = unpacklo16(b, d);
+    out[3] = unpackhi16(b, d);
+}
+
+// 4 weight rows from row k0 at columns [c0, c0 + cols) (rows past K are zeros)
+inline void load_rows(const W8A8& w, int k0, int c0, int cols, VI out[4]) {
+    VI r[4];
+    for (int t = 0; t < 4; t++) {
+        const int8_t* p = w.weight + static_cast<size_t>(k0 + t) * w.n + c0;
+        r[t] = k0 + t >= w.k ? set1_8(0) : cols >= W ? load(p) : load_bytes(p, cols);
+    }
+    interleave(r[0], r[1], r[2], r[3], out);
+}
+
+// lane (128-bit chunk L, int32 e) of interleaved vector j holds column 16 L + 4 j + e
+inline void store_columns(const W8A8& w, const Activations& a, VI acc[4], int m, int c0, int cols, float* y) {
+    alignas(64) int32_t lanes[4][LANES];
+    for (int j = 0; j < 4; j++) store(lanes[j], acc[j]);
+    const float step = a.scale[m];
+    float* ym = y + static_cast<size_t>(m) * w.n + c0;
+    for (int j = 0; j < 4; j++)
+        for (int l = 0; l < LANES; l++) {
+            const int col = 16 * (l / 4) + 4 * j + l % 4;
+            if (col < cols) ym[col] = (static_cast<float>(lanes[j][l] + a.offset[m]) * step) * w.scale[c0 + col];
+        }
+}
+
+constexpr int PREFETCH_ROWS = 16;   // decode reads 4 weight rows per step, strided by N: fetch ahead
+
+// one activation row (decode), S sub-strips of W columns side by side from c0
+template <int S>
+void w8a8_decode(const W8A8& w, const Activations& a, float* y, int c0) {
+    VI acc[S][4];
+    for (int s = 0; s < S; s++)
+        for (int j = 0; j < 4; j++) acc[s][j] = set1_32(0);
+    const int8_t* q = a.q;
+    for (int k = 0; k < w.k; k += 4) {
+        int32_t x4;
+        std::memcpy(&x4, q + k, 4);
+        const VI xb = set1_32(x4);
+        if (k + PREFETCH_ROWS + 3 < w.k)
+            for (int t = 0; t < 4; t++)
+                for (int s = 0; s < S; s++)
+                    _mm_prefetch(reinterpret_cast<const char*>(w.weight + static_cast<size_t>(k + PREFETCH_ROWS + t) * w.n
+                                                               + c0 + s * W), _MM_HINT_T0);
+        for (int s = 0; s < S; s++) {
+            const int cols = w.n - c0 - s * W;
+            if (cols <= 0) break;
+            VI v[4];
+            load_rows(w, k, c0 + s * W, cols, v);
+            for (int j = 0; j < 4; j++) acc[s][j] = dot(acc[s][j], v[j], xb);
+        }
+    }
+    for (int s = 0; s < S; s++)
+        if (c0 + s * W < w.n) store_columns(w, a, acc[s], 0, c0 + s * W, w.n - c0 - s * W, y);
+}
+
+// MR activation rows from m0 over packed weight columns (K/4 steps of 4 interleaved vectors)
+template <int MR>
+inline void w8a8_packed_tile(const W8A8& w, const Activations& a, const VI* packed, float* y, int m0, int c0) {
+    VI acc[MR][4];
+    for (int j = 0; j < MR; j++)
+        for (int t = 0; t < 4; t++) acc[j][t] = set1_32(0);
+    const int steps = static_cast<int>(a.row_bytes / 4);
+    for (int s = 0; s < steps; s++) {
+        const VI* v = packed + 4 * s;
+        for (int j = 0; j < MR; j++) {
+            int32_t x4;
+            std::memcpy(&x4, a.q + (m0 + j) * a.row_bytes + 4 * s, 4);
+            const VI xb = set1_32(x4);
+            for (int t = 0; t < 4; t++) acc[j][t] = dot(acc[j][t], load(v + t), xb);
+        }
+    }
+    for (int j = 0; j < MR; j++) store_columns(w, a, acc[j], m0 + j, c0, w.n - c0, y);
+}
+
+int w8a8_strips(int n) { return imin(4, imax(1, n / (8 * W))); }   // sub-strips per decode task: >= 8 tasks
+
+int tasks_w8a8(int n, int rows) {
+    const int cols = rows == 1 ? W * w8a8_strips(n) : W;
+    return (n + cols - 1) / cols;
+}
+
+void run_w8a8(const W8A8& w, const Activations& a, float* y, int task) {
+    if (a.rows == 1) {
+        const int s = w8a8_strips(w.n), c0 = task * s * W;
+        switch (s) {
+            case 1: return w8a8_decode<1>(w, a, y, c0);
+            case 2: return w8a8_decode<2>(w, a, y, c0);
+            case 3: return w8a8_decode<3>(w, a, y, c0);
+            default: return w8a8_decode<4>(w, a, y, c0);
+        }
+    }
+    // many rows: interleave this strip of W columns once, then every row reads it (L2)
+    const int c0 = task * W, steps = static_cast<int>(a.row_bytes / 4);
+    thread_local VI* packed = nullptr;   // this worker's strip, grown as needed (a plain pointer: no TLS destructor)
+    thread_local size_t capacity = 0;
+    const size_t need = static_cast<size_t>(steps) * 4;
+    if (need > capacity) {
+        free(packed);
+        packed = static_cast<VI*>(aligned_alloc(64, need * sizeof(VI)));
+        capacity = need;
+    }
+    for (int s = 0; s < steps; s++) load_rows(w, 4 * s, c0, w.n - c0, packed + 4 * s);
+    constexpr int MR = W == 64 ? 4 : 2;
+    int m = 0;
+    for (; m + MR <= a.rows; m += MR) w8a8_packed_tile<MR>(w, a, packed, y, m, c0);
+    for (; m < a.rows; m++) w8a8_packed_tile<1>(w, a, packed, y, m, c0);
+}
+
+}  // namespace
+}  // namespace QMM_NS
+
+const Isa QMM_ISA = {QMM_NAME, QMM_NS::cpu_has, QMM_NS::layout, QMM_NS::quantize_w4a8, QMM_NS::tasks_w4a8, QMM_NS::run_w4a8,
+                    QMM_NS::quantize_w8a8, QMM_NS::tasks_w8a8, QMM_NS::run_w8a8};
+
+}  // namespace qmm
