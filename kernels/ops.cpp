@@ -72,18 +72,13 @@ struct Buffers {
     }
 };
 
-template <typename Weights>
-struct Job {
-    const qmm::Isa* isa;
-    void (*run)(const Weights&, const qmm::Activations&, float*, int);
-    const Weights* w;
-    const qmm::Activations* a;
-    float* y;
-    static void call(void* self, size_t task) {
-        const Job* j = static_cast<const Job*>(self);
-        j->run(*j->w, *j->a, j->y, static_cast<int>(task));
-    }
-};
+// f(0), ..., f(n - 1) on onnxruntime's intra-op threads
+template <typename F>
+void parallel(Ort::KernelContext& ctx, size_t n, F& f) {
+    ctx.ParallelFor([](void* self, size_t i) { (*static_cast<F*>(self))(i); }, n, 0, &f);
+}
+
+constexpr int QUANTIZE_ROWS = 8;   // rows quantized per task (many rows: prefill, vision)
 
 struct Kernel {
     const qmm::Isa* isa;
@@ -130,10 +125,20 @@ struct Kernel {
         thread_local Buffers buffers;
         for (int64_t m0 = 0; m0 < m; m0 += qmm::ROWS) {
             const int rows = static_cast<int>(std::min<int64_t>(qmm::ROWS, m - m0));
-            qmm::Activations a = buffers.prepare(*isa, w4a8, rows, static_cast<int>(k));
-            quantize(x + m0 * k, a);
-            Job<Weights> job{isa, kernel, &w, &a, y + m0 * n};
-            ctx.ParallelFor(&Job<Weights>::call, tasks(static_cast<int>(n), rows), 0, &job);
+            const qmm::Activations a = buffers.prepare(*isa, w4a8, rows, static_cast<int>(k));
+            auto quantize_rows = [&](size_t task) {
+                const int r0 = static_cast<int>(task) * QUANTIZE_ROWS;
+                qmm::Activations part = a;
+                part.rows = std::min(QUANTIZE_ROWS, rows - r0);
+                part.q += r0 * a.row_bytes;
+                part.scale += r0 * a.row_lanes;
+                part.offset += r0 * a.row_lanes;
+                quantize(x + (m0 + r0) * k, part);
+            };
+            parallel(ctx, (rows + QUANTIZE_ROWS - 1) / QUANTIZE_ROWS, quantize_rows);
+            float* out = y + m0 * n;
+            auto multiply = [&](size_t task) { kernel(w, a, out, static_cast<int>(task)); };
+            parallel(ctx, tasks(static_cast<int>(n), rows), multiply);
         }
     }
 

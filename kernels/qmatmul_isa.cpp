@@ -173,29 +173,104 @@ void layout(bool w4a8, int k, size_t* row_bytes, size_t* row_lanes) {
 
 // ---------------------------------------------------------------- w4a8
 
+#ifdef QMM_512
+inline __m512i round_clamp(__m512 v) {   // integer-valued float v -> clamp(floor(v + 1/2)) as int32
+    const __m512 r = _mm512_floor_ps(_mm512_add_ps(v, _mm512_set1_ps(0.5f)));
+    return _mm512_cvtps_epi32(_mm512_min_ps(_mm512_max_ps(r, _mm512_set1_ps(-127.0f)), _mm512_set1_ps(127.0f)));
+}
+
+// 32 inputs -> their 16 even and 16 odd codes; returns the codes' sum, *amax their largest magnitude
+inline int quantize_block(const float* x, int8_t* even, int8_t* odd, float* amax) {
+    const __m512 a = _mm512_loadu_ps(x), b = _mm512_loadu_ps(x + 16);
+    *amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(a), _mm512_abs_ps(b)));
+    const __m512 inv = _mm512_set1_ps(127.0f / fmax_(*amax, 1e-30f));
+    const __m512i qa = round_clamp(_mm512_mul_ps(a, inv)), qb = round_clamp(_mm512_mul_ps(b, inv));
+    const __m512i evens = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+    const __m512i odds = _mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(even), _mm512_cvtepi32_epi8(_mm512_permutex2var_epi32(qa, evens, qb)));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(odd), _mm512_cvtepi32_epi8(_mm512_permutex2var_epi32(qa, odds, qb)));
+    return _mm512_reduce_add_epi32(_mm512_add_epi32(qa, qb));
+}
+
+constexpr int FLANES = 16;
+inline VF mulf(const float* a, const float* b) { return _mm512_mul_ps(_mm512_loadu_ps(a), _mm512_loadu_ps(b)); }
+inline float hmax_abs(VF m) { return _mm512_reduce_max_ps(m); }
+inline VF max_abs(VF m, VF v) { return _mm512_max_ps(m, _mm512_abs_ps(v)); }
+inline VI quantize_vector(VF v, VF step) { return round_clamp(_mm512_div_ps(v, step)); }   // 16 int32
+inline void store_codes(int8_t* p, VI q) { _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm512_cvtepi32_epi8(q)); }
+inline int hsum_i(VI v) { return _mm512_reduce_add_epi32(v); }
+inline VI add32(VI a, VI b) { return _mm512_add_epi32(a, b); }
+inline VF set1f(float v) { return _mm512_set1_ps(v); }
+#else
+inline __m256i round_clamp(__m256 v) {
+    const __m256 r = _mm256_floor_ps(_mm256_add_ps(v, _mm256_set1_ps(0.5f)));
+    return _mm256_cvtps_epi32(_mm256_min_ps(_mm256_max_ps(r, _mm256_set1_ps(-127.0f)), _mm256_set1_ps(127.0f)));
+}
+
+inline __m256 absf(__m256 v) { return _mm256_andnot_ps(_mm256_set1_ps(-0.0f), v); }
+
+inline float hmax(__m256 v) {
+    __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+    return _mm_cvtss_f32(_mm_max_ss(m, _mm_movehdup_ps(m)));
+}
+
+inline int hsum_i(__m256i v) {
+    __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4E));
+    return _mm_cvtsi128_si32(_mm_add_epi32(s, _mm_shuffle_epi32(s, 0xB1)));
+}
+
+inline int quantize_block(const float* x, int8_t* even, int8_t* odd, float* amax) {
+    __m256 v[4];
+    for (int i = 0; i < 4; i++) v[i] = _mm256_loadu_ps(x + 8 * i);
+    *amax = hmax(_mm256_max_ps(_mm256_max_ps(absf(v[0]), absf(v[1])), _mm256_max_ps(absf(v[2]), absf(v[3]))));
+    const __m256 inv = _mm256_set1_ps(127.0f / fmax_(*amax, 1e-30f));
+    __m256i q[4];
+    for (int i = 0; i < 4; i++) q[i] = round_clamp(_mm256_mul_ps(v[i], inv));
+    const __m256i low = _mm256_permute4x64_epi64(_mm256_packs_epi32(q[0], q[1]), 0xD8);    // int16 inputs 0..15
+    const __m256i high = _mm256_permute4x64_epi64(_mm256_packs_epi32(q[2], q[3]), 0xD8);   // 16..31
+    __m256i b = _mm256_permute4x64_epi64(_mm256_packs_epi16(low, high), 0xD8);              // int8 0..31
+    const __m256i split = _mm256_setr_epi8(0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15,
+                                           0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15);
+    b = _mm256_permute4x64_epi64(_mm256_shuffle_epi8(b, split), 0xD8);                      // [evens | odds]
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(even), _mm256_castsi256_si128(b));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(odd), _mm256_extracti128_si256(b, 1));
+    return hsum_i(_mm256_add_epi32(_mm256_add_epi32(q[0], q[1]), _mm256_add_epi32(q[2], q[3])));
+}
+
+constexpr int FLANES = 8;
+inline VF mulf(const float* a, const float* b) { return _mm256_mul_ps(_mm256_loadu_ps(a), _mm256_loadu_ps(b)); }
+inline float hmax_abs(VF m) { return hmax(m); }
+inline VF max_abs(VF m, VF v) { return _mm256_max_ps(m, absf(v)); }
+inline VI quantize_vector(VF v, VF step) { return round_clamp(_mm256_div_ps(v, step)); }   // 8 int32
+inline void store_codes(int8_t* p, VI q) {
+    const __m256i b = _mm256_packs_epi16(_mm256_packs_epi32(q, q), _mm256_setzero_si256());
+    _mm_storel_epi64(reinterpret_cast<__m128i*>(p),
+                     _mm256_castsi256_si128(_mm256_permutevar8x32_epi32(b, _mm256_setr_epi32(0, 4, 0, 0, 0, 0, 0, 0))));
+}
+inline VI add32(VI a, VI b) { return _mm256_add_epi32(a, b); }
+inline VF set1f(float v) { return _mm256_set1_ps(v); }
+#endif
+
 void quantize_w4a8(const float* x, int rows, int k, Activations& a) {
     const int nb = k / GROUP;
-    std::memset(a.q, 0, rows * a.row_bytes);
-    std::memset(a.scale, 0, rows * a.row_lanes * sizeof(float));
-    std::memset(a.offset, 0, rows * a.row_lanes * sizeof(int32_t));
     for (int m = 0; m < rows; m++) {
         int8_t* even = a.q + m * a.row_bytes;
         int8_t* odd = even + a.row_bytes / 2;
+        float* scale = a.scale + m * a.row_lanes;
+        int32_t* offset = a.offset + m * a.row_lanes;
+        std::memset(even + nb * 16, 0, a.row_bytes / 2 - nb * 16);   // the padding of the last vector
+        std::memset(odd + nb * 16, 0, a.row_bytes / 2 - nb * 16);
+        std::memset(scale + nb * 4, 0, (a.row_lanes - nb * 4) * sizeof(float));
         for (int b = 0; b < nb; b++) {
-            const float* xb = x + static_cast<size_t>(m) * k + b * GROUP;
-            float amax = 0.0f;
-            for (int j = 0; j < GROUP; j++) amax = fmax_(amax, fabsf(xb[j]));
-            const float inv = 127.0f / fmax_(amax, 1e-30f);
-            int sum = 0;
-            for (int j = 0; j < GROUP; j++) {
-                const int8_t q = round_half_up(xb[j] * inv);
-                sum += q;
-                (j % 2 ? odd : even)[b * 16 + j / 2] = q;
-            }
-            float* s = a.scale + m * a.row_lanes + b * 4;
-            s[0] = s[1] = s[2] = s[3] = amax * INV127;
-            a.offset[m * a.row_lanes + b * 4] = -8 * sum;
+            float amax;
+            const int sum = quantize_block(x + static_cast<size_t>(m) * k + b * GROUP, even + b * 16, odd + b * 16, &amax);
+            scale[4 * b] = scale[4 * b + 1] = scale[4 * b + 2] = scale[4 * b + 3] = amax * INV127;
+            offset[4 * b] = -8 * sum;
+            offset[4 * b + 1] = offset[4 * b + 2] = offset[4 * b + 3] = 0;
         }
+        for (size_t l = nb * 4; l < a.row_lanes; l++) offset[l] = 0;
     }
 }
 
@@ -267,18 +342,28 @@ void run_w4a8(const W4A8& w, const Activations& a, float* y, int task) {
 // ---------------------------------------------------------------- w8a8
 
 void quantize_w8a8(const float* x, const float* smooth, int rows, int k, Activations& a) {
-    std::memset(a.q, 0, rows * a.row_bytes);
+    const int kv = k / FLANES * FLANES;
     for (int m = 0; m < rows; m++) {
         const float* xm = x + static_cast<size_t>(m) * k;
-        float amax = 0.0f;
-        for (int i = 0; i < k; i++) amax = fmax_(amax, fabsf(xm[i] * smooth[i]));
+        VF vmax = set1f(0.0f);
+        for (int i = 0; i < kv; i += FLANES) vmax = max_abs(vmax, mulf(xm + i, smooth + i));
+        float amax = hmax_abs(vmax);
+        for (int i = kv; i < k; i++) amax = fmax_(amax, fabsf(xm[i] * smooth[i]));
         const float step = fmax_(amax, 1e-30f) * INV127;
+        const VF vstep = set1f(step);
         int8_t* q = a.q + m * a.row_bytes;
-        int sum = 0;
-        for (int i = 0; i < k; i++) {
+        VI vsum = set1_32(0);
+        for (int i = 0; i < kv; i += FLANES) {
+            const VI c = quantize_vector(mulf(xm + i, smooth + i), vstep);
+            store_codes(q + i, c);
+            vsum = add32(vsum, c);
+        }
+        int sum = hsum_i(vsum);
+        for (int i = kv; i < k; i++) {
             q[i] = round_half_up(xm[i] * smooth[i] / step);
             sum += q[i];
         }
+        for (size_t i = k; i < a.row_bytes; i++) q[i] = 0;
         a.scale[m] = step;
         a.offset[m] = -64 * sum;
     }
