@@ -282,6 +282,8 @@ int tasks_w4a8(int n, int rows) {
     return (n + per - 1) / per;
 }
 
+constexpr int W4A8_PREFETCH = 1024;   // bytes of codes ahead of the reads (their scales: a quarter as far)
+
 // y[m, n0 + i] for NR weight rows and MR activation rows from m0
 template <int NR, int MR>
 inline void w4a8_tile(const W4A8& w, const Activations& a, float* y, int n0, int m0) {
@@ -301,6 +303,8 @@ inline void w4a8_tile(const W4A8& w, const Activations& a, float* y, int n0, int
         VI lo[NR], hi[NR];
         VF ws[NR];
         for (int i = 0; i < NR; i++) {
+            _mm_prefetch(reinterpret_cast<const char*>(codes[i] + g * W + W4A8_PREFETCH), _MM_HINT_T0);
+            _mm_prefetch(reinterpret_cast<const char*>(scales[i] + g * G + W4A8_PREFETCH / 4), _MM_HINT_T0);
             const VI c = load_blocks(codes[i] + g * W, r);
             lo[i] = and_(c, low);
             hi[i] = high_nibbles(c);
