@@ -7,7 +7,7 @@
 // The weights are the graph's inputs as bound (the memory-mapped bundle): read in place by every graph.
 // Rows are quantized qmm::ROWS at a time, then the column strips of each chunk are spread over
 // onnxruntime's intra-op threads (KernelContext_ParallelFor): no threads of our own.
-// The instruction set is the best the CPU has (avx512vnni, avx512, avxvnni, avx2), or the one named
+// The instruction set is the best the CPU has (amx, avx512vnni, avx512, avxvnni, avx2), or the one named
 // by the environment variable COGVLM2_KERNELS_ISA when a kernel is created (tests use it to run each).
 #define ORT_API_MANUAL_INIT
 #include <onnxruntime_cxx_api.h>
@@ -24,7 +24,7 @@
 
 namespace {
 
-const qmm::Isa* const ISAS[] = {&qmm::avx512vnni, &qmm::avx512, &qmm::avxvnni, &qmm::avx2};   // preferred first
+const qmm::Isa* const ISAS[] = {&qmm::amx, &qmm::avx512vnni, &qmm::avx512, &qmm::avxvnni, &qmm::avx2};   // preferred first
 
 // the instruction set the kernels use now -> nullptr with `why` set when none can run
 const qmm::Isa* choose_isa(std::string& why) {
@@ -36,7 +36,7 @@ const qmm::Isa* choose_isa(std::string& why) {
                 why = std::string("COGVLM2_KERNELS_ISA=") + forced + ": this CPU lacks that instruction set";
                 return nullptr;
             }
-        why = std::string("COGVLM2_KERNELS_ISA=") + forced + " is not one of avx512vnni, avx512, avxvnni, avx2";
+        why = std::string("COGVLM2_KERNELS_ISA=") + forced + " is not one of amx, avx512vnni, avx512, avxvnni, avx2";
         return nullptr;
     }
     for (const qmm::Isa* isa : ISAS)

@@ -57,6 +57,6 @@ struct Isa {
     void (*run_w8a8)(const W8A8& w, const Activations& a, float* y, int task);
 };
 
-extern const Isa avx2, avxvnni, avx512, avx512vnni;
+extern const Isa avx2, avxvnni, avx512, avx512vnni, amx;
 
 }  // namespace qmm

@@ -17,10 +17,10 @@
 
 #include "qmatmul.h"
 
-#if defined(QMM_AVX512) || defined(QMM_AVX512VNNI)
+#if defined(QMM_AVX512) || defined(QMM_AVX512VNNI) || defined(QMM_AMX)
 #define QMM_512 1
 #endif
-#if defined(QMM_AVXVNNI) || defined(QMM_AVX512VNNI)
+#if defined(QMM_AVXVNNI) || defined(QMM_AVX512VNNI) || defined(QMM_AMX)
 #define QMM_VNNI 1
 #endif
 
@@ -40,8 +40,14 @@
 #define QMM_ISA avx512vnni
 #define QMM_NS impl_avx512vnni
 #define QMM_NAME "avx512vnni"
+#elif defined(QMM_AMX)   // avx512vnni, with AMX tiles for w8a8's many-row products
+#define QMM_ISA amx
+#define QMM_NS impl_amx
+#define QMM_NAME "amx"
+#include <sys/syscall.h>
+#include <unistd.h>
 #else
-#error "define one of QMM_AVX2, QMM_AVXVNNI, QMM_AVX512, QMM_AVX512VNNI"
+#error "define one of QMM_AVX2, QMM_AVXVNNI, QMM_AVX512, QMM_AVX512VNNI, QMM_AMX"
 #endif
 
 namespace qmm {
@@ -140,7 +146,18 @@ constexpr int LANES = W / 4;   // int32 / fp32 lanes per vector
 
 inline bool cpu_has() {
     __builtin_cpu_init();
-#if defined(QMM_AVX512VNNI)
+#if defined(QMM_AMX)
+    // AMX-TILE and AMX-INT8 (CPUID 7.0 EDX bits 24, 25), their state enabled by the OS (XCR0 bits 17, 18),
+    // and this process allowed to use the tile data (Linux: arch_prctl ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA)
+    unsigned eax, ebx, ecx, edx;
+    __asm__("cpuid" : "=a"(eax), "=b"(ebx), "=c"(ecx), "=d"(edx) : "a"(7), "c"(0));
+    if (!(edx & (1u << 24)) || !(edx & (1u << 25))) return false;
+    unsigned lo, hi;
+    __asm__("xgetbv" : "=a"(lo), "=d"(hi) : "c"(0));
+    if ((lo & (3u << 17)) != (3u << 17)) return false;
+    return __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
+           __builtin_cpu_supports("avx512vnni") && syscall(SYS_arch_prctl, 0x1023, 18) == 0;
+#elif defined(QMM_AVX512VNNI)
     return __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni");
 #elif defined(QMM_AVX512)
     return __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl");
@@ -150,6 +167,12 @@ inline bool cpu_has() {
     return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
 #endif
 }
+
+#ifdef QMM_AMX
+constexpr int AMX_K = 64;     // inputs per tile row
+#else
+constexpr int AMX_K = 4;
+#endif
 
 inline int imin(int a, int b) { return a < b ? a : b; }
 inline int imax(int a, int b) { return a > b ? a : b; }
@@ -166,7 +189,7 @@ void layout(bool w4a8, int k, size_t* row_bytes, size_t* row_lanes) {
         *row_bytes = groups * W * 2;
         *row_lanes = groups * LANES;
     } else {
-        *row_bytes = (k + 3) / 4 * 4;
+        *row_bytes = (k + AMX_K - 1) / AMX_K * AMX_K;   // AMX: whole tiles of 64 inputs; else groups of 4
         *row_lanes = 1;
     }
 }
@@ -373,13 +396,15 @@ void quantize_w8a8(const float* x, const float* smooth, int rows, int k, Activat
     }
 }
 
-// 4 rows of W weight columns -> 4 vectors whose int32 lanes each hold one column's 4 weights + 64
-inline void interleave(VI r0, VI r1, VI r2, VI r3, VI out[4]) {
-    const VI bias = set1_8(64);
-    r0 = add8(r0, bias);
-    r1 = add8(r1, bias);
-    r2 = add8(r2, bias);
-    r3 = add8(r3, bias);
+// 4 rows of W weight columns -> 4 vectors whose int32 lanes each hold one column's 4 weights (+ 64: `bias`)
+inline void interleave(VI r0, VI r1, VI r2, VI r3, VI out[4], bool bias = true) {
+    if (bias) {
+        const VI b = set1_8(64);
+        r0 = add8(r0, b);
+        r1 = add8(r1, b);
+        r2 = add8(r2, b);
+        r3 = add8(r3, b);
+    }
     const VI a = unpacklo8(r0, r1), b = unpackhi8(r0, r1), c = unpacklo8(r2, r3), d = unpackhi8(r2, r3);
     out[0] = unpacklo16(a, c);
     out[1] = unpackhi16(a, c);
@@ -388,13 +413,13 @@ inline void interleave(VI r0, VI r1, VI r2, VI r3, VI out[4]) {
 }
 
 // 4 weight rows from row k0 at columns [c0, c0 + cols) (rows past K are zeros)
-inline void load_rows(const W8A8& w, int k0, int c0, int cols, VI out[4]) {
+inline void load_rows(const W8A8& w, int k0, int c0, int cols, VI out[4], bool bias = true) {
     VI r[4];
     for (int t = 0; t < 4; t++) {
         const int8_t* p = w.weight + static_cast<size_t>(k0 + t) * w.n + c0;
         r[t] = k0 + t >= w.k ? set1_8(0) : cols >= W ? load(p) : load_bytes(p, cols);
     }
-    interleave(r[0], r[1], r[2], r[3], out);
+    interleave(r[0], r[1], r[2], r[3], out, bias);
 }
 
 // lane (128-bit chunk L, int32 e) of interleaved vector j holds column 16 L + 4 j + e
@@ -459,6 +484,107 @@ inline void w8a8_packed_tile(const W8A8& w, const Activations& a, const VI* pack
     for (int j = 0; j < MR; j++) store_columns(w, a, acc[j], m0 + j, c0, w.n - c0, y);
 }
 
+// this worker's buffer of at least n elements, grown as needed (plain pointers: no TLS destructors)
+template <typename T>
+T* scratch(size_t n, int which = 0) {
+    thread_local void* buffers[2] = {nullptr, nullptr};
+    thread_local size_t capacity[2] = {0, 0};
+    if (n * sizeof(T) > capacity[which]) {
+        free(buffers[which]);
+        capacity[which] = (n * sizeof(T) + 63) / 64 * 64;
+        buffers[which] = aligned_alloc(64, capacity[which]);
+    }
+    return static_cast<T*>(buffers[which]);
+}
+
+#ifdef QMM_AMX
+constexpr int AMX_MIN_ROWS = 16;   // fewer rows: the vector kernels
+
+struct alignas(64) TileConfig {
+    uint8_t palette, start_row, reserved[14];
+    uint16_t colsb[16];
+    uint8_t rows[16];
+};
+
+// tiles 0-3: int32 sums (2 x 2 blocks of 16 x 16), 4-5: 16 activation rows x 64 inputs, 6-7: 16 groups of
+// 4 inputs x 16 columns (4 bytes each): every tile 16 rows of 64 bytes
+inline void configure_tiles() {
+    TileConfig c;
+    std::memset(&c, 0, sizeof c);
+    c.palette = 1;
+    for (int t = 0; t < 8; t++) {
+        c.colsb[t] = 64;
+        c.rows[t] = 16;
+    }
+    __asm__ volatile("ldtilecfg %0" ::"m"(c));
+}
+
+// the strip's weights as B tiles: [K/64][4 tiles of 16 columns][16 groups of 4 inputs][16 columns x 4 bytes]
+inline void pack_tiles(const W8A8& w, int c0, int kp, int8_t* packed) {
+    for (int k0 = 0; k0 < kp; k0 += 4) {
+        VI v[4];
+        load_rows(w, k0, c0, w.n - c0, v, false);
+        int8_t* row = packed + static_cast<size_t>(k0 / 64) * 4096 + (k0 % 64) / 4 * 64;
+        for (int j = 0; j < 4; j++) {   // lane T of v[j]: columns 16 T + 4 j .. + 3 of tile T
+            _mm_storeu_si128(reinterpret_cast<__m128i*>(row + 0 * 1024 + 16 * j), _mm512_extracti32x4_epi32(v[j], 0));
+            _mm_storeu_si128(reinterpret_cast<__m128i*>(row + 1 * 1024 + 16 * j), _mm512_extracti32x4_epi32(v[j], 1));
+            _mm_storeu_si128(reinterpret_cast<__m128i*>(row + 2 * 1024 + 16 * j), _mm512_extracti32x4_epi32(v[j], 2));
+            _mm_storeu_si128(reinterpret_cast<__m128i*>(row + 3 * 1024 + 16 * j), _mm512_extracti32x4_epi32(v[j], 3));
+        }
+    }
+}
+
+// y for all rows over the strip of 64 columns from c0: signed x signed int8 tile products (no offsets)
+void w8a8_amx(const W8A8& w, const Activations& a, int8_t* packed, float* y, int c0) {
+    const int kp = static_cast<int>(a.row_bytes), rb = kp;
+    pack_tiles(w, c0, kp, packed);
+    configure_tiles();
+    alignas(64) int32_t sums[4][16][16];
+    for (int m0 = 0; m0 < a.rows; m0 += 32) {
+        const int8_t* x = a.q + static_cast<size_t>(m0) * rb;
+        if (m0 + 32 > a.rows) {   // the last rows, padded to two tiles
+            int8_t* pad = scratch<int8_t>(32 * static_cast<size_t>(rb), 1);
+            std::memset(pad, 0, 32 * static_cast<size_t>(rb));
+            std::memcpy(pad, x, static_cast<size_t>(a.rows - m0) * rb);
+            x = pad;
+        }
+        for (int t0 = 0; t0 < 4 && c0 + 16 * t0 < w.n; t0 += 2) {
+            _tile_zero(0);
+            _tile_zero(1);
+            _tile_zero(2);
+            _tile_zero(3);
+            for (int kb = 0; kb < kp / 64; kb++) {
+                const int8_t* b = packed + static_cast<size_t>(kb) * 4096 + t0 * 1024;
+                _tile_loadd(4, x + kb * 64, rb);
+                _tile_loadd(5, x + 16 * rb + kb * 64, rb);
+                _tile_loadd(6, b, 64);
+                _tile_loadd(7, b + 1024, 64);
+                _tile_dpbssd(0, 4, 6);
+                _tile_dpbssd(1, 4, 7);
+                _tile_dpbssd(2, 5, 6);
+                _tile_dpbssd(3, 5, 7);
+            }
+            _tile_stored(0, sums[0], 64);
+            _tile_stored(1, sums[1], 64);
+            _tile_stored(2, sums[2], 64);
+            _tile_stored(3, sums[3], 64);
+            for (int t = 0; t < 4; t++) {   // sums[2 half + tile]: rows 16 half.., columns of tile t0 + tile
+                const int c = c0 + 16 * (t0 + t % 2), cols = imin(16, w.n - c);
+                if (cols <= 0) continue;
+                const __mmask16 mask = static_cast<__mmask16>((1u << cols) - 1);
+                const __m512 scale = _mm512_maskz_loadu_ps(mask, w.scale + c);
+                for (int r = 0; r < 16 && m0 + 16 * (t / 2) + r < a.rows; r++) {
+                    const int m = m0 + 16 * (t / 2) + r;
+                    const __m512 v = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_load_si512(sums[t][r])), _mm512_set1_ps(a.scale[m]));
+                    _mm512_mask_storeu_ps(y + static_cast<size_t>(m) * w.n + c, mask, _mm512_mul_ps(v, scale));
+                }
+            }
+        }
+    }
+    _tile_release();
+}
+#endif
+
 int w8a8_strips(int n) { return imin(4, imax(1, n / (8 * W))); }   // sub-strips per decode task: >= 8 tasks
 
 int tasks_w8a8(int n, int rows) {
@@ -478,14 +604,10 @@ void run_w8a8(const W8A8& w, const Activations& a, float* y, int task) {
     }
     // many rows: interleave this strip of W columns once, then every row reads it (L2)
     const int c0 = task * W, steps = static_cast<int>(a.row_bytes / 4);
-    thread_local VI* packed = nullptr;   // this worker's strip, grown as needed (a plain pointer: no TLS destructor)
-    thread_local size_t capacity = 0;
-    const size_t need = static_cast<size_t>(steps) * 4;
-    if (need > capacity) {
-        free(packed);
-        packed = static_cast<VI*>(aligned_alloc(64, need * sizeof(VI)));
-        capacity = need;
-    }
+    VI* packed = scratch<VI>(static_cast<size_t>(steps) * 4);
+#ifdef QMM_AMX
+    if (a.rows >= AMX_MIN_ROWS) return w8a8_amx(w, a, reinterpret_cast<int8_t*>(packed), y, c0);
+#endif
     for (int s = 0; s < steps; s++) load_rows(w, 4 * s, c0, w.n - c0, packed + 4 * s);
     constexpr int MR = W == 64 ? 4 : 2;
     int m = 0;

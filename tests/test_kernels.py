@@ -7,7 +7,7 @@ import pytest
 from cogvlm2_lite.runtime import kernels
 
 INV127 = np.float32(1 / 127)   # the graphs' `* (1 / 127)`
-ISAS = ("avx2", "avxvnni", "avx512", "avx512vnni")
+ISAS = ("avx2", "avxvnni", "avx512", "avx512vnni", "amx")
 BUILT, WHY = kernels.isa()
 needs_library = pytest.mark.skipif(not BUILT, reason=f"our kernels cannot run here: {WHY}")
 
@@ -78,10 +78,12 @@ def w8a8_inputs(rng, rows, k, n):
             rng.uniform(1e-3, 2e-2, n).astype(np.float32))
 
 
-# (leading dims, K, N): one row (decode), a few (B > 1 rows), more than a chunk of 128 rows; K and N that
+# (leading dims, K, N): one row (decode), a few (B > 1 rows), 16 or more (amx: tiles of 32 rows, the last
+# ones padded), more than a chunk of 128 rows; K and N that
 # are not multiples of the vectors (w4a8: blocks of 32 left over past 64 / 128 bytes; w8a8: odd K, N)
 W4A8_SHAPES = [([1], 32, 1), ([1, 1], 96, 7), ([3], 160, 33), ([2, 1], 1056, 70), ([131], 288, 67), ([1], 2816, 300)]
-W8A8_SHAPES = [([1], 1, 1), ([1, 1], 33, 5), ([3], 1027, 70), ([2, 1], 64, 129), ([131], 101, 67), ([1], 2816, 300)]
+W8A8_SHAPES = [([1], 1, 1), ([1, 1], 33, 5), ([3], 1027, 70), ([2, 1], 64, 129), ([40], 200, 130), ([131], 101, 67),
+               ([1], 2816, 300)]
 
 
 @needs_library
@@ -121,7 +123,7 @@ def test_each_instruction_set_computes_the_graphs_integer_arithmetic(isa, monkey
 @needs_library
 def test_a_bad_instruction_set_or_shape_is_one_sentence(monkeypatch):
     monkeypatch.setenv(kernels.ISA_ENV, "sse2")
-    assert kernels.isa() == ("", "COGVLM2_KERNELS_ISA=sse2 is not one of avx512vnni, avx512, avxvnni, avx2")
+    assert kernels.isa() == ("", "COGVLM2_KERNELS_ISA=sse2 is not one of amx, avx512vnni, avx512, avxvnni, avx2")
     with pytest.raises(Exception, match="COGVLM2_KERNELS_ISA=sse2 is not one of"):
         session("MatMulW4A8", [1, 64], 64, 8)
     monkeypatch.delenv(kernels.ISA_ENV)
