@@ -62,9 +62,9 @@ struct Buffers {
     qmm::Activations prepare(const qmm::Isa& isa, bool w4a8, int rows, int k) {
         qmm::Activations a{rows, k, 0, 0, nullptr, nullptr, nullptr};
         isa.layout(w4a8, k, &a.row_bytes, &a.row_lanes);
-        q.resize(rows * a.row_bytes);
-        scale.resize(rows * a.row_lanes);
-        offset.resize(rows * a.row_lanes);
+        q.assign((rows + qmm::PAD_ROWS) * a.row_bytes, 0);
+        scale.assign((rows + qmm::PAD_ROWS) * a.row_lanes, 0.0f);
+        offset.assign((rows + qmm::PAD_ROWS) * a.row_lanes, 0);
         a.q = q.data();
         a.scale = scale.data();
         a.offset = offset.data();
@@ -101,7 +101,7 @@ struct Kernel {
             xs.back() = n;
             float* y = ctx.GetOutput(0, xs).GetTensorMutableData<float>();
             const qmm::W4A8 w{codes.GetTensorData<uint8_t>(), scales.GetTensorData<float>(), static_cast<int>(n), static_cast<int>(k)};
-            run(ctx, w, xp, y, m, k, n, [&](const float* xc, qmm::Activations& a) { isa->quantize_w4a8(xc, a.rows, a.k, a); },
+            run(ctx, w, xp, y, m, k, n, [&](const float* xc, int first, int count, qmm::Activations& a) { isa->quantize_w4a8(xc, first, count, a); },
                 isa->tasks_w4a8, isa->run_w4a8);
         } else {
             const Ort::ConstValue smooth = ctx.GetInput(1), weight = ctx.GetInput(2), scale = ctx.GetInput(3);
@@ -113,7 +113,7 @@ struct Kernel {
             float* y = ctx.GetOutput(0, xs).GetTensorMutableData<float>();
             const float* sp = smooth.GetTensorData<float>();
             const qmm::W8A8 w{weight.GetTensorData<int8_t>(), scale.GetTensorData<float>(), sp, static_cast<int>(n), static_cast<int>(k)};
-            run(ctx, w, xp, y, m, k, n, [&](const float* xc, qmm::Activations& a) { isa->quantize_w8a8(xc, sp, a.rows, a.k, a); },
+            run(ctx, w, xp, y, m, k, n, [&](const float* xc, int first, int count, qmm::Activations& a) { isa->quantize_w8a8(xc, sp, first, count, a); },
                 isa->tasks_w8a8, isa->run_w8a8);
         }
     }
@@ -125,15 +125,10 @@ struct Kernel {
         thread_local Buffers buffers;
         for (int64_t m0 = 0; m0 < m; m0 += qmm::ROWS) {
             const int rows = static_cast<int>(std::min<int64_t>(qmm::ROWS, m - m0));
-            const qmm::Activations a = buffers.prepare(*isa, w4a8, rows, static_cast<int>(k));
+            qmm::Activations a = buffers.prepare(*isa, w4a8, rows, static_cast<int>(k));
             auto quantize_rows = [&](size_t task) {
                 const int r0 = static_cast<int>(task) * QUANTIZE_ROWS;
-                qmm::Activations part = a;
-                part.rows = std::min(QUANTIZE_ROWS, rows - r0);
-                part.q += r0 * a.row_bytes;
-                part.scale += r0 * a.row_lanes;
-                part.offset += r0 * a.row_lanes;
-                quantize(x + (m0 + r0) * k, part);
+                quantize(x + m0 * k, r0, std::min(QUANTIZE_ROWS, rows - r0), a);
             };
             parallel(ctx, (rows + QUANTIZE_ROWS - 1) / QUANTIZE_ROWS, quantize_rows);
             float* out = y + m0 * n;

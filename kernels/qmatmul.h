@@ -25,9 +25,10 @@ namespace qmm {
 
 constexpr int GROUP = 32;      // int4 block: inputs per scale (graphs/quant.py GROUP)
 constexpr int ROWS = 128;      // activation rows quantized and multiplied at a time (they stay in L2)
+constexpr int PAD_ROWS = 16;   // rows past the chunk's that tile layouts may use (amx: whole tiles of 16 rows)
 
 // the quantized activations of one chunk of rows, laid out for one instruction set's vectors; the caller
-// allocates rows * row_bytes, rows * row_lanes and rows * row_lanes elements (`Isa::layout`)
+// allocates (rows + PAD_ROWS) * row_bytes, and as many times row_lanes, elements (`Isa::layout`), zeroed
 struct Activations {
     int rows, k;
     size_t row_bytes, row_lanes;
@@ -49,10 +50,11 @@ struct Isa {
     const char* name;
     bool (*supported)();
     void (*layout)(bool w4a8, int k, size_t* row_bytes, size_t* row_lanes);
-    void (*quantize_w4a8)(const float* x, int rows, int k, Activations& a);
+    // rows [first, first + count) of the chunk whose first row x points to (tasks quantize parts of a chunk)
+    void (*quantize_w4a8)(const float* x, int first, int count, Activations& a);
     int (*tasks_w4a8)(int n, int rows);
     void (*run_w4a8)(const W4A8& w, const Activations& a, float* y, int task);
-    void (*quantize_w8a8)(const float* x, const float* smooth, int rows, int k, Activations& a);
+    void (*quantize_w8a8)(const float* x, const float* smooth, int first, int count, Activations& a);
     int (*tasks_w8a8)(int n, int rows);
     void (*run_w8a8)(const W8A8& w, const Activations& a, float* y, int task);
 };

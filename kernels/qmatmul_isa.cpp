@@ -276,9 +276,19 @@ inline VI add32(VI a, VI b) { return _mm256_add_epi32(a, b); }
 inline VF set1f(float v) { return _mm256_set1_ps(v); }
 #endif
 
-void quantize_w4a8(const float* x, int rows, int k, Activations& a) {
-    const int nb = k / GROUP;
-    for (int m = 0; m < rows; m++) {
+#ifdef QMM_AMX
+constexpr int AMX_MIN_ROWS = 16;   // fewer rows: the vector kernels
+inline int tile_rows(int rows) { return (rows + 15) / 16 * 16; }
+void quantize_w4a8_tiles(const float* x, int first, int count, Activations& a);
+void w4a8_amx(const W4A8& w, const Activations& a, float* y, int n0);
+#endif
+
+void quantize_w4a8(const float* x, int first, int count, Activations& a) {
+    const int nb = a.k / GROUP, k = a.k;
+#ifdef QMM_AMX
+    if (a.rows >= AMX_MIN_ROWS) return quantize_w4a8_tiles(x, first, count, a);
+#endif
+    for (int m = first; m < first + count; m++) {
         int8_t* even = a.q + m * a.row_bytes;
         int8_t* odd = even + a.row_bytes / 2;
         float* scale = a.scale + m * a.row_lanes;
@@ -300,6 +310,9 @@ void quantize_w4a8(const float* x, int rows, int k, Activations& a) {
 int w4a8_rows_per_task(int n) { return imax(4, (n / 32 + 3) / 4 * 4); }
 
 int tasks_w4a8(int n, int rows) {
+#ifdef QMM_AMX
+    if (rows >= AMX_MIN_ROWS) return (n + 15) / 16;   // tiles of 16 weight rows
+#endif
     (void)rows;
     const int per = w4a8_rows_per_task(n);
     return (n + per - 1) / per;
@@ -355,6 +368,9 @@ inline void w4a8_rows(const W4A8& w, const Activations& a, float* y, int n0) {
 }
 
 void run_w4a8(const W4A8& w, const Activations& a, float* y, int task) {
+#ifdef QMM_AMX
+    if (a.rows >= AMX_MIN_ROWS) return w4a8_amx(w, a, y, 16 * task);
+#endif
     const int per = w4a8_rows_per_task(w.n), n1 = imin(w.n, (task + 1) * per);
     int n = task * per;
     if (a.rows == 1) {   // decode: four weight rows at a time, for four independent streams
@@ -368,9 +384,9 @@ void run_w4a8(const W4A8& w, const Activations& a, float* y, int task) {
 
 // ---------------------------------------------------------------- w8a8
 
-void quantize_w8a8(const float* x, const float* smooth, int rows, int k, Activations& a) {
-    const int kv = k / FLANES * FLANES;
-    for (int m = 0; m < rows; m++) {
+void quantize_w8a8(const float* x, const float* smooth, int first, int count, Activations& a) {
+    const int k = a.k, kv = k / FLANES * FLANES;
+    for (int m = first; m < first + count; m++) {
         const float* xm = x + static_cast<size_t>(m) * k;
         VF vmax = set1f(0.0f);
         for (int i = 0; i < kv; i += FLANES) vmax = max_abs(vmax, mulf(xm + i, smooth + i));
@@ -498,25 +514,107 @@ T* scratch(size_t n, int which = 0) {
 }
 
 #ifdef QMM_AMX
-constexpr int AMX_MIN_ROWS = 16;   // fewer rows: the vector kernels
-
 struct alignas(64) TileConfig {
     uint8_t palette, start_row, reserved[14];
     uint16_t colsb[16];
     uint8_t rows[16];
 };
 
-// tiles 0-3: int32 sums (2 x 2 blocks of 16 x 16), 4-5: 16 activation rows x 64 inputs, 6-7: 16 groups of
-// 4 inputs x 16 columns (4 bytes each): every tile 16 rows of 64 bytes
-inline void configure_tiles() {
+// tiles 0-3: int32 sums of 16 x 16; 4-5: A, 16 rows of `a_bytes`; 6-7: B, a_bytes / 4 rows of 16 x 4 bytes
+inline void configure_tiles(int a_bytes) {
     TileConfig c;
     std::memset(&c, 0, sizeof c);
     c.palette = 1;
     for (int t = 0; t < 8; t++) {
-        c.colsb[t] = 64;
-        c.rows[t] = 16;
+        c.colsb[t] = t == 4 || t == 5 ? a_bytes : 64;
+        c.rows[t] = t >= 6 ? a_bytes / 4 : 16;
     }
     __asm__ volatile("ldtilecfg %0" ::"m"(c));
+}
+
+// w4a8 activations as B tiles: per block, [8 groups of 4 inputs][tile_rows(rows) rows][4 bytes]; block scales
+// per block and row; rows past the chunk's stay zero
+void quantize_w4a8_tiles(const float* x, int first, int count, Activations& a) {
+    const int nb = a.k / GROUP, mp = tile_rows(a.rows);
+    for (int m = first; m < first + count; m++)
+        for (int b = 0; b < nb; b++) {
+            alignas(64) int8_t even[16], odd[16];
+            float amax;
+            quantize_block(x + static_cast<size_t>(m) * a.k + b * GROUP, even, odd, &amax);
+            int8_t* dst = a.q + static_cast<size_t>(b) * 8 * mp * 4 + m * 4;
+            for (int g = 0; g < 8; g++) {   // inputs 4 g .. 4 g + 3 of the block
+                int8_t* d = dst + static_cast<size_t>(g) * mp * 4;
+                d[0] = even[2 * g];
+                d[1] = odd[2 * g];
+                d[2] = even[2 * g + 1];
+                d[3] = odd[2 * g + 1];
+            }
+            a.scale[static_cast<size_t>(b) * mp + m] = amax * INV127;
+        }
+}
+
+// y for all rows over 16 weight rows from n0: per block, (16 weight rows x 32 codes) x (32 inputs x 16
+// activation rows) in a tile, scaled by both blocks' scales into float sums
+void w4a8_amx(const W4A8& w, const Activations& a, float* y, int n0) {
+    const int nb = w.k / GROUP, mp = tile_rows(a.rows), rows = imin(16, w.n - n0);
+    int8_t* codes = scratch<int8_t>(16 * static_cast<size_t>(w.k));   // the 16 rows' codes - 8, in input order
+    const VI low = set1_8(0x0F), eight = set1_8(8);
+    for (int r = 0; r < 16; r++) {
+        int8_t* dst = codes + static_cast<size_t>(r) * w.k;
+        if (r >= rows) {
+            std::memset(dst, 0, w.k);
+            continue;
+        }
+        const uint8_t* src = w.codes + static_cast<size_t>(n0 + r) * (w.k / 2);
+        for (int i = 0; i < w.k / 2; i += 32) {   // 32 bytes -> 64 codes (the last step may read a half vector)
+            const int bytes = imin(32, w.k / 2 - i);
+            const __m256i c = bytes == 32 ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + i))
+                                          : _mm256_zextsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i)));
+            const __m512i wide = _mm512_cvtepu8_epi16(c);   // byte j -> 16 bits: low nibble, then high nibble as a byte
+            const __m512i pair = _mm512_or_si512(_mm512_and_si512(wide, _mm512_set1_epi16(0x0F)),
+                                                 _mm512_slli_epi16(_mm512_srli_epi16(wide, 4), 8));
+            const __m512i v = _mm512_sub_epi8(_mm512_and_si512(pair, low), eight);
+            if (bytes == 32) _mm512_storeu_si512(dst + 2 * i, v);
+            else _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + 2 * i), _mm512_castsi512_si256(v));
+        }
+    }
+    configure_tiles(32);
+    alignas(64) int32_t sums[2][16][16];
+    for (int m0 = 0; m0 < a.rows; m0 += 16) {
+        __m512 acc[16];
+        for (int r = 0; r < 16; r++) acc[r] = _mm512_setzero_ps();
+        for (int b = 0; b < nb; b += 2) {
+            const int two = imin(2, nb - b);
+            for (int t = 0; t < two; t++) {
+                const int8_t* xb = a.q + static_cast<size_t>(b + t) * 8 * mp * 4 + m0 * 4;
+                if (t == 0) {
+                    _tile_zero(0);
+                    _tile_loadd(4, codes + b * GROUP, w.k);
+                    _tile_loadd(6, xb, mp * 4);
+                    _tile_dpbssd(0, 4, 6);
+                    _tile_stored(0, sums[0], 64);
+                } else {
+                    _tile_zero(1);
+                    _tile_loadd(5, codes + (b + 1) * GROUP, w.k);
+                    _tile_loadd(7, xb, mp * 4);
+                    _tile_dpbssd(1, 5, 7);
+                    _tile_stored(1, sums[1], 64);
+                }
+            }
+            for (int t = 0; t < two; t++) {
+                const __m512 xs = _mm512_loadu_ps(a.scale + static_cast<size_t>(b + t) * mp + m0);
+                for (int r = 0; r < rows; r++) {
+                    const __m512 s = _mm512_mul_ps(_mm512_set1_ps(w.scales[static_cast<size_t>(n0 + r) * nb + b + t]), xs);
+                    acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_load_si512(sums[t][r])), s, acc[r]);
+                }
+            }
+        }
+        alignas(64) float out[16][16];
+        for (int r = 0; r < 16; r++) _mm512_store_ps(out[r], acc[r]);
+        for (int j = 0; j < 16 && m0 + j < a.rows; j++)
+            for (int r = 0; r < rows; r++) y[static_cast<size_t>(m0 + j) * w.n + n0 + r] = out[r][j];
+    }
+    _tile_release();
 }
 
 // the strip's weights as B tiles: [K/64][4 tiles of 16 columns][16 groups of 4 inputs][16 columns x 4 bytes]
@@ -538,7 +636,7 @@ inline void pack_tiles(const W8A8& w, int c0, int kp, int8_t* packed) {
 void w8a8_amx(const W8A8& w, const Activations& a, int8_t* packed, float* y, int c0) {
     const int kp = static_cast<int>(a.row_bytes), rb = kp;
     pack_tiles(w, c0, kp, packed);
-    configure_tiles();
+    configure_tiles(64);
     alignas(64) int32_t sums[4][16][16];
     for (int m0 = 0; m0 < a.rows; m0 += 32) {
         const int8_t* x = a.q + static_cast<size_t>(m0) * rb;
