@@ -617,25 +617,21 @@ void w4a8_amx(const W4A8& w, const Activations& a, float* y, int n0) {
     _tile_release();
 }
 
-// the strip's weights as B tiles: [K/64][4 tiles of 16 columns][16 groups of 4 inputs][16 columns x 4 bytes]
-inline void pack_tiles(const W8A8& w, int c0, int kp, int8_t* packed) {
-    for (int k0 = 0; k0 < kp; k0 += 4) {
-        VI v[4];
-        load_rows(w, k0, c0, w.n - c0, v, false);
-        int8_t* row = packed + static_cast<size_t>(k0 / 64) * 4096 + (k0 % 64) / 4 * 64;
-        for (int j = 0; j < 4; j++) {   // lane T of v[j]: columns 16 T + 4 j .. + 3 of tile T
-            _mm_storeu_si128(reinterpret_cast<__m128i*>(row + 0 * 1024 + 16 * j), _mm512_extracti32x4_epi32(v[j], 0));
-            _mm_storeu_si128(reinterpret_cast<__m128i*>(row + 1 * 1024 + 16 * j), _mm512_extracti32x4_epi32(v[j], 1));
-            _mm_storeu_si128(reinterpret_cast<__m128i*>(row + 2 * 1024 + 16 * j), _mm512_extracti32x4_epi32(v[j], 2));
-            _mm_storeu_si128(reinterpret_cast<__m128i*>(row + 3 * 1024 + 16 * j), _mm512_extracti32x4_epi32(v[j], 3));
-        }
+// 4 weight rows of 64 columns (interleaved, no +64) into B tiles: [K/64][4 tiles of 16 columns][16 groups of 4
+// inputs][16 columns x 4 bytes]
+inline void store_tiles(const VI v[4], int k0, int8_t* packed) {
+    int8_t* row = packed + static_cast<size_t>(k0 / 64) * 4096 + (k0 % 64) / 4 * 64;
+    for (int j = 0; j < 4; j++) {   // lane T of v[j]: columns 16 T + 4 j .. + 3 of tile T
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(row + 0 * 1024 + 16 * j), _mm512_extracti32x4_epi32(v[j], 0));
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(row + 1 * 1024 + 16 * j), _mm512_extracti32x4_epi32(v[j], 1));
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(row + 2 * 1024 + 16 * j), _mm512_extracti32x4_epi32(v[j], 2));
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(row + 3 * 1024 + 16 * j), _mm512_extracti32x4_epi32(v[j], 3));
     }
 }
 
 // y for all rows over the strip of 64 columns from c0: signed x signed int8 tile products (no offsets)
-void w8a8_amx(const W8A8& w, const Activations& a, int8_t* packed, float* y, int c0) {
+void w8a8_amx(const W8A8& w, const Activations& a, const int8_t* packed, float* y, int c0) {
     const int kp = static_cast<int>(a.row_bytes), rb = kp;
-    pack_tiles(w, c0, kp, packed);
     configure_tiles(64);
     alignas(64) int32_t sums[4][16][16];
     for (int m0 = 0; m0 < a.rows; m0 += 32) {
@@ -686,7 +682,8 @@ void w8a8_amx(const W8A8& w, const Activations& a, int8_t* packed, float* y, int
 int w8a8_strips(int n) { return imin(4, imax(1, n / (8 * W))); }   // sub-strips per decode task: >= 8 tasks
 
 int tasks_w8a8(int n, int rows) {
-    const int cols = rows == 1 ? W * w8a8_strips(n) : W;
+    (void)rows;
+    const int cols = W * w8a8_strips(n);
     return (n + cols - 1) / cols;
 }
 
@@ -700,17 +697,48 @@ void run_w8a8(const W8A8& w, const Activations& a, float* y, int task) {
             default: return w8a8_decode<4>(w, a, y, c0);
         }
     }
-    // many rows: interleave this strip of W columns once, then every row reads it (L2)
-    const int c0 = task * W, steps = static_cast<int>(a.row_bytes / 4);
-    VI* packed = scratch<VI>(static_cast<size_t>(steps) * 4);
+    // many rows: interleave the task's strips of W columns once (every row then reads them from L2), reading
+    // each weight row's strips side by side and fetching rows ahead, as decode does
+    const int strips = w8a8_strips(w.n), c0 = task * strips * W, kp = static_cast<int>(a.row_bytes);
+    const size_t per_strip = static_cast<size_t>(kp) * W;   // bytes
+    int8_t* packed = reinterpret_cast<int8_t*>(scratch<VI>(strips * per_strip / sizeof(VI)));
 #ifdef QMM_AMX
-    if (a.rows >= AMX_MIN_ROWS) return w8a8_amx(w, a, reinterpret_cast<int8_t*>(packed), y, c0);
+    const bool tiles = a.rows >= AMX_MIN_ROWS;
+#else
+    const bool tiles = false;
 #endif
-    for (int s = 0; s < steps; s++) load_rows(w, 4 * s, c0, w.n - c0, packed + 4 * s);
-    constexpr int MR = W == 64 ? 4 : 2;
-    int m = 0;
-    for (; m + MR <= a.rows; m += MR) w8a8_packed_tile<MR>(w, a, packed, y, m, c0);
-    for (; m < a.rows; m++) w8a8_packed_tile<1>(w, a, packed, y, m, c0);
+    for (int k0 = 0; k0 < kp; k0 += 4) {
+        if (k0 + PREFETCH_ROWS + 3 < w.k)
+            for (int t = 0; t < 4; t++)
+                for (int s = 0; s < strips && c0 + s * W < w.n; s++)
+                    _mm_prefetch(reinterpret_cast<const char*>(w.weight + static_cast<size_t>(k0 + PREFETCH_ROWS + t) * w.n
+                                                               + c0 + s * W), _MM_HINT_T0);
+        for (int s = 0; s < strips && c0 + s * W < w.n; s++) {
+            VI v[4];
+            load_rows(w, k0, c0 + s * W, w.n - c0 - s * W, v, !tiles);
+#ifdef QMM_AMX
+            if (tiles) {
+                store_tiles(v, k0, packed + s * per_strip);
+                continue;
+            }
+#endif
+            for (int j = 0; j < 4; j++) store(packed + s * per_strip + static_cast<size_t>(k0) * W + j * W, v[j]);
+        }
+    }
+    for (int s = 0; s < strips && c0 + s * W < w.n; s++) {
+        const int8_t* strip = packed + s * per_strip;
+#ifdef QMM_AMX
+        if (tiles) {
+            w8a8_amx(w, a, strip, y, c0 + s * W);
+            continue;
+        }
+#endif
+        constexpr int MR = W == 64 ? 4 : 2;
+        const VI* v = reinterpret_cast<const VI*>(strip);
+        int m = 0;
+        for (; m + MR <= a.rows; m += MR) w8a8_packed_tile<MR>(w, a, v, y, m, c0 + s * W);
+        for (; m < a.rows; m++) w8a8_packed_tile<1>(w, a, v, y, m, c0 + s * W);
+    }
 }
 
 }  // namespace
