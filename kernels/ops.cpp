@@ -58,9 +58,10 @@ struct Buffers {
     std::vector<int8_t> q;
     std::vector<float> scale;
     std::vector<int32_t> offset;
+    std::vector<int32_t> partial;
 
-    qmm::Activations prepare(const qmm::Isa& isa, bool w4a8, int rows, int k) {
-        qmm::Activations a{rows, k, 0, 0, nullptr, nullptr, nullptr};
+    qmm::Activations prepare(const qmm::Isa& isa, bool w4a8, int rows, int k, size_t partials) {
+        qmm::Activations a{rows, k, 0, 0, nullptr, nullptr, nullptr, nullptr};
         isa.layout(w4a8, k, &a.row_bytes, &a.row_lanes);
         q.assign((rows + qmm::PAD_ROWS) * a.row_bytes, 0);
         scale.assign((rows + qmm::PAD_ROWS) * a.row_lanes, 0.0f);
@@ -68,6 +69,8 @@ struct Buffers {
         a.q = q.data();
         a.scale = scale.data();
         a.offset = offset.data();
+        partial.resize(partials);
+        a.partial = partial.data();
         return a;
     }
 };
@@ -102,7 +105,8 @@ struct Kernel {
             float* y = ctx.GetOutput(0, xs).GetTensorMutableData<float>();
             const qmm::W4A8 w{codes.GetTensorData<uint8_t>(), scales.GetTensorData<float>(), static_cast<int>(n), static_cast<int>(k)};
             run(ctx, w, xp, y, m, k, n, [&](const float* xc, int first, int count, qmm::Activations& a) { isa->quantize_w4a8(xc, first, count, a); },
-                isa->tasks_w4a8, isa->run_w4a8);
+                isa->tasks_w4a8, isa->run_w4a8, nullptr, nullptr,
+                static_cast<void (*)(const qmm::W4A8&, const qmm::Activations&, float*, int)>(nullptr));
         } else {
             const Ort::ConstValue smooth = ctx.GetInput(1), weight = ctx.GetInput(2), scale = ctx.GetInput(3);
             const std::vector<int64_t> ws = shape_of(weight);
@@ -114,18 +118,21 @@ struct Kernel {
             const float* sp = smooth.GetTensorData<float>();
             const qmm::W8A8 w{weight.GetTensorData<int8_t>(), scale.GetTensorData<float>(), sp, static_cast<int>(n), static_cast<int>(k)};
             run(ctx, w, xp, y, m, k, n, [&](const float* xc, int first, int count, qmm::Activations& a) { isa->quantize_w8a8(xc, sp, first, count, a); },
-                isa->tasks_w8a8, isa->run_w8a8);
+                isa->tasks_w8a8, isa->run_w8a8, isa->partial_w8a8, isa->finish_tasks_w8a8, isa->finish_w8a8);
         }
     }
 
     template <typename Weights, typename Quantize>
     void run(Ort::KernelContext& ctx, const Weights& w, const float* x, float* y, int64_t m, int64_t k, int64_t n,
-             Quantize quantize, int (*tasks)(int, int),
-             void (*kernel)(const Weights&, const qmm::Activations&, float*, int)) {
+             Quantize quantize, int (*tasks)(int, int, int),
+             void (*kernel)(const Weights&, const qmm::Activations&, float*, int),
+             size_t (*partials)(int, int, int), int (*finish_tasks)(int, int, int),
+             void (*finish)(const Weights&, const qmm::Activations&, float*, int)) {
         thread_local Buffers buffers;
+        const int ni = static_cast<int>(n), ki = static_cast<int>(k);
         for (int64_t m0 = 0; m0 < m; m0 += qmm::ROWS) {
             const int rows = static_cast<int>(std::min<int64_t>(qmm::ROWS, m - m0));
-            qmm::Activations a = buffers.prepare(*isa, w4a8, rows, static_cast<int>(k));
+            qmm::Activations a = buffers.prepare(*isa, w4a8, rows, ki, partials ? partials(ni, ki, rows) : 0);
             auto quantize_rows = [&](size_t task) {
                 const int r0 = static_cast<int>(task) * QUANTIZE_ROWS;
                 quantize(x + m0 * k, r0, std::min(QUANTIZE_ROWS, rows - r0), a);
@@ -133,7 +140,11 @@ struct Kernel {
             parallel(ctx, (rows + QUANTIZE_ROWS - 1) / QUANTIZE_ROWS, quantize_rows);
             float* out = y + m0 * n;
             auto multiply = [&](size_t task) { kernel(w, a, out, static_cast<int>(task)); };
-            parallel(ctx, tasks(static_cast<int>(n), rows), multiply);
+            parallel(ctx, tasks(ni, ki, rows), multiply);
+            if (finish && finish_tasks(ni, ki, rows)) {
+                auto add_up = [&](size_t task) { finish(w, a, out, static_cast<int>(task)); };
+                parallel(ctx, finish_tasks(ni, ki, rows), add_up);
+            }
         }
     }
 

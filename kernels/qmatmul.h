@@ -11,8 +11,8 @@
 //         xs = x * smooth, step = max(amax(xs), 1e-30) * (1/127), q = clamp(floor(xs / step + 1/2), +-127);
 //         y[m, n] = (sum_k q[m, k] * w[k, n] * step) * scale[n].
 //
-// A `Plan` holds the quantized activations of up to ROWS rows; `run_tasks` computes the output for the
-// tasks [first, last) of `tasks()` (column strips): the caller spreads the tasks over threads.
+// The caller quantizes up to ROWS rows at a time into `Activations`, then runs an instruction set's tasks
+// for them (`tasks_*`: strips of output columns, or decode's bands of weight rows), spread over threads.
 //
 // Each instruction set's file is compiled with its own -m flags, so it uses nothing from the C++ library
 // that the linker could merge between them (templates, inline functions): its AVX-512 copy of a helper
@@ -36,6 +36,7 @@ struct Activations {
     float* scale;       // w4a8: per row and block, the block's step repeated over its 4 int32 lanes; w8a8: step per row
     int32_t* offset;    // w4a8: per row and block, -8 * sum(q) in the block's first lane, 0 in its others;
                         // w8a8: per row, -64 * sum(q)
+    int32_t* partial;   // w8a8 decode: the int32 sums of each band of weight rows (`Isa::partial_w8a8` elements)
 };
 
 struct W4A8 {
@@ -52,11 +53,16 @@ struct Isa {
     void (*layout)(bool w4a8, int k, size_t* row_bytes, size_t* row_lanes);
     // rows [first, first + count) of the chunk whose first row x points to (tasks quantize parts of a chunk)
     void (*quantize_w4a8)(const float* x, int first, int count, Activations& a);
-    int (*tasks_w4a8)(int n, int rows);
+    int (*tasks_w4a8)(int n, int k, int rows);
     void (*run_w4a8)(const W4A8& w, const Activations& a, float* y, int task);
     void (*quantize_w8a8)(const float* x, const float* smooth, int first, int count, Activations& a);
-    int (*tasks_w8a8)(int n, int rows);
+    int (*tasks_w8a8)(int n, int k, int rows);
     void (*run_w8a8)(const W8A8& w, const Activations& a, float* y, int task);
+    // decode (one row) sums bands of weight rows apart, then adds them up: `finish_tasks_w8a8` tasks after
+    // the `tasks_w8a8` ones (0: nothing to finish)
+    size_t (*partial_w8a8)(int n, int k, int rows);
+    int (*finish_tasks_w8a8)(int n, int k, int rows);
+    void (*finish_w8a8)(const W8A8& w, const Activations& a, float* y, int task);
 };
 
 extern const Isa avx2, avxvnni, avx512, avx512vnni, amx;

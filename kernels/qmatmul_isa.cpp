@@ -309,7 +309,8 @@ void quantize_w4a8(const float* x, int first, int count, Activations& a) {
 
 int w4a8_rows_per_task(int n) { return imax(4, (n / 32 + 3) / 4 * 4); }
 
-int tasks_w4a8(int n, int rows) {
+int tasks_w4a8(int n, int k, int rows) {
+    (void)k;
 #ifdef QMM_AMX
     if (rows >= AMX_MIN_ROWS) return (n + 15) / 16;   // tiles of 16 weight rows
 #endif
@@ -451,34 +452,59 @@ inline void store_columns(const W8A8& w, const Activations& a, VI acc[4], int m,
         }
 }
 
-constexpr int PREFETCH_ROWS = 16;   // decode reads 4 weight rows per step, strided by N: fetch ahead
+constexpr int PREFETCH_ROWS = 16;   // many rows: the strips' rows, strided by N, are fetched this far ahead
+constexpr int BAND_SWEEP = 16;      // decode: weight rows read side by side, each a sequential stream
 
-// one activation row (decode), S sub-strips of W columns side by side from c0
-template <int S>
-void w8a8_decode(const W8A8& w, const Activations& a, float* y, int c0) {
-    VI acc[S][4];
-    for (int s = 0; s < S; s++)
-        for (int j = 0; j < 4; j++) acc[s][j] = set1_32(0);
-    const int8_t* q = a.q;
-    for (int k = 0; k < w.k; k += 4) {
-        int32_t x4;
-        std::memcpy(&x4, q + k, 4);
-        const VI xb = set1_32(x4);
-        if (k + PREFETCH_ROWS + 3 < w.k)
-            for (int t = 0; t < 4; t++)
-                for (int s = 0; s < S; s++)
-                    _mm_prefetch(reinterpret_cast<const char*>(w.weight + static_cast<size_t>(k + PREFETCH_ROWS + t) * w.n
-                                                               + c0 + s * W), _MM_HINT_T0);
-        for (int s = 0; s < S; s++) {
-            const int cols = w.n - c0 - s * W;
-            if (cols <= 0) break;
-            VI v[4];
-            load_rows(w, k, c0 + s * W, cols, v);
-            for (int j = 0; j < 4; j++) acc[s][j] = dot(acc[s][j], v[j], xb);
+inline size_t padded(int n) { return (n + W - 1) / W * W; }   // a band's int32 sums: whole strips of W columns
+
+// decode's bands of weight rows: enough that each holds >= 256 KiB of weights, at most 16, whole sweeps
+inline int band_rows(int n, int k) {
+    const int bands = imin(16, imax(1, static_cast<int>(static_cast<long long>(n) * k / (256 << 10))));
+    return (k + bands * BAND_SWEEP - 1) / (bands * BAND_SWEEP) * BAND_SWEEP;
+}
+
+// decode, one band of weight rows: its int32 sums over every column into a.partial[band][N] (in the interleaved
+// lane order of each strip of W columns), reading BAND_SWEEP rows at a time across all columns: contiguous
+// streams, where a strip of columns down all rows would stride by N
+void w8a8_band(const W8A8& w, const Activations& a, int band) {
+    const int rows = band_rows(w.n, w.k), k0 = band * rows, k1 = imin(w.k, k0 + rows);
+    int32_t* part = a.partial + static_cast<size_t>(band) * padded(w.n);
+    for (int kk = k0; kk < k1; kk += BAND_SWEEP) {
+        VI xb[BAND_SWEEP / 4];
+        for (int s = 0; s < BAND_SWEEP / 4; s++) {
+            int32_t x4;
+            std::memcpy(&x4, a.q + kk + 4 * s, 4);   // past K: the zero padding (or the next band's rows: multiplied
+            xb[s] = set1_32(kk + 4 * s < k1 ? x4 : 0);   // by zero here, counted in their own band)
+        }
+        for (int c0 = 0; c0 < w.n; c0 += W) {
+            const int cols = w.n - c0;
+            VI acc[4];
+            for (int j = 0; j < 4; j++)
+                acc[j] = kk == k0 ? set1_32(0) : load(part + c0 + j * LANES);
+            for (int s = 0; s < BAND_SWEEP / 4 && kk + 4 * s < k1; s++) {
+                VI v[4];
+                load_rows(w, kk + 4 * s, c0, cols, v);
+                for (int j = 0; j < 4; j++) acc[j] = dot(acc[j], v[j], xb[s]);
+            }
+            for (int j = 0; j < 4; j++) store(part + c0 + j * LANES, acc[j]);
         }
     }
-    for (int s = 0; s < S; s++)
-        if (c0 + s * W < w.n) store_columns(w, a, acc[s], 0, c0 + s * W, w.n - c0 - s * W, y);
+}
+
+constexpr int FINISH_STRIPS = 8;   // strips of W columns per task that adds the bands up
+
+// decode: the bands' sums of FINISH_STRIPS strips of columns -> y
+void finish_w8a8(const W8A8& w, const Activations& a, float* y, int task) {
+    const int bands = (w.k + band_rows(w.n, w.k) - 1) / band_rows(w.n, w.k);
+    for (int c0 = task * FINISH_STRIPS * W; c0 < imin(w.n, (task + 1) * FINISH_STRIPS * W); c0 += W) {
+        VI acc[4];
+        for (int j = 0; j < 4; j++) {
+            acc[j] = load(a.partial + c0 + j * LANES);
+            for (int b = 1; b < bands; b++)
+                acc[j] = add32(acc[j], load(a.partial + static_cast<size_t>(b) * padded(w.n) + c0 + j * LANES));
+        }
+        store_columns(w, a, acc, 0, c0, w.n - c0, y);
+    }
 }
 
 // MR activation rows from m0 over packed weight columns (K/4 steps of 4 interleaved vectors)
@@ -681,22 +707,23 @@ void w8a8_amx(const W8A8& w, const Activations& a, const int8_t* packed, float* 
 
 int w8a8_strips(int n) { return imin(4, imax(1, n / (8 * W))); }   // sub-strips per decode task: >= 8 tasks
 
-int tasks_w8a8(int n, int rows) {
-    (void)rows;
+int tasks_w8a8(int n, int k, int rows) {
+    if (rows == 1) return (k + band_rows(n, k) - 1) / band_rows(n, k);
     const int cols = W * w8a8_strips(n);
     return (n + cols - 1) / cols;
 }
 
+size_t partial_w8a8(int n, int k, int rows) {   // int32 sums decode's bands share
+    return rows == 1 ? static_cast<size_t>(tasks_w8a8(n, k, rows)) * padded(n) : 0;
+}
+
+int finish_tasks_w8a8(int n, int k, int rows) {
+    (void)k;
+    return rows == 1 ? (n + FINISH_STRIPS * W - 1) / (FINISH_STRIPS * W) : 0;
+}
+
 void run_w8a8(const W8A8& w, const Activations& a, float* y, int task) {
-    if (a.rows == 1) {
-        const int s = w8a8_strips(w.n), c0 = task * s * W;
-        switch (s) {
-            case 1: return w8a8_decode<1>(w, a, y, c0);
-            case 2: return w8a8_decode<2>(w, a, y, c0);
-            case 3: return w8a8_decode<3>(w, a, y, c0);
-            default: return w8a8_decode<4>(w, a, y, c0);
-        }
-    }
+    if (a.rows == 1) return w8a8_band(w, a, task);   // finish_w8a8 adds the bands up
     // many rows: interleave the task's strips of W columns once (every row then reads them from L2), reading
     // each weight row's strips side by side and fetching rows ahead, as decode does
     const int strips = w8a8_strips(w.n), c0 = task * strips * W, kp = static_cast<int>(a.row_bytes);
@@ -745,6 +772,7 @@ void run_w8a8(const W8A8& w, const Activations& a, float* y, int task) {
 }  // namespace QMM_NS
 
 const Isa QMM_ISA = {QMM_NAME, QMM_NS::cpu_has, QMM_NS::layout, QMM_NS::quantize_w4a8, QMM_NS::tasks_w4a8, QMM_NS::run_w4a8,
-                    QMM_NS::quantize_w8a8, QMM_NS::tasks_w8a8, QMM_NS::run_w8a8};
+                    QMM_NS::quantize_w8a8, QMM_NS::tasks_w8a8, QMM_NS::run_w8a8, QMM_NS::partial_w8a8,
+                    QMM_NS::finish_tasks_w8a8, QMM_NS::finish_w8a8};
 
 }  // namespace qmm
