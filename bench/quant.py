@@ -64,7 +64,7 @@ def decode_points(bundles, depths) -> list[tuple[str, int | None]]:
     return points
 
 
-def load(paths, backend: str, compare_kernels: bool, log) -> list[tuple]:
+def load(paths, backend: str, compare_kernels: bool, log, threads: int | None = None) -> list[tuple]:
     """(bundle, its engine, label, resident bytes its loading added) for each bundle; with `compare_kernels`
     each quantized bundle a second time with onnxruntime's own kernels instead of ours (runtime/kernels.py)."""
     from cogvlm2_lite.runtime import kernels
@@ -79,7 +79,7 @@ def load(paths, backend: str, compare_kernels: bool, log) -> list[tuple]:
                 os.environ[kernels.LIBRARY_ENV] = os.devnull   # no library there: onnxruntime's kernels
             try:
                 t, before = time.perf_counter(), rss_bytes()
-                engine = Engine(b, backend)
+                engine = Engine(b, backend, **({"threads": threads} if threads else {}))
                 resident = rss_bytes() - before  # weights + packed copies + sessions + KV cache
             finally:
                 if saved is None:
@@ -94,14 +94,14 @@ def load(paths, backend: str, compare_kernels: bool, log) -> list[tuple]:
 
 
 def measure(paths, backend: str, steps: int, warmup: int, log, depths=None, prompt_tokens: int = 128,
-            compare_kernels: bool = False) -> dict:
+            compare_kernels: bool = False, threads: int | None = None) -> dict:
     """Decode ms/token of each bundle at each point of `decode_points`, and the tokens/s of a text prompt of
     `prompt_tokens` (prefill, chunk by chunk as the engine feeds it; 0: not measured), the bundles taking
     turns step by step, each also as this process's CPU time (on a machine shared with other work, the
     wall clock also counts the time the scheduler gave others); and the resident memory each adds when
     loaded. Raises UserError when the bundles share no decode bucket."""
     from cogvlm2_lite.runtime import kernels
-    loaded = load(paths, backend, compare_kernels, log)
+    loaded = load(paths, backend, compare_kernels, log, threads)
     points = decode_points([b for b, *_ in loaded], depths)
     rng = np.random.default_rng(0)
     rows = []
@@ -141,7 +141,7 @@ def measure(paths, backend: str, steps: int, warmup: int, log, depths=None, prom
               "bytes_vs_first": b.weight_bytes(0) / loaded[0][0].weight_bytes(0), "load_rss_bytes": resident}
              for b, _, label, resident in loaded]
     name, why = kernels.isa()
-    return {"backend": backend, "steps": steps, "kernels_isa": name or None, "kernels_note": why or None,
+    return {"backend": backend, "steps": steps, "threads": threads, "kernels_isa": name or None, "kernels_note": why or None,
             "machine": machine_info(), "decode": rows, "prefill": prefill, "weights": sizes}
 
 
@@ -193,8 +193,11 @@ def suite_bundles(folder: Path, log) -> list[Path]:
               help="Prefill tokens/s of a text prompt this long (0: not measured).")
 @click.option("--compare-kernels", is_flag=True, help="Also run each quantized bundle with onnxruntime's own kernels "
               "instead of ours (kernels/).")
+@click.option("--threads", type=click.IntRange(min=1), default=None,
+              help="onnxruntime's intra-op threads (default: the physical cores).")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False), default=None, help="Also write the report here.")
-def quant_bench(bundles, suite, bundles_dir, backend, steps, warmup, depths, prompt_tokens, compare_kernels, json_out):
+def quant_bench(bundles, suite, bundles_dir, backend, steps, warmup, depths, prompt_tokens, compare_kernels, threads,
+                json_out):
     """Decode ms/token and weight bytes of each bundle, relative to the first (the fp32 one)."""
     log = lambda s: click.echo(s, err=True)  # noqa: E731
     if suite:
@@ -216,6 +219,8 @@ def quant_bench(bundles, suite, bundles_dir, backend, steps, warmup, depths, pro
         raise UserError(f"--depths takes cache depths separated by commas, e.g. 256,1000, not {depths!r}.") from None
     if prompt_tokens < 0 or any(d < 0 for d in depths or ()):
         raise UserError("--prompt-tokens and --depths must not be negative.")
-    r = measure(bundles, backend, steps, warmup, log, depths, prompt_tokens, compare_kernels)
+    if threads and backend != "onnxruntime":
+        raise UserError("--threads sets onnxruntime's threads: use it with --backend onnxruntime.")
+    r = measure(bundles, backend, steps, warmup, log, depths, prompt_tokens, compare_kernels, threads)
     click.echo(format_report(r))
     save_output(json_out, lambda p: Path(p).write_text(json.dumps(r, indent=1)))
