@@ -59,13 +59,22 @@ struct Buffers {
     std::vector<float> scale;
     std::vector<int32_t> offset;
     std::vector<int32_t> partial;
+    int bands_done = 0;
 
     qmm::Activations prepare(const qmm::Isa& isa, bool w4a8, int rows, int k, size_t partials) {
-        qmm::Activations a{rows, k, 0, 0, nullptr, nullptr, nullptr, nullptr};
+        qmm::Activations a{rows, k, 0, 0, nullptr, nullptr, nullptr, nullptr, &bands_done};
         isa.layout(w4a8, k, &a.row_bytes, &a.row_lanes);
-        q.assign((rows + qmm::PAD_ROWS) * a.row_bytes, 0);
-        scale.assign((rows + qmm::PAD_ROWS) * a.row_lanes, 0.0f);
-        offset.assign((rows + qmm::PAD_ROWS) * a.row_lanes, 0);
+        bands_done = 0;
+        const size_t n = rows + qmm::PAD_ROWS;
+        if (rows >= qmm::PAD_ROWS) {   // tile layouts leave padding rows to be zero
+            q.assign(n * a.row_bytes, 0);
+            scale.assign(n * a.row_lanes, 0.0f);
+            offset.assign(n * a.row_lanes, 0);
+        } else {   // the vector layouts write their padding themselves
+            q.resize(n * a.row_bytes);
+            scale.resize(n * a.row_lanes);
+            offset.resize(n * a.row_lanes);
+        }
         a.q = q.data();
         a.scale = scale.data();
         a.offset = offset.data();
@@ -105,8 +114,7 @@ struct Kernel {
             float* y = ctx.GetOutput(0, xs).GetTensorMutableData<float>();
             const qmm::W4A8 w{codes.GetTensorData<uint8_t>(), scales.GetTensorData<float>(), static_cast<int>(n), static_cast<int>(k)};
             run(ctx, w, xp, y, m, k, n, [&](const float* xc, int first, int count, qmm::Activations& a) { isa->quantize_w4a8(xc, first, count, a); },
-                isa->tasks_w4a8, isa->run_w4a8, nullptr, nullptr,
-                static_cast<void (*)(const qmm::W4A8&, const qmm::Activations&, float*, int)>(nullptr));
+                isa->tasks_w4a8, isa->run_w4a8, nullptr);
         } else {
             const Ort::ConstValue smooth = ctx.GetInput(1), weight = ctx.GetInput(2), scale = ctx.GetInput(3);
             const std::vector<int64_t> ws = shape_of(weight);
@@ -118,16 +126,14 @@ struct Kernel {
             const float* sp = smooth.GetTensorData<float>();
             const qmm::W8A8 w{weight.GetTensorData<int8_t>(), scale.GetTensorData<float>(), sp, static_cast<int>(n), static_cast<int>(k)};
             run(ctx, w, xp, y, m, k, n, [&](const float* xc, int first, int count, qmm::Activations& a) { isa->quantize_w8a8(xc, sp, first, count, a); },
-                isa->tasks_w8a8, isa->run_w8a8, isa->partial_w8a8, isa->finish_tasks_w8a8, isa->finish_w8a8);
+                isa->tasks_w8a8, isa->run_w8a8, isa->partial_w8a8);
         }
     }
 
     template <typename Weights, typename Quantize>
     void run(Ort::KernelContext& ctx, const Weights& w, const float* x, float* y, int64_t m, int64_t k, int64_t n,
              Quantize quantize, int (*tasks)(int, int, int),
-             void (*kernel)(const Weights&, const qmm::Activations&, float*, int),
-             size_t (*partials)(int, int, int), int (*finish_tasks)(int, int, int),
-             void (*finish)(const Weights&, const qmm::Activations&, float*, int)) {
+             void (*kernel)(const Weights&, const qmm::Activations&, float*, int), size_t (*partials)(int, int, int)) {
         thread_local Buffers buffers;
         const int ni = static_cast<int>(n), ki = static_cast<int>(k);
         for (int64_t m0 = 0; m0 < m; m0 += qmm::ROWS) {
@@ -141,10 +147,6 @@ struct Kernel {
             float* out = y + m0 * n;
             auto multiply = [&](size_t task) { kernel(w, a, out, static_cast<int>(task)); };
             parallel(ctx, tasks(ni, ki, rows), multiply);
-            if (finish && finish_tasks(ni, ki, rows)) {
-                auto add_up = [&](size_t task) { finish(w, a, out, static_cast<int>(task)); };
-                parallel(ctx, finish_tasks(ni, ki, rows), add_up);
-            }
         }
     }
 

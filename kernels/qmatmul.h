@@ -37,6 +37,7 @@ struct Activations {
     int32_t* offset;    // w4a8: per row and block, -8 * sum(q) in the block's first lane, 0 in its others;
                         // w8a8: per row, -64 * sum(q)
     int32_t* partial;   // w8a8 decode: the int32 sums of each band of weight rows (`Isa::partial_w8a8` elements)
+    int* bands_done;    // w8a8 decode: bands summed so far (0 before the tasks run)
 };
 
 struct W4A8 {
@@ -58,11 +59,9 @@ struct Isa {
     void (*quantize_w8a8)(const float* x, const float* smooth, int first, int count, Activations& a);
     int (*tasks_w8a8)(int n, int k, int rows);
     void (*run_w8a8)(const W8A8& w, const Activations& a, float* y, int task);
-    // decode (one row) sums bands of weight rows apart, then adds them up: `finish_tasks_w8a8` tasks after
-    // the `tasks_w8a8` ones (0: nothing to finish)
+    // decode (one row) sums bands of weight rows apart (this many int32 shared by its tasks), and the
+    // task that finishes last adds them up
     size_t (*partial_w8a8)(int n, int k, int rows);
-    int (*finish_tasks_w8a8)(int n, int k, int rows);
-    void (*finish_w8a8)(const W8A8& w, const Activations& a, float* y, int task);
 };
 
 extern const Isa avx2, avxvnni, avx512, avx512vnni, amx;

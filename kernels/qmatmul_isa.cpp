@@ -491,12 +491,10 @@ void w8a8_band(const W8A8& w, const Activations& a, int band) {
     }
 }
 
-constexpr int FINISH_STRIPS = 8;   // strips of W columns per task that adds the bands up
-
-// decode: the bands' sums of FINISH_STRIPS strips of columns -> y
-void finish_w8a8(const W8A8& w, const Activations& a, float* y, int task) {
+// decode: the bands' sums -> y (by the band that finishes last)
+void finish_w8a8(const W8A8& w, const Activations& a, float* y) {
     const int bands = (w.k + band_rows(w.n, w.k) - 1) / band_rows(w.n, w.k);
-    for (int c0 = task * FINISH_STRIPS * W; c0 < imin(w.n, (task + 1) * FINISH_STRIPS * W); c0 += W) {
+    for (int c0 = 0; c0 < w.n; c0 += W) {
         VI acc[4];
         for (int j = 0; j < 4; j++) {
             acc[j] = load(a.partial + c0 + j * LANES);
@@ -717,13 +715,12 @@ size_t partial_w8a8(int n, int k, int rows) {   // int32 sums decode's bands sha
     return rows == 1 ? static_cast<size_t>(tasks_w8a8(n, k, rows)) * padded(n) : 0;
 }
 
-int finish_tasks_w8a8(int n, int k, int rows) {
-    (void)k;
-    return rows == 1 ? (n + FINISH_STRIPS * W - 1) / (FINISH_STRIPS * W) : 0;
-}
-
 void run_w8a8(const W8A8& w, const Activations& a, float* y, int task) {
-    if (a.rows == 1) return w8a8_band(w, a, task);   // finish_w8a8 adds the bands up
+    if (a.rows == 1) {   // decode: the band that finishes last adds them all up (no second round of tasks)
+        w8a8_band(w, a, task);
+        if (__atomic_add_fetch(a.bands_done, 1, __ATOMIC_ACQ_REL) == tasks_w8a8(w.n, w.k, 1)) finish_w8a8(w, a, y);
+        return;
+    }
     // many rows: interleave the task's strips of W columns once (every row then reads them from L2), reading
     // each weight row's strips side by side and fetching rows ahead, as decode does
     const int strips = w8a8_strips(w.n), c0 = task * strips * W, kp = static_cast<int>(a.row_bytes);
@@ -772,7 +769,6 @@ void run_w8a8(const W8A8& w, const Activations& a, float* y, int task) {
 }  // namespace QMM_NS
 
 const Isa QMM_ISA = {QMM_NAME, QMM_NS::cpu_has, QMM_NS::layout, QMM_NS::quantize_w4a8, QMM_NS::tasks_w4a8, QMM_NS::run_w4a8,
-                    QMM_NS::quantize_w8a8, QMM_NS::tasks_w8a8, QMM_NS::run_w8a8, QMM_NS::partial_w8a8,
-                    QMM_NS::finish_tasks_w8a8, QMM_NS::finish_w8a8};
+                    QMM_NS::quantize_w8a8, QMM_NS::tasks_w8a8, QMM_NS::run_w8a8, QMM_NS::partial_w8a8};
 
 }  // namespace qmm
