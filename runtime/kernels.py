@@ -42,9 +42,12 @@ def isa(path: Path | None = None) -> tuple[str, str]:
 def supported() -> list[str]:
     """The instruction sets this CPU runs the kernels with, preferred first (none without the library)."""
     path = library_path()
-    if not path.is_file():
+    try:
+        lib = ctypes.CDLL(str(path)) if path.is_file() else None
+    except OSError:
+        lib = None
+    if lib is None:
         return []
-    lib = ctypes.CDLL(str(path))
     lib.cogvlm2_kernels_supported.restype = ctypes.c_char_p
     return [s for s in lib.cogvlm2_kernels_supported().decode().split(",") if s]
 
