@@ -23,6 +23,62 @@ setup() {
         touch "$stamp"
     fi
     setup_lite
+    setup_kernels
+}
+
+# The quantized matmul kernels (kernels/, onnxruntime custom operators): compiled against onnxruntime's C/C++
+# API headers from Debian trixie's libonnxruntime-dev (PyPI's onnxruntime ships none), fetched once into
+# .cache/ through a private apt sources list (the system's apt set-up is left as it is). Without apt, the
+# headers or g++, set-up still succeeds and the runtime uses onnxruntime's own kernels.
+ORT_DEV_VERSION="1.21.0+dfsg-1"   # API 21: the headers' API is versioned, newer onnxruntimes serve it
+KERNELS_LIB=kernels/build/libcogvlm2_kernels.so
+
+setup_kernels() {
+    local stamp
+    stamp="kernels/build/.built-$(cat kernels/*.cpp kernels/*.h build.sh | sha256sum | cut -c1-16)"
+    if [ -f "$stamp" ] && [ -f "$KERNELS_LIB" ]; then return; fi
+    local note="the quantized kernels are not built: onnxruntime's own kernels run the quantized bundles"
+    if ! command -v g++ >/dev/null 2>&1; then echo "note: no g++: $note" >&2; return; fi
+    local include
+    if ! include="$(onnxruntime_headers)"; then
+        echo "note: onnxruntime's headers (libonnxruntime-dev $ORT_DEV_VERSION) could not be fetched: $note" >&2; return
+    fi
+    mkdir -p kernels/build
+    rm -f kernels/build/.built-* "$KERNELS_LIB"
+    local flags=(-O3 -std=c++17 -fPIC -fvisibility=hidden -ffp-contract=off -Wall -Wno-uninitialized -Wno-maybe-uninitialized)
+    local avx2=(-mavx2 -mfma) avx512=(-mavx2 -mfma -mavx512f -mavx512bw -mavx512vl -mavx512dq)
+    if { g++ "${flags[@]}" -DQMM_AVX2 "${avx2[@]}" -c kernels/qmatmul_isa.cpp -o kernels/build/avx2.o &&
+       g++ "${flags[@]}" -DQMM_AVXVNNI "${avx2[@]}" -mavxvnni -c kernels/qmatmul_isa.cpp -o kernels/build/avxvnni.o &&
+       g++ "${flags[@]}" -DQMM_AVX512 "${avx512[@]}" -c kernels/qmatmul_isa.cpp -o kernels/build/avx512.o &&
+       g++ "${flags[@]}" -DQMM_AVX512VNNI "${avx512[@]}" -mavx512vnni -c kernels/qmatmul_isa.cpp -o kernels/build/avx512vnni.o &&
+       g++ "${flags[@]}" -DQMM_AMX "${avx512[@]}" -mavx512vnni -mamx-tile -mamx-int8 -c kernels/qmatmul_isa.cpp -o kernels/build/amx.o &&
+       g++ "${flags[@]}" -I"$include" -c kernels/ops.cpp -o kernels/build/ops.o &&
+       g++ -shared -o "$KERNELS_LIB" kernels/build/{avx2,avxvnni,avx512,avx512vnni,amx,ops}.o -lpthread; } \
+            > kernels/build/build.log 2>&1; then
+        touch "$stamp"
+    else
+        echo "note: compiling kernels/ failed: $note" >&2
+    fi
+}
+
+# -> the folder of onnxruntime's headers, fetched and cached on first use
+onnxruntime_headers() {
+    local dir=".cache/libonnxruntime-dev-$ORT_DEV_VERSION" apt="$PWD/.cache/apt-trixie"
+    local headers="$dir/usr/include/onnxruntime"
+    if [ ! -f "$headers/onnxruntime_cxx_api.h" ]; then
+        command -v apt-get >/dev/null 2>&1 || return 1
+        local uri
+        uri="$(awk '/^URIs:/ {print $2; exit}' /etc/apt/sources.list.d/debian.sources 2>/dev/null || true)"
+        mkdir -p "$apt/lists/partial" "$apt/cache/archives/partial"
+        echo "deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] ${uri:-http://deb.debian.org/debian} trixie main" \
+            > "$apt/sources.list"
+        local options=(-o "Dir::Etc::sourcelist=$apt/sources.list" -o Dir::Etc::sourceparts=- -o "Dir::State::Lists=$apt/lists"
+                       -o "Dir::Cache=$apt/cache" -o Debug::NoLocking=1 -o APT::Sandbox::User=root)
+        { apt-get "${options[@]}" update &&
+          (cd "$apt" && apt-get "${options[@]}" download "libonnxruntime-dev=$ORT_DEV_VERSION") &&
+          dpkg-deb -x "$apt"/libonnxruntime-dev_*.deb "$dir"; } > .cache/apt-trixie.log 2>&1 || return 1
+    fi
+    echo "$headers"
 }
 
 # MindSpore Lite for the `lite` backend: PyPI's only mindspore-lite (2.0.0) is built for CPython 3.7, so it

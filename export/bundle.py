@@ -41,7 +41,7 @@ from .hf_checkpoint import Checkpoint, random_tensor
 from .tp import check_tp, shard_index
 from . import trace as trace_module
 from .eta import BYTES, ExportEta, probe
-from .trace import Plan, trace_rank
+from .trace import KERNELS_SUFFIX, Plan, trace_rank
 
 SHARD_BYTES = 256 << 20  # weight files are cut at 256 MiB: bounds the memory of export and of loading
 FORMATS = ("mindir", "onnx", "lite")
@@ -206,6 +206,8 @@ def build_manifest(plan: Plan, staging: Path, tokenizer_ranks: int, generation: 
     for g in plan.graphs():
         family = "vision" if g.name == "vision" else "language"
         files = {f: f"{g.name}{GRAPH_SUFFIX[f]}" for f in plan.formats}
+        if (staging / "rank0" / f"{g.name}{KERNELS_SUFFIX}").is_file():   # the ONNX graph with our own kernels
+            files["onnx_kernels"] = f"{g.name}{KERNELS_SUFFIX}"
         graphs[g.name] = {
             "files": files, "weights": family,
             "inputs": [{"name": n, "shape": list(s), "dtype": d} for n, s, d in g.inputs],

@@ -259,7 +259,7 @@ def drop_row_reshapes(model: onnx.ModelProto, shapes: dict) -> int:
     (module docstring), x found through a chain of Reshapes. shapes: static shapes inferred before the contrib
     ops came in (names survive the rewrites), with those the rewrites declared (graph value_info). The
     matmuls of fp32 graphs: MatMulNBits, MatMulIntegerToFloat (with its activation quantization,
-    `_row_entry`), and Gemm(transB = 1) without bias -> FusedMatMul. -> how many."""
+    `_row_entry`), our MatMulW4A8 and MatMulW8A8, and Gemm(transB = 1) without bias -> FusedMatMul. -> how many."""
     G = OnnxGraph(model)
     shapes = {**shapes, **{v.name: tuple(d.dim_value for d in v.type.tensor_type.shape.dim) for v in G.g.value_info}}
     drop, count = set(), 0
@@ -275,6 +275,10 @@ def drop_row_reshapes(model: onnx.ModelProto, shapes: dict) -> int:
             n = a["N"]
         elif mm.op_type == "MatMulIntegerToFloat" and mm.input[1] in G.inputs:
             n = G.shape(mm.input[1])[1]
+        elif mm.op_type == "MatMulW4A8" and mm.input[1] in G.inputs:   # our kernels (graphs/quant.py kernel_nodes)
+            n = G.shape(mm.input[1])[0]
+        elif mm.op_type == "MatMulW8A8" and mm.input[2] in G.inputs:
+            n = G.shape(mm.input[2])[1]
         else:
             continue
         entry, r2 = _row_entry(G, mm), G.only_reader(mm.output[0], "Reshape")

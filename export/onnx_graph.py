@@ -137,12 +137,12 @@ def toposort(nodes, g) -> list:
     return out
 
 
-def rewrite_file(path, rewrite, *args):
-    """rewrite(model, *args) on the ONNX file at `path`, checked and saved back when it changed anything
-    (a truthy result) -> its result."""
+def rewrite_file(path, rewrite, *args, out=None):
+    """rewrite(model, *args) on the ONNX file at `path`, checked and saved back (or to `out`) when it changed
+    anything (a truthy result) -> its result."""
     model = onnx.load(str(path))
     result = rewrite(model, *args)
     if result:
         onnx.checker.check_model(model)
-        onnx.save(model, str(path))
+        onnx.save(model, str(out or path))
     return result

@@ -6,10 +6,15 @@ quantized weight's tensors and asks that weight's form (graphs/quant.py `Form.on
 onnxruntime kernel that replaces it: MatMulInteger for int8x8, MatMulNBits for int4 and int4x8. The
 int8 weight-only form and the activation scaling around the matmul stay as exported; nodes left
 without consumers are removed. Lite converts the graph before this pass.
+
+With `kernels`, the forms that have our own kernel (kernels/, `Form.kernel_nodes`) get it instead: one
+custom node for the whole quantized linear, the activation quantization and rescaling included (the
+nodes around the matmul whose outputs it produces are dropped); the export writes this second form of
+each graph beside the first (export/trace.py), and the runtime takes it when the kernels are built.
 """
 import onnx
 
-from cogvlm2_lite.graphs.quant import Form
+from cogvlm2_lite.graphs.quant import KERNELS_DOMAIN, Form
 
 from .onnx_graph import OnnxGraph
 
@@ -45,26 +50,36 @@ def _is_plain_matmul(node) -> bool:
                                          and a.get("alpha", 1.0) == 1.0))
 
 
-def rewrite_quantized_matmuls(model: onnx.ModelProto, forms: dict[str, Form], fp32: bool = True) -> dict:
+def rewrite_quantized_matmuls(model: onnx.ModelProto, forms: dict[str, Form], fp32: bool = True,
+                              kernels: bool = False) -> dict:
     """Rewrite `model` in place. forms: {weight name: Form} of the quantized weights (graphs/quant.py);
-    fp32: the graph computes in fp32. -> {onnxruntime op: how many matmuls now use it}."""
+    fp32: the graph computes in fp32; kernels: our own kernels where a form has one (module docstring).
+    -> {op: how many matmuls now use it}."""
     g = model.graph
     graph = QuantGraph(model, fp32)
     qweights = {n + ".qweight": f for n, f in forms.items() if n + ".qweight" in graph.inputs}
-    out, counts = [], {}
+    out, counts, new = [], {}, []
     for node in g.node:
         q = [s for s in graph.sources(node.input[1]) if s in qweights] if _is_plain_matmul(node) else []
-        nodes = qweights[q[0]].onnx_nodes(node, q[0], graph) if len(q) == 1 else None
+        form = qweights[q[0]] if len(q) == 1 else None
+        nodes = None
+        if form is not None:
+            nodes = (kernels and form.kernel_nodes(node, q[0], graph)) or form.onnx_nodes(node, q[0], graph)
         if nodes is None:
             out.append(node)
             continue
         out += nodes
+        new += nodes
         for n in nodes:
-            if n.op_type in qweights[q[0]].onnxruntime["ops"]:
+            if n.op_type in form.onnxruntime["ops"] or n.op_type == form.kernel:
                 counts[n.op_type] = counts.get(n.op_type, 0) + 1
+    # the nodes a kernel took over (w8a8's rescaling): their outputs now come from it
+    taken, fresh = {o for n in new for o in n.output}, {id(n) for n in new}
+    out = [n for n in out if id(n) in fresh or not set(n.output) & taken]
     del g.node[:]
     g.node.extend(out)
     graph.prune()
-    if any(n.domain == "com.microsoft" for n in g.node):
-        graph.use_domain("com.microsoft")
+    for domain in ("com.microsoft", KERNELS_DOMAIN):
+        if any(n.domain == domain for n in g.node):
+            graph.use_domain(domain)
     return counts

@@ -63,6 +63,9 @@ class Plan:
             yield ExtendGraph(cfg, 1, t, self.batch, self.dtype, self.tp, quant=q)  # every row's next token
 
 
+KERNELS_SUFFIX = ".kernels.onnx"   # a graph's form with our own quantized kernels (kernels/), beside its .onnx
+
+
 def example_inputs(graph, dtype: str, tp: int) -> list:
     """Shape-only placeholders: lazily initialised tensors are never allocated by tracing."""
     data = [(shape, getattr(ms, dt)) for _, shape, dt in graph.inputs]   # numpy dtype names are MindSpore's too
@@ -101,14 +104,18 @@ def trace_graph(graph, plan: Plan, forms: dict, out_dir: Path):
             (out_dir / f"{graph.name}.onnx").unlink()
     if "onnx" in plan.formats:  # after Lite: it has none of onnxruntime's contrib ops
         from .onnx_graph import rewrite_file
-        rewrite_file(out_dir / f"{graph.name}.onnx", for_onnxruntime, graph, plan, forms)
+        path = out_dir / f"{graph.name}.onnx"
+        if plan.quant:   # the form with our own kernels first, from the graph as exported
+            rewrite_file(path, for_onnxruntime, graph, plan, forms, True, out=out_dir / f"{graph.name}{KERNELS_SUFFIX}")
+        rewrite_file(path, for_onnxruntime, graph, plan, forms)
 
 
-def for_onnxruntime(model, graph, plan: Plan, forms: dict) -> bool:
+def for_onnxruntime(model, graph, plan: Plan, forms: dict, kernels: bool = False) -> bool:
     """The rewrites for onnxruntime of one exported graph, in order, on one loaded copy -> whether any
     changed it: a decode graph's fused kernels (export/onnx_fuse.py), the quantized matmuls
     (export/onnx_quant.py), then w8a8's one-row activation quantization around them and the decode
-    matmuls' row reshapes (onnx_fuse.py)."""
+    matmuls' row reshapes (onnx_fuse.py). kernels: the quantized matmuls as our own kernels (kernels/)
+    -> whether any matmul became one (the graph's second form, KERNELS_SUFFIX, is worth writing)."""
     from .onnx_fuse import drop_row_reshapes, fuse_decode, fuse_int8_activations
     from .onnx_graph import OnnxGraph
     from .onnx_quant import rewrite_quantized_matmuls
@@ -121,11 +128,14 @@ def for_onnxruntime(model, graph, plan: Plan, forms: dict) -> bool:
                                            cfg.num_multi_query_heads // plan.tp, cfg.head_dim,
                                            graph.cache_len)).values())
     if plan.quant:
-        changed |= bool(rewrite_quantized_matmuls(model, forms, fp32=plan.dtype == "fp32"))
+        counts = rewrite_quantized_matmuls(model, forms, fp32=plan.dtype == "fp32", kernels=kernels)
+        changed |= bool(counts)
         if decode:
             changed |= bool(fuse_int8_activations(model))
     if decode and plan.dtype == "fp32":
         changed |= bool(drop_row_reshapes(model, shapes))
+    if kernels:
+        return any(f.kernel in counts for f in set(forms.values())) if plan.quant else False
     return changed
 
 

@@ -5,7 +5,8 @@ of storing a linear weight NAME [out, in]: the bundle tensors that stand for it 
 quantizer that makes them (`quantize`) and the reference arithmetic (`dequantize`, `reference`),
 what the graph computes with them (`graph_weight`, `graph_linear`), its manifest entry (`manifest`)
 and the onnxruntime kernel the exported ONNX is rewritten to (`onnx_nodes`, with what that kernel
-pre-packs). Nothing outside this file branches on a form's name: the export asks `form_of`, the
+pre-packs), or our own kernel (`kernel_nodes`: kernels/, custom operators of domain KERNELS_DOMAIN
+that read the stored tensors as they are; the export writes both forms of a graph). Nothing outside this file branches on a form's name: the export asks `form_of`, the
 readers of a bundle take the form from its manifest (`weight_forms`).
 
   int8    NAME.qweight int8 [out, in] (conv weights [out, C, k, k] alike) + NAME.scale fp32 [out]:
@@ -33,6 +34,7 @@ from mindspore import ops
 from .weights import REPLICATED, Split, WeightSpec
 
 GROUP = 32                 # int4 group size (inputs per scale)
+KERNELS_DOMAIN = "com.cogvlm2"   # our quantized matmuls (kernels/ops.cpp)
 NOT_LINEAR = ("embed_tokens", "position_embedding", "cls_embedding", ".boi", ".eoi")
 CHUNK_ROWS = 4096          # rows quantized at a time: float temporaries stay small for the 19B's 2 GB lm_head
 _matmul = ops.MatMul()
@@ -154,6 +156,13 @@ class Form:
         (export/onnx_quant.py's QuantGraph), or None to keep it as exported."""
         return None
 
+    kernel = None   # our custom operator for this form (kernels/ops.cpp), if any
+
+    def kernel_nodes(self, node, qweight: str, graph) -> list | None:
+        """As `onnx_nodes`, with our own kernel (`kernel`): the nodes replacing `node`, and possibly the
+        nodes around it whose outputs they produce (export/onnx_quant.py drops those), or None."""
+        return None
+
     def arrays(self, stored: dict, name: str) -> list:
         """This form's arrays of weight `name` from {stored tensor name: array}."""
         return [stored[name + s] for s in self.suffixes]
@@ -218,10 +227,9 @@ class Int4(Form):
     def graph_weight(self, w, i, rank, dtype):
         return ops.cast(dequantize_int4(w[i], w[i + 1]), dtype)
 
-    def onnx_nodes(self, node, qweight, graph):
-        """MatMulNBits(x, W.qweight, W.scale) (com.microsoft, bits 4, block GROUP, zero point 8) for
-        Gemm(x, dequantize(W.qweight, W.scale)^T): W.qweight is declared [N, K/GROUP, GROUP/2] and
-        W.scale [N * K/GROUP], the same bytes the bundle stores. fp32 graphs only."""
+    def _operands(self, node, qweight, graph):
+        """For Gemm(x, dequantize(W.qweight, W.scale)^T) in an fp32 graph: (nodes viewing the activations as
+        [rows, K], those rows, W.scale, N, K); else None."""
         scale = qweight[:-len(".qweight")] + ".scale"
         if (not graph.fp32 or not graph.attrs(node).get("transB", 0)
                 or graph.sources(node.input[1]) != {qweight, scale}):
@@ -229,17 +237,27 @@ class Int4(Form):
         from onnx import helper
         x, y = self.activations(node.input[0], graph), node.output[0]
         n_out, half = graph.shape(qweight)
-        k, blocks = 2 * half, 2 * half // GROUP
-        graph.declare(qweight, "uint8", [n_out, blocks, GROUP // 2])
-        graph.declare(scale, "float32", [n_out * blocks])
         nodes = []
         if x != node.input[0]:  # the exporter may have merged the reshapes of x: view it as [rows, K] again
-            nodes.append(helper.make_node("Reshape", [x, graph.add_const(f"quant_rows_{k}", np.array([-1, k], np.int64))],
+            nodes.append(helper.make_node("Reshape", [x, graph.add_const(f"quant_rows_{2 * half}",
+                                                                         np.array([-1, 2 * half], np.int64))],
                                           [f"{y}_rows"]))
             x = f"{y}_rows"
-        nodes.append(helper.make_node("MatMulNBits", [x, qweight, scale], [y], domain="com.microsoft", K=k, N=n_out,
-                                      bits=4, block_size=GROUP, accuracy_level=self.accuracy_level))
-        return nodes
+        return nodes, x, scale, n_out, 2 * half
+
+    def onnx_nodes(self, node, qweight, graph):
+        """MatMulNBits(x, W.qweight, W.scale) (com.microsoft, bits 4, block GROUP, zero point 8) for
+        Gemm(x, dequantize(W.qweight, W.scale)^T): W.qweight is declared [N, K/GROUP, GROUP/2] and
+        W.scale [N * K/GROUP], the same bytes the bundle stores. fp32 graphs only."""
+        found = self._operands(node, qweight, graph)
+        if found is None:
+            return None
+        from onnx import helper
+        nodes, x, scale, n_out, k = found
+        graph.declare(qweight, "uint8", [n_out, k // GROUP, GROUP // 2])
+        graph.declare(scale, "float32", [n_out * k // GROUP])
+        return nodes + [helper.make_node("MatMulNBits", [x, qweight, scale], [node.output[0]], domain="com.microsoft",
+                                         K=k, N=n_out, bits=4, block_size=GROUP, accuracy_level=self.accuracy_level)]
 
     def activations(self, a: str, graph) -> str:
         """The float activations MatMulNBits takes: `a` itself (the weight-only form)."""
@@ -285,6 +303,18 @@ class Int4x8(Int4):
         """MatMulNBits quantizes x per block itself: take x from before graph_linear's block quantization
         (the input of the Reshape an Abs reads)."""
         return graph.before_block_quantization(a) or a
+
+    kernel = "MatMulW4A8"
+
+    def kernel_nodes(self, node, qweight, graph):
+        """MatMulW4A8(x, W.qweight, W.scale) (kernels/): graph_linear's arithmetic, the block quantization of
+        x included, on W's tensors as the bundle stores them ([N, K/2] codes, [N, K/GROUP] scales)."""
+        found = self._operands(node, qweight, graph)
+        if found is None:
+            return None
+        from onnx import helper
+        nodes, x, scale, _, _ = found
+        return nodes + [helper.make_node(self.kernel, [x, qweight, scale], [node.output[0]], domain=KERNELS_DOMAIN)]
 
 
 class Int8x8(Form):
@@ -358,6 +388,37 @@ class Int8x8(Form):
                 helper.make_node("Cast", [n + "_shift"], [n + "_u8"], to=TensorProto.UINT8),
                 helper.make_node("MatMulInteger", [n + "_u8", qweight, zero], [n + "_i32"]),
                 helper.make_node("Cast", [n + "_i32"], [y], to=TensorProto.FLOAT)]
+
+    kernel = "MatMulW8A8"
+    _QUANTIZE = ("Clip", "Floor", "Add", "Div", "Mul")   # graph_linear's per-token quantization, from xq back to x * smooth
+
+    def kernel_nodes(self, node, qweight, graph):
+        """MatMulW8A8(x, W.smooth, W.qweight, W.scale) (kernels/) for all of graph_linear: the SmoothQuant
+        multiply, the per-token quantization (xq = Clip(Floor(Div(x * smooth, step) + 0.5))), the integer
+        Gemm(xq, Cast(W.qweight)) and the rescale Mul(Mul(., step), W.scale), whose output it produces."""
+        name = qweight[:-len(".qweight")]
+        cast = graph.producer.get(node.input[1])
+        if (not graph.fp32 or cast is None or cast.op_type != "Cast" or cast.input[0] != qweight
+                or graph.attrs(node).get("transB", 0)):
+            return None
+        chain, t = [], node.input[0]
+        for op in self._QUANTIZE:
+            p = graph.producer.get(t)
+            if p is None or p.op_type != op:
+                return None
+            chain.append(p)
+            t = p.input[0]
+        clip, _, half, div, smooth = chain
+        step = div.input[1]
+        rescale = graph.only_reader(node.output[0], "Mul")
+        out = rescale and graph.only_reader(rescale.output[0], "Mul")
+        if (out is None or smooth.input[1] != name + ".smooth" or graph.scalar(half.input[1]) != 0.5
+                or [graph.scalar(i) for i in clip.input[1:]] != [-127, 127]
+                or set(rescale.input) != {node.output[0], step} or set(out.input) != {rescale.output[0], name + ".scale"}):
+            return None
+        from onnx import helper
+        return [helper.make_node(self.kernel, [smooth.input[0], name + ".smooth", qweight, name + ".scale"],
+                                 [out.output[0]], domain=KERNELS_DOMAIN)]
 
 
 FORMS = {f.name: f for f in (Int8(), Int4(), Int4x8(), Int8x8())}

@@ -18,6 +18,13 @@ inputs: with many rows per call, packing on the fly costs little. Which ops and 
 whether a form needs packing in every graph (MatMulNBits quantizes the activations of w4a8 only on
 packed weights), the manifest says per stored form (`quant.forms.*.onnxruntime`, graphs/quant.py).
 
+Our own kernels (kernels/, runtime/kernels.py): a quantized bundle's graphs also come as
+`<graph>.kernels.onnx`, whose matmuls are our custom operators (MatMulW4A8, MatMulW8A8). On CPU, when
+the library is built and runs here, those graphs are the ones loaded: their weights are plain inputs,
+bound once and read in place from the mapped files by every graph, so nothing is packed (the packing
+below then finds no kernel of onnxruntime's to pack for, except the fp32 ones). Otherwise the plain
+graphs run, as described above.
+
 Nothing here imports MindSpore: `pip install onnxruntime` (or onnxruntime-gpu) is enough to run an
 onnx bundle.
 """
@@ -30,6 +37,7 @@ import numpy as np
 import psutil
 
 from .bundle import Bundle, safetensors_header
+from . import kernels
 from .errors import UserError
 from .progress import Progress, size
 from .weights import load_rank_weights
@@ -135,13 +143,18 @@ class OnnxRuntimeBackend:
         if self.device == "cpu":
             for f in bundle.weight_files(rank):
                 self._offsets.update({n: (f.name, h["data_offsets"]) for n, h in safetensors_header(f).items()})
-        kernels = [f["onnxruntime"] for f in forms.values() if "onnxruntime" in f]
-        self._packed_ops = {op: tuple(i) for k in kernels for op, i in k["ops"].items()}  # op -> operands it pre-packs
-        every_graph = any(k["every_graph"] for k in kernels)
+        packing = [f["onnxruntime"] for f in forms.values() if "onnxruntime" in f]
+        self._packed_ops = {op: tuple(i) for k in packing for op, i in k["ops"].items()}  # op -> operands it pre-packs
+        every_graph = any(k["every_graph"] for k in packing)
 
         self.spinning = spinning if spinning is not None else (self.device == "cpu" and cores_free_for(self.threads))
         self._graphs = {}
-        paths = {name: bundle.rank_dir(rank) / bundle.graph(name).files["onnx"] for name in bundle.graph_names}
+        self.kernels = None   # our quantized kernels' library (runtime/kernels.py), when the graphs use them
+        if self.device == "cpu" and any("onnx_kernels" in bundle.graph(n).files for n in bundle.graph_names):
+            self.kernels = kernels.library()
+        form = "onnx_kernels" if self.kernels else "onnx"
+        paths = {name: bundle.rank_dir(rank) / bundle.graph(name).files.get(form, bundle.graph(name).files["onnx"])
+                 for name in bundle.graph_names}
         self._models = {}   # graph -> its loaded ONNX, for the graphs that pack (read once)
         decode = [n for n in bundle.graph_names if self._offsets and n.startswith("decode")]
         self._pack_floats(decode, paths)
@@ -238,6 +251,8 @@ class OnnxRuntimeBackend:
         options.log_severity_level = 3
         options.add_session_config_entry("session.intra_op.allow_spinning", "1" if self.spinning else "0")
         options.add_session_config_entry("session.intra_op.spin_duration_us", str(SPIN_US))
+        if self.kernels:
+            options.register_custom_ops_library(self.kernels)
         return options
 
     def _session(self, name: str, path: Path, providers, profile: str | None = None):

@@ -210,6 +210,12 @@ def test_bad_benchmark_flags_are_one_usage_error(tiny_bundle, args, says):
     assert r.exit_code == 2 and says in r.output and r.exception.__class__ is SystemExit, r.output
 
 
+def test_quant_bench_bad_depths_are_one_sentence(tiny_bundle):
+    for depths, says in (("256,x", "--depths takes cache depths separated by commas"), ("-1", "must not be negative")):
+        r = CliRunner().invoke(main, ["quant-bench", str(tiny_bundle), str(tiny_bundle), "--depths", depths])
+        assert r.exit_code == 1 and says in r.output and "Traceback" not in r.output, r.output
+
+
 def test_the_runtime_imports_no_model_exporter_calibration_or_benchmark_code():
     """Every runtime module, imported: nothing of graphs/, export/, calib/, bench/ (nor MindSpore) comes with it."""
     code = ("import pkgutil, importlib, sys, cogvlm2_lite.runtime as r; "

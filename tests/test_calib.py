@@ -313,6 +313,12 @@ def test_quantized_bundle_stores_the_quantizer_output_and_its_graphs_compute_it(
     levels = {a.i for n in decode.graph.node if n.op_type == "MatMulNBits" for a in n.attribute
               if a.name == "accuracy_level"}
     assert levels == ({4} if scheme == "w4a8" else {0} if scheme == "w4a16" else set())
+    # the same graph with our kernels (kernels/): one node per quantized language linear, for the schemes that have one
+    ours = {"w8a8": "MatMulW8A8", "w4a8": "MatMulW4A8"}.get(scheme)
+    assert ("onnx_kernels" in b.graph("decode_32").files) == bool(ours)
+    if ours:
+        kernel_ops = [n.op_type for n in onnx.load(str(b.rank_dir(0) / b.graph("decode_32").files["onnx_kernels"])).graph.node]
+        assert kernel_ops.count(ours) == lm_linears and not {"MatMulNBits", "MatMulInteger", "MatMulIntegerToFloat"} & set(kernel_ops)
 
     rng = np.random.default_rng(3)
     ids = rng.integers(0, 768, (1, 16)).astype(np.int32)

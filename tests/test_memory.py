@@ -3,6 +3,7 @@
 refused when they cannot fit, the KV cache sized from the memory that is free. Issue 18: fp32 decode
 weights packed only when the copies fit."""
 import collections
+import os
 import types
 
 import numpy as np
@@ -128,9 +129,14 @@ def w4a8_bundle(tmp_path_factory, tiny_cfg):
 def test_w4a8_packs_every_graph_when_the_copies_fit_else_decode_only(w4a8_bundle, monkeypatch, caplog):
     """w4a8's kernel quantizes activations only on packed weights, so it packs in every graph that takes
     them; when those copies would not fit, prefill and vision run unpacked (fp32 activations), saying so,
-    and decode, the same graph either way, gives the same logits."""
-    from cogvlm2_lite.runtime import onnx_backend
+    and decode, the same graph either way, gives the same logits. With our kernels (kernels/) nothing packs."""
+    from cogvlm2_lite.runtime import kernels, onnx_backend
+    if kernels.library():
+        ours = onnx_backend.OnnxRuntimeBackend(w4a8_bundle)
+        assert ours.kernels and ours.packed_bytes == {}
+    monkeypatch.setenv(kernels.LIBRARY_ENV, os.devnull)   # onnxruntime's own kernels from here on
     every = onnx_backend.OnnxRuntimeBackend(w4a8_bundle)
+    assert every.kernels is None
     decode = ["decode_32", "decode_64"]
     assert set(decode) < set(every.packed_bytes) and len(every.packed_bytes) > 4   # prefill graphs pack too
     need = sum(every.packed_bytes.values())

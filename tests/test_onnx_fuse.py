@@ -213,12 +213,16 @@ def test_decode_matmuls_take_their_rows_without_reshapes(decode_onnx, tiny_cfg, 
         assert np.abs(got[name] - ref[name]).max() <= 1e-5, name
 
 
+@pytest.mark.parametrize("ours", [False, True], ids=["onnxruntime", "ours"])
 @pytest.mark.parametrize("scheme", ["w4a8", "w8a8"])
-def test_quantized_decode_matmuls_take_their_rows_without_reshapes(tmp_path, tiny_cfg, tiny_weights, scheme):
+def test_quantized_decode_matmuls_take_their_rows_without_reshapes(tmp_path, tiny_cfg, tiny_weights, scheme, ours):
     """The export's order (fuse_decode, the quantized matmuls, w8a8's one-row activation quantization, then
     this): every MatMulNBits / MatMulIntegerToFloat but lm_head's reads [1, 1, K] (w8a8: its SmoothQuant
     multiply and per-token quantization do) as it read [1, K], the same kernels on the same row:
-    bit-identical logits."""
+    bit-identical logits. The same for our kernels (MatMulW4A8 / MatMulW8A8, `ours`)."""
+    from cogvlm2_lite.runtime import kernels as own
+    if ours and not own.library():
+        pytest.skip(f"our kernels cannot run here: {own.isa()[1]}")
     from cogvlm2_lite.graphs.quant import Quantizer, is_linear_weight
     from cogvlm2_lite.export.onnx_export import export_onnx
     from cogvlm2_lite.export.onnx_fuse import drop_row_reshapes, fuse_int8_activations
@@ -233,9 +237,11 @@ def test_quantized_decode_matmuls_take_their_rows_without_reshapes(tmp_path, tin
     model = onnx.load(str(tmp_path / "d.onnx"))
     shapes = OnnxGraph(model, shapes=True).shapes
     model, _ = _fused(model, tiny_cfg)
-    rewrite_quantized_matmuls(model, Plan(tiny_cfg.to_hf(), quant=scheme).forms())
+    rewrite_quantized_matmuls(model, Plan(tiny_cfg.to_hf(), quant=scheme).forms(), kernels=ours)
     fuse_int8_activations(model)
     kernel = {"w4a8": "MatMulNBits", "w8a8": "MatMulIntegerToFloat"}[scheme]
+    if ours:
+        kernel = {"w4a8": "MatMulW4A8", "w8a8": "MatMulW8A8"}[scheme]
     kernels = [x.op_type for x in model.graph.node].count(kernel)
     reshapes = [x.op_type for x in model.graph.node].count("Reshape")
     dropped = onnx.ModelProto()
@@ -255,7 +261,10 @@ def test_quantized_decode_matmuls_take_their_rows_without_reshapes(tmp_path, tin
             feed[f"{x}_{i}"] = rng.standard_normal((1, 2, T, 8)).astype(np.float32)
     declared = {i.name: [d.dim_value for d in i.type.tensor_type.shape.dim] for i in model.graph.input}
     feed.update({name: q[name].reshape(declared[name]) for name in g.table.names if name in declared})
-    ref = ort.InferenceSession(model.SerializeToString()).run(None, feed)
-    got = ort.InferenceSession(dropped.SerializeToString()).run(None, feed)
+    options = ort.SessionOptions()
+    if ours:
+        options.register_custom_ops_library(own.library())
+    ref = ort.InferenceSession(model.SerializeToString(), options).run(None, feed)
+    got = ort.InferenceSession(dropped.SerializeToString(), options).run(None, feed)
     for a, b in zip(ref, got):
         np.testing.assert_array_equal(a, b)

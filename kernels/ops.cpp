@@ -1,0 +1,228 @@
+// onnxruntime custom operators (domain com.cogvlm2) over the kernels of qmatmul.h, and the library's
+// entry point RegisterCustomOps (SessionOptions.register_custom_ops_library).
+//
+//   MatMulW4A8(x fp32 [.., K], codes uint8 [N, K/2], scales fp32 [N, K/32]) -> y fp32 [.., N]
+//   MatMulW8A8(x fp32 [.., K], smooth fp32 [K], weight int8 [K, N], scale fp32 [N]) -> y fp32 [.., N]
+//
+// The weights are the graph's inputs as bound (the memory-mapped bundle): read in place by every graph.
+// Rows are quantized qmm::ROWS at a time, then the column strips of each chunk are spread over
+// onnxruntime's intra-op threads (KernelContext_ParallelFor): no threads of our own.
+// The instruction set is the best the CPU has (amx, avx512vnni, avx512, avxvnni, avx2), or the one named
+// by the environment variable COGVLM2_KERNELS_ISA when a kernel is created (tests use it to run each).
+#define ORT_API_MANUAL_INIT
+#include <onnxruntime_cxx_api.h>
+#undef ORT_API_MANUAL_INIT
+
+#include <algorithm>
+#include <cstdlib>
+#include <mutex>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "qmatmul.h"
+
+namespace {
+
+const qmm::Isa* const ISAS[] = {&qmm::amx, &qmm::avx512vnni, &qmm::avx512, &qmm::avxvnni, &qmm::avx2};   // preferred first
+
+// the instruction set the kernels use now -> nullptr with `why` set when none can run
+const qmm::Isa* choose_isa(std::string& why) {
+    const char* forced = std::getenv("COGVLM2_KERNELS_ISA");
+    if (forced && *forced) {
+        for (const qmm::Isa* isa : ISAS)
+            if (std::string(forced) == isa->name) {
+                if (isa->supported()) return isa;
+                why = std::string("COGVLM2_KERNELS_ISA=") + forced + ": this CPU lacks that instruction set";
+                return nullptr;
+            }
+        why = std::string("COGVLM2_KERNELS_ISA=") + forced + " is not one of amx, avx512vnni, avx512, avxvnni, avx2";
+        return nullptr;
+    }
+    for (const qmm::Isa* isa : ISAS)
+        if (isa->supported()) return isa;
+    why = "the quantized kernels need at least AVX2 and FMA";
+    return nullptr;
+}
+
+std::vector<int64_t> shape_of(const Ort::ConstValue& v) { return v.GetTensorTypeAndShapeInfo().GetShape(); }
+
+int64_t elements(const std::vector<int64_t>& s) {
+    int64_t n = 1;
+    for (int64_t d : s) n *= d;
+    return n;
+}
+
+// this call's quantized activations (a session may run from several threads at once)
+struct Buffers {
+    std::vector<int8_t> q;
+    std::vector<float> scale;
+    std::vector<int32_t> offset;
+    std::vector<int32_t> partial;
+    int bands_done = 0;
+
+    qmm::Activations prepare(const qmm::Isa& isa, bool w4a8, int rows, int k, size_t partials) {
+        qmm::Activations a{rows, k, 0, 0, nullptr, nullptr, nullptr, nullptr, &bands_done};
+        isa.layout(w4a8, k, &a.row_bytes, &a.row_lanes);
+        bands_done = 0;
+        const size_t n = rows + qmm::PAD_ROWS;
+        if (rows >= qmm::PAD_ROWS) {   // tile layouts leave padding rows to be zero
+            q.assign(n * a.row_bytes, 0);
+            scale.assign(n * a.row_lanes, 0.0f);
+            offset.assign(n * a.row_lanes, 0);
+        } else {   // the vector layouts write their padding themselves
+            q.resize(n * a.row_bytes);
+            scale.resize(n * a.row_lanes);
+            offset.resize(n * a.row_lanes);
+        }
+        a.q = q.data();
+        a.scale = scale.data();
+        a.offset = offset.data();
+        partial.resize(partials);
+        a.partial = partial.data();
+        return a;
+    }
+};
+
+// f(0), ..., f(n - 1) on onnxruntime's intra-op threads
+template <typename F>
+void parallel(Ort::KernelContext& ctx, size_t n, F& f) {
+    ctx.ParallelFor([](void* self, size_t i) { (*static_cast<F*>(self))(i); }, n, 0, &f);
+}
+
+constexpr int QUANTIZE_ROWS = 8;   // rows quantized per task (many rows: prefill, vision)
+
+struct Kernel {
+    const qmm::Isa* isa;
+    bool w4a8;
+
+    Kernel(const qmm::Isa* isa, bool w4a8) : isa(isa), w4a8(w4a8) {}
+
+    void compute(OrtKernelContext* context) {
+        Ort::KernelContext ctx(context);
+        const Ort::ConstValue x = ctx.GetInput(0);
+        std::vector<int64_t> xs = shape_of(x);
+        if (xs.empty()) throw std::invalid_argument("x must have at least one dimension");
+        const int64_t k = xs.back(), m = k ? elements(xs) / k : 0;
+        const float* xp = x.GetTensorData<float>();
+        if (w4a8) {
+            const Ort::ConstValue codes = ctx.GetInput(1), scales = ctx.GetInput(2);
+            const int64_t n = shape_of(codes).at(0);
+            if (k % qmm::GROUP || elements(shape_of(codes)) != n * k / 2 || elements(shape_of(scales)) != n * k / qmm::GROUP)
+                throw std::invalid_argument("MatMulW4A8: codes must be [N, K/2] and scales [N, K/32] for x [.., K], K a multiple of 32");
+            xs.back() = n;
+            float* y = ctx.GetOutput(0, xs).GetTensorMutableData<float>();
+            const qmm::W4A8 w{codes.GetTensorData<uint8_t>(), scales.GetTensorData<float>(), static_cast<int>(n), static_cast<int>(k)};
+            run(ctx, w, xp, y, m, k, n, [&](const float* xc, int first, int count, qmm::Activations& a) { isa->quantize_w4a8(xc, first, count, a); },
+                isa->tasks_w4a8, isa->run_w4a8, nullptr);
+        } else {
+            const Ort::ConstValue smooth = ctx.GetInput(1), weight = ctx.GetInput(2), scale = ctx.GetInput(3);
+            const std::vector<int64_t> ws = shape_of(weight);
+            if (ws.size() != 2 || ws[0] != k || elements(shape_of(smooth)) != k || elements(shape_of(scale)) != ws[1])
+                throw std::invalid_argument("MatMulW8A8: weight must be [K, N], smooth [K] and scale [N] for x [.., K]");
+            const int64_t n = ws[1];
+            xs.back() = n;
+            float* y = ctx.GetOutput(0, xs).GetTensorMutableData<float>();
+            const float* sp = smooth.GetTensorData<float>();
+            const qmm::W8A8 w{weight.GetTensorData<int8_t>(), scale.GetTensorData<float>(), sp, static_cast<int>(n), static_cast<int>(k)};
+            run(ctx, w, xp, y, m, k, n, [&](const float* xc, int first, int count, qmm::Activations& a) { isa->quantize_w8a8(xc, sp, first, count, a); },
+                isa->tasks_w8a8, isa->run_w8a8, isa->partial_w8a8);
+        }
+    }
+
+    template <typename Weights, typename Quantize>
+    void run(Ort::KernelContext& ctx, const Weights& w, const float* x, float* y, int64_t m, int64_t k, int64_t n,
+             Quantize quantize, int (*tasks)(int, int, int),
+             void (*kernel)(const Weights&, const qmm::Activations&, float*, int), size_t (*partials)(int, int, int)) {
+        thread_local Buffers buffers;
+        const int ni = static_cast<int>(n), ki = static_cast<int>(k);
+        for (int64_t m0 = 0; m0 < m; m0 += qmm::ROWS) {
+            const int rows = static_cast<int>(std::min<int64_t>(qmm::ROWS, m - m0));
+            qmm::Activations a = buffers.prepare(*isa, w4a8, rows, ki, partials ? partials(ni, ki, rows) : 0);
+            auto quantize_rows = [&](size_t task) {
+                const int r0 = static_cast<int>(task) * QUANTIZE_ROWS;
+                quantize(x + m0 * k, r0, std::min(QUANTIZE_ROWS, rows - r0), a);
+            };
+            parallel(ctx, (rows + QUANTIZE_ROWS - 1) / QUANTIZE_ROWS, quantize_rows);
+            float* out = y + m0 * n;
+            auto multiply = [&](size_t task) { kernel(w, a, out, static_cast<int>(task)); };
+            parallel(ctx, tasks(ni, ki, rows), multiply);
+        }
+    }
+
+    OrtStatusPtr ComputeV2(OrtKernelContext* context) {
+        try {
+            compute(context);
+            return nullptr;
+        } catch (const std::exception& e) {
+            return Ort::GetApi().CreateStatus(ORT_INVALID_ARGUMENT, e.what());
+        }
+    }
+};
+
+template <bool W4A8>
+struct Op : Ort::CustomOpBase<Op<W4A8>, Kernel, true> {
+    OrtStatusPtr CreateKernelV2(const OrtApi& api, const OrtKernelInfo*, void** kernel) const {
+        std::string why;
+        const qmm::Isa* isa = choose_isa(why);
+        if (!isa) return api.CreateStatus(ORT_FAIL, why.c_str());
+        *kernel = new Kernel(isa, W4A8);
+        return nullptr;
+    }
+    const char* GetName() const { return W4A8 ? "MatMulW4A8" : "MatMulW8A8"; }
+    size_t GetInputTypeCount() const { return W4A8 ? 3 : 4; }
+    ONNXTensorElementDataType GetInputType(size_t i) const {
+        if (W4A8) return i == 1 ? ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8 : ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
+        return i == 2 ? ONNX_TENSOR_ELEMENT_DATA_TYPE_INT8 : ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
+    }
+    size_t GetOutputTypeCount() const { return 1; }
+    ONNXTensorElementDataType GetOutputType(size_t) const { return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT; }
+};
+
+Op<true> w4a8_op;
+Op<false> w8a8_op;
+
+}  // namespace
+
+extern "C" {
+
+// The instruction set the kernels would use now, or "" with the reason in `why` (a buffer of `size` bytes).
+__attribute__((visibility("default"))) const char* cogvlm2_kernels_isa(char* why, size_t size) {
+    std::string reason;
+    const qmm::Isa* isa = choose_isa(reason);
+    if (why && size) {
+        why[0] = 0;
+        reason.copy(why, size - 1);
+        why[std::min(reason.size(), size - 1)] = 0;
+    }
+    return isa ? isa->name : "";
+}
+
+// The instruction sets this CPU runs, comma-separated, preferred first.
+__attribute__((visibility("default"))) const char* cogvlm2_kernels_supported() {
+    static std::string names;
+    static std::once_flag once;
+    std::call_once(once, [] {
+        for (const qmm::Isa* isa : ISAS)
+            if (isa->supported()) names += (names.empty() ? "" : ",") + std::string(isa->name);
+    });
+    return names.c_str();
+}
+
+__attribute__((visibility("default"))) OrtStatus* ORT_API_CALL RegisterCustomOps(OrtSessionOptions* options,
+                                                                                  const OrtApiBase* api_base) {
+    const OrtApi* api = api_base->GetApi(ORT_API_VERSION);
+    if (!api) return nullptr;   // cannot happen: runtimes serve every older API version
+    Ort::InitApi(api);
+    static OrtCustomOpDomain* domain = nullptr;
+    static std::once_flag once;
+    OrtStatus* status = nullptr;
+    std::call_once(once, [&] {
+        if ((status = api->CreateCustomOpDomain("com.cogvlm2", &domain))) return;
+        if ((status = api->CustomOpDomain_Add(domain, &w4a8_op))) return;
+        status = api->CustomOpDomain_Add(domain, &w8a8_op);
+    });
+    return status ? status : api->AddCustomOpDomain(options, domain);
+}
+
+}  // extern "C"
