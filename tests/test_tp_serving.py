@@ -35,7 +35,8 @@ def wait_healthy(url: str, proc: subprocess.Popen, prefix=(), seconds=240):
     deadline = time.time() + seconds
     while time.time() < deadline:
         assert proc.poll() is None, proc.stderr.read()
-        r = subprocess.run([*prefix, "curl", "-s", "-m", "2", f"{url}/health"], capture_output=True, text=True)
+        probe = f"import urllib.request; print(urllib.request.urlopen({url + '/health'!r}, timeout=2).read().decode())"
+        r = subprocess.run([*prefix, sys.executable, "-c", probe], capture_output=True, text=True)
         if '"ok"' in r.stdout:
             return
         time.sleep(1)
