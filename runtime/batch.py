@@ -448,37 +448,35 @@ def _run(engine, pending, prepare, writer, summary, progress):
     thread = threading.Thread(target=produce, name="batch-prepare", daemon=True)
     thread.start()
     ended = False
-    no_reuse = scheduler.policy(prefix_cache=False)  # each line's result independent of the previous one
-    no_reuse.__enter__()
-    try:
-        while not ended or scheduler.busy:
-            while not ended and len(scheduler.queue) < b:  # B lines waiting: a freed row never waits for the reader
-                try:
-                    item = q.get_nowait() if scheduler.busy else q.get()
-                except queue.Empty:
-                    break
-                if item is _END:
-                    ended = True
-                elif isinstance(item, _Failure):
-                    raise item.exc
-                elif item.error is not None:
-                    fail(item, item.error)
-                else:
+    with scheduler.policy(prefix_cache=False):  # each line's result independent of the previous one
+        try:
+            while not ended or scheduler.busy:
+                while not ended and len(scheduler.queue) < b:  # B lines waiting: a freed row never waits for the reader
                     try:
-                        engine.add(item.request, on_finish=lambda seq, item=item: finished(item, seq))
-                    except UserError as e:
-                        fail(item, str(e))
-            if scheduler.busy:
-                engine.step()
-        if writer.waiting:
-            raise RuntimeError(f"batch: {len(writer.waiting)} ordered lines were never written")  # a bug
-    finally:
-        stop.set()
-        no_reuse.__exit__(None, None, None)
-        writer.sync()
-        bar.close()
-        thread.join(timeout=5)
-        summary.seconds = time.perf_counter() - start
+                        item = q.get_nowait() if scheduler.busy else q.get()
+                    except queue.Empty:
+                        break
+                    if item is _END:
+                        ended = True
+                    elif isinstance(item, _Failure):
+                        raise item.exc
+                    elif item.error is not None:
+                        fail(item, item.error)
+                    else:
+                        try:
+                            engine.add(item.request, on_finish=lambda seq, item=item: finished(item, seq))
+                        except UserError as e:
+                            fail(item, str(e))
+                if scheduler.busy:
+                    engine.step()
+            if writer.waiting:
+                raise RuntimeError(f"batch: {len(writer.waiting)} ordered lines were never written")  # a bug
+        finally:
+            stop.set()
+            writer.sync()
+            bar.close()
+            thread.join(timeout=5)
+            summary.seconds = time.perf_counter() - start
     return summary
 
 

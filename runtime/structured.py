@@ -42,10 +42,16 @@ def schema_of(response_format) -> dict | None:
 
 
 def grammar(schema: dict) -> str:
-    """A JSON schema -> llguidance's grammar, checked. Raises UserError naming what it cannot take."""
+    """A JSON schema -> llguidance's grammar, checked. Raises UserError naming what it cannot take. Compiled once
+    per schema text: the server or batch checks a schema, then the scheduler's TokenMask takes it again."""
+    return _grammar(json.dumps(schema))
+
+
+@functools.lru_cache(maxsize=64)
+def _grammar(schema_text: str) -> str:
     import llguidance
     try:
-        g = llguidance.LLMatcher.grammar_from_json_schema(json.dumps(schema), overrides=JSON_OPTIONS)
+        g = llguidance.LLMatcher.grammar_from_json_schema(schema_text, overrides=JSON_OPTIONS)
     except (TypeError, ValueError) as e:
         raise UserError(f"the JSON schema cannot be used: {e}.") from None
     error = llguidance.LLMatcher.validate_grammar(g)

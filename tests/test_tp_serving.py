@@ -138,9 +138,8 @@ def test_a_rank_that_dies_ends_the_streams_and_the_server(tiny_bundle_tp2):
                     if len([x for x in lines if x.startswith("data:")]) == 3:
                         rank_process(tiny_bundle_tp2, 1).kill()
             assert "data: [DONE]" in lines, "the stream ended without its end"
-        t = time.time()
-        code = proc.wait(60)
-        assert code != 0 and time.time() - t < 60
+        code = proc.wait(60)   # the bound: raises TimeoutExpired past it
+        assert code != 0
         err = proc.stderr.read().strip().splitlines()
         assert err[-1].startswith("error: the 2-rank run failed") and "a rank stopped" in err[-1], err[-3:]
         assert "Traceback" not in "\n".join(err)
