@@ -40,8 +40,8 @@ from cogvlm2_lite.runtime.tokenizer import TEMPLATES
 from .hf_checkpoint import Checkpoint, random_tensor
 from .tp import check_tp, shard_index
 from . import trace as trace_module
-from .eta import BYTES, ExportEta, probe
-from .trace import KERNELS_SUFFIX, Plan, trace_rank
+from .eta import BYTES, GRAPH, ExportEta, family, layers, probe_graphs, probe_weights
+from .trace import KERNELS_SUFFIX, Plan, trace_graph, trace_rank
 
 SHARD_BYTES = 256 << 20  # weight files are cut at 256 MiB: bounds the memory of export and of loading
 FORMATS = ("mindir", "onnx", "lite")
@@ -100,6 +100,8 @@ def write_weights(source: Source, tp: int, dtype: str, staging: Path, phase, qua
     pending = [{} for _ in range(tp)]
     sizes = [0] * tp
     digests = {}
+    for r in range(tp):
+        (staging / f"rank{r}").mkdir(exist_ok=True)
 
     def flush(r):
         name = f"weights-{len(files[r]):05d}.safetensors"
@@ -167,7 +169,7 @@ def trace_all_ranks(plan: Plan, staging: Path, progress: Progress):
         trace_rank(plan, staging / "rank0", progress)
         return
     n_graphs = sum(1 for _ in plan.graphs())
-    with progress.phase(f"graphs: {n_graphs} on each of {plan.tp} ranks under msrun", unit="msrun"):
+    with progress.phase(f"graphs: {n_graphs} on each of {plan.tp} ranks under msrun", unit=GRAPH):
         trace_under_msrun(plan, staging, n_graphs)
 
 
@@ -262,8 +264,8 @@ def export_bundle(out: Path, *, hf_dir: Path | None = None, random_init: CogVLM2
     graphs. `buckets`: {"chunk": [C...], "decode": [T...]} (default: default_buckets(cfg)).
     `formats`: any of mindir, onnx, lite. `quant`: w8a16 | w8a8 | w4a16 | w4a8 (graphs/quant.py), with
     `calib_stats` (calibrate's file; needed by w8a8) and SmoothQuant's `smooth_alpha`. `force` replaces a
-    non-empty `out`; `progress` shows the export's phases on stderr (runtime/progress.py): the plan, each
-    graph trace, then the weights in bytes, with the time the export has left (export/eta.py).
+    non-empty `out`; `progress` shows the export's phases on stderr (runtime/progress.py): the plan, the
+    weights in bytes, then each graph trace, with the time the export has left (export/eta.py).
 
     The bundle is built in a hidden sibling folder and moved into place when complete; memory stays
     bounded by one tensor plus the pending weight shard. Raises UserError, before any work where it can,
@@ -314,10 +316,10 @@ def export_bundle(out: Path, *, hf_dir: Path | None = None, random_init: CogVLM2
         raise UserError(f"cannot write the bundle into {out.parent} ({e.strerror or e}): choose a folder you can "
                         "write.") from None
     try:
-        shown = plan_progress(plan, source, quantizer, progress)
-        trace_all_ranks(plan, staging, shown)
+        shown = plan_progress(plan, source, quantizer, staging, progress)
         with shown.phase("weights", total=shown.eta.weight_bytes, unit=BYTES, unit_scale=True) as phase:
             weight_files, digests = write_weights(source, tp, dtype, staging, phase, quantizer)
+        trace_all_ranks(plan, staging, shown)
         shutil.copyfile(tokenizer, staging / "tokenizer.model")
         if quantizer is not None and quantizer.stats:  # the quantized bundle carries what it was made from
             shutil.copyfile(calib_stats, staging / STATS_FILE)
@@ -333,22 +335,30 @@ def export_bundle(out: Path, *, hf_dir: Path | None = None, random_init: CogVLM2
     return out
 
 
-def plan_progress(plan: Plan, source: Source, quantizer, enabled: bool) -> Progress:
-    """The export's Progress, its ETA measured (export/eta.py), after its first line: the plan (graphs, tensors,
-    bytes read and written, the weights' time at the rate of a few tensors converted now)."""
+def plan_progress(plan: Plan, source: Source, quantizer, staging: Path, enabled: bool) -> Progress:
+    """The export's Progress, its ETA measured (export/eta.py) when shown, after its first line: the plan
+    (tensors, bytes read and written, graphs) with the time each phase should take, from a few tensors
+    converted and a short graph of each family traced now."""
     specs = weight_specs(plan.cfg)
     graphs = [g.name for g in plan.graphs()]
-    n_graphs = len(graphs)
-    probed = probe(source, specs, lambda spec, full: sum(1 for _ in rank_tensors(spec, full, plan.tp, plan.dtype,
-                                                                                   quantizer)))
-    eta = ExportEta(graphs if plan.tp == 1 else [], sum(source.nbytes(s) for s in specs), probed)
+    weight_bytes = sum(source.nbytes(s) for s in specs)
+    if not enabled:
+        return Progress(False, eta=ExportEta([(g, 0.0) for g in graphs], weight_bytes, (1, 1.0)))
+    probed = probe_weights(source, specs, lambda spec, full: sum(1 for _ in rank_tensors(spec, full, plan.tp,
+                                                                                       plan.dtype, quantizer)))
+    per_layer = probe_graphs(plan, trace_graph, staging / "probe")
+    shutil.rmtree(staging / "probe")
+    estimates = [(g, per_layer[family(g)] * layers(g, plan.cfg)) for g in graphs]
+    if plan.tp > 1:   # one phase: the ranks trace side by side, each about as long as one process alone
+        estimates = [("graphs under msrun", sum(e for _, e in estimates))]
+    eta = ExportEta(estimates, weight_bytes, probed)
     written = sum(int(np.prod(s.shape, dtype=np.int64)) * np.dtype(s.dtype or NUMPY_NAMES[plan.dtype]).itemsize
                   for s in weight_specs(plan.cfg, plan.quant, plan.tp))
     progress = Progress(enabled, eta=eta)
-    rate = eta.weights_rate()
-    progress.note(f"export: {n_graphs} graphs to trace{f' on each of {plan.tp} ranks' if plan.tp > 1 else ''}, then "
-                  f"{len(specs)} tensors, {size(eta.weight_bytes)} read and {size(written)} written "
-                  f"(at {size(rate)}/s read: ~{duration(eta.weight_bytes / rate)})")
+    weights_s, graphs_s = weight_bytes / eta.weights_rate(), sum(e for _, e in estimates)
+    progress.note(f"export: {len(specs)} tensors, {size(weight_bytes)} read and {size(written)} written "
+                  f"(~{duration(weights_s)}), then {len(graphs)} graphs to trace"
+                  f"{f' on each of {plan.tp} ranks' if plan.tp > 1 else ''} (~{duration(graphs_s)})")
     return progress
 
 

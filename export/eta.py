@@ -1,25 +1,31 @@
-"""How long an export has left: its graph traces, then its weights.
+"""How long an export has left: its weights, then its graph traces.
 
-The two phases have nothing in common to count: a graph trace takes minutes and reports nothing until
-it ends, the weights are a stream of bytes. So each is estimated from its own measurements: each graph
-left at the mean time of the graphs of its family traced so far (the vision tower's graph takes twice a
-language graph's time at full size; all graphs traced stand in for a family not yet seen; unknown until
-the first ends), the weights' bytes left at the rate measured converting them, which before the weights
-phase comes from converting a few tensors up front (`probe`), and within it counts those as its first. Both count down while the
-graph or tensor at hand is worked on (a tensor of the 19B takes up to 25 s: its lm_head). Weights are counted in the
-bytes read from the checkpoint (or drawn by --random-init): the work per byte read is about even, while
-per byte written it is 4-10 times larger for a 4-bit matrix than for an fp32 embedding (measured at full size).
+The two phases have nothing in common to count, so each is estimated from its own measurements:
+- **Weights** are a stream of bytes: those left at the rate the phase has converted so far, counting a few
+  tensors converted up front (`probe_weights`) as its first. Counted in bytes read from the checkpoint (or
+  drawn by --random-init): the work per byte read is about even, while per byte written it is 4-10 times
+  larger for a 4-bit matrix than for an fp32 embedding (measured at full size).
+- **A graph trace** reports nothing until it ends, and takes minutes at full size. Its time grows with the
+  graph's layers, not with its widths (weights are shape-only placeholders): at full size, w4a8 ONNX, Intel
+  Xeon AVX-512, decode_4096 took 9.2 s with 4 layers and 74 s with its 32 (8x 9.2 = 74), vision 8.9 s with 4
+  layers and 33.5 s with 16. So one graph of each family (`family`) is traced up front with PROBE_LAYERS
+  layers (`probe_graphs`, some 30 s for the 19B), and a graph's estimate is its family's probe times its
+  layers / PROBE_LAYERS. Once graphs are traced, a family already seen is its mean, and one not yet seen
+  is its estimate scaled by how long the traced graphs took against theirs (the machine's load now).
+Both count down while the tensor or graph at hand is worked on (a tensor of the 19B takes up to 25 s: its
+lm_head). Run3 of issue 33 (graphs traced first, no graph probe) showed no ETA for 8 minutes and then
+2-2.7x too much, from a weights probe read under load; hence the weights first and the graph probe.
 """
 import time
-
-import numpy as np
+from pathlib import Path
 
 GRAPH = "graph"    # the unit of a graph trace phase
 BYTES = "B"        # the unit of the weights phase
-PROBE_SHARE = 128   # the probe converts about 1/128 of the weights' bytes (full 19B: 0.6 GB, some 7 s)
+PROBE_SHARE = 128   # the weights probe converts about 1/128 of the weights' bytes (full 19B: 0.6 GB, some 7 s)
+PROBE_LAYERS = 4    # the layers of a probe trace (a 19B graph has 32, its vision tower 63)
 
 
-def probe(source, specs, convert) -> tuple[int, float]:
+def probe_weights(source, specs, convert) -> tuple[int, float]:
     """Convert typical tensors (`convert(spec, array)`), discarding the results -> (bytes read, seconds): the
     largest tensors of at most 2/PROBE_SHARE of the bytes each (the matrices), until 1/PROBE_SHARE is read."""
     total = sum(source.nbytes(s) for s in specs)
@@ -35,16 +41,42 @@ def probe(source, specs, convert) -> tuple[int, float]:
 
 
 def family(graph: str) -> str:
-    """The graphs that take about the same time to trace: the vision tower's, and the language model's."""
-    return "vision" if graph == "vision" else "language"
+    """The graphs that cost the same per layer to trace: the vision tower's, the image prefill's, and the
+    text graphs' (a prompt chunk's or a decode step's)."""
+    return "vision" if graph == "vision" else "prefill_image" if graph.startswith("prefill_image") else "extend"
+
+
+def layers(graph: str, cfg) -> int:
+    """The layers of a graph's model: the vision tower's, or the language model's."""
+    return cfg.vision.num_hidden_layers if family(graph) == "vision" else cfg.num_hidden_layers
+
+
+def probe_graphs(plan, trace, out_dir: Path) -> dict[str, float]:
+    """Trace the first graph of each family of `plan` (export/trace.py Plan) with at most PROBE_LAYERS layers
+    into out_dir (`trace(graph, plan, forms, out_dir)`, export/trace.py's trace_graph) -> {family: seconds per
+    layer}."""
+    import dataclasses
+    cfg = plan.cfg
+    cut = cfg.replace(num_hidden_layers=min(cfg.num_hidden_layers, PROBE_LAYERS),
+                      vision=dataclasses.replace(cfg.vision, num_hidden_layers=min(cfg.vision.num_hidden_layers,
+                                                                                   PROBE_LAYERS)))
+    small = dataclasses.replace(plan, config=cut.to_hf(), tp=1)
+    forms, per_layer = small.forms(), {}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for graph in small.graphs():
+        if family(graph.name) not in per_layer:
+            t = time.perf_counter()
+            trace(graph, small, forms, out_dir)
+            per_layer[family(graph.name)] = (time.perf_counter() - t) / layers(graph.name, cut)
+    return per_layer
 
 
 class ExportEta:
-    """(Progress) -> seconds the export has left, or None while no graph has been traced (module docstring).
-    graphs: the names of the graphs traced as GRAPH phases, in order; weight_bytes: the weights phase's total;
-    probed: probe()'s."""
+    """(Progress) -> seconds the export has left (module docstring). graphs: [(name, seconds estimated)] of the
+    GRAPH phases in order (one per graph, or one for all the graphs msrun's ranks trace); weight_bytes: the
+    weights phase's total; probed: probe_weights()'s."""
 
-    def __init__(self, graphs: list[str], weight_bytes: int, probed: tuple[int, float]):
+    def __init__(self, graphs: list[tuple[str, float]], weight_bytes: int, probed: tuple[int, float]):
         self.graphs, self.weight_bytes = graphs, weight_bytes
         self.probe_bytes, self.probe_s = probed
 
@@ -53,20 +85,27 @@ class ExportEta:
         n, s = (weights.n, weights.updated) if weights is not None else (0, 0.0)
         return (self.probe_bytes + n) / max(self.probe_s + s, 1e-9)
 
-    def __call__(self, progress) -> float | None:
-        phases = progress.done + ([progress.current] if progress.current else [])
-        weights = next((p for p in phases if p.unit == BYTES), None)
-        if weights is not None:
-            at_update = (weights.total - weights.n) / self.weights_rate(weights)
-            return max(0.0, at_update - (weights.elapsed - weights.updated))
+    def weights_left(self, progress) -> float:
+        weights = next((p for p in progress.done + [progress.current] if p is not None and p.unit == BYTES), None)
+        if weights is None:
+            return self.weight_bytes / self.weights_rate()
+        if weights is not progress.current:
+            return 0.0
+        at_update = (weights.total - weights.n) / self.weights_rate(weights)
+        return max(0.0, at_update - (weights.elapsed - weights.updated))
+
+    def graphs_left(self, progress) -> float:
         traced = [p.elapsed for p in progress.done if p.unit == GRAPH]
-        if not traced:
-            return None
-        times = {}
-        for name, s in zip(self.graphs, traced):
-            times.setdefault(family(name), []).append(s)
-        guess = [float(np.mean(times.get(family(name), traced))) for name in self.graphs[len(traced):]]
+        seen = {}
+        for (name, _), s in zip(self.graphs, traced):
+            seen.setdefault(family(name), []).append(s)
+        load = sum(traced) / sum(e for _, e in self.graphs[:len(traced)]) if traced else 1.0
+        left = [sum(seen[family(name)]) / len(seen[family(name)]) if family(name) in seen else load * estimate
+                for name, estimate in self.graphs[len(traced):]]
         current = progress.current
-        if guess and current is not None and current.unit == GRAPH:   # the graph being traced: what is left of it
-            guess[0] -= min(current.elapsed, guess[0])
-        return sum(guess) + self.weight_bytes / self.weights_rate()
+        if left and current is not None and current.unit == GRAPH:   # the graph being traced: what is left of it
+            left[0] -= min(current.elapsed, left[0])
+        return sum(left)
+
+    def __call__(self, progress) -> float:
+        return self.weights_left(progress) + self.graphs_left(progress)

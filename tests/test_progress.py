@@ -72,31 +72,52 @@ def phase(unit, elapsed, n=0, total=None, updated=0.0):
     return SimpleNamespace(unit=unit, elapsed=elapsed, n=n, total=total, updated=updated)
 
 
-def test_export_eta_from_the_graphs_traced_and_the_weight_rate_measured():
-    """4 graphs, 1000 bytes of weights, a probe of 100 bytes in 1 s (100 B/s)."""
-    eta = ExportEta(["vision", "prefill_image_8", "extend_8_32", "decode_32"], 1000, (100, 1.0))
-    assert eta(SimpleNamespace(done=[], current=phase(GRAPH, 30.0))) is None   # no graph traced: no estimate
-    # vision took 40 s, no language graph is traced yet: each takes vision's time, the first 10 s in; then the
-    # weights, 1000 B at 100 B/s
-    progress = SimpleNamespace(done=[phase(GRAPH, 40.0)], current=phase(GRAPH, 10.0))
-    assert eta(progress) == pytest.approx(30 + 40 + 40 + 10)
-    # two language graphs took 10 and 20 s (mean 15); the last is 5 s in: 10 s of it left
-    progress = SimpleNamespace(done=[phase(GRAPH, 40.0), phase(GRAPH, 10.0), phase(GRAPH, 20.0)],
-                               current=phase(GRAPH, 5.0))
-    assert eta(progress) == pytest.approx(10 + 10)
-    progress.current = phase(GRAPH, 40.0)   # past its mean: nothing more of it is expected
-    assert eta(progress) == pytest.approx(0 + 10)
+def test_export_eta_from_the_weight_rate_measured_then_the_graph_probes():
+    """1000 bytes of weights, a probe of 100 bytes in 1 s (100 B/s); then 4 graphs estimated from the probe
+    traces at 40, 20, 10 and 10 s (80 s)."""
+    eta = ExportEta([("vision", 40.0), ("prefill_image_8", 20.0), ("extend_8_32", 10.0), ("decode_32", 10.0)],
+                    1000, (100, 1.0))
+    assert eta(SimpleNamespace(done=[], current=None)) == pytest.approx(1000 / 100 + 80)   # the plan line's
     # weights: 300 of 1000 bytes in 5 s; with the probe, 400 B in 6 s: 700 B left at 66.7 B/s, 2 s of which
-    # have gone into the tensor at hand since
-    progress = SimpleNamespace(done=[phase(GRAPH, 10.0)] * 4, current=phase(BYTES, 7.0, n=300, total=1000, updated=5.0))
-    assert eta(progress) == pytest.approx(700 / (400 / 6) - 2)
-    progress.current.elapsed = 30.0   # the tensor took longer than its share: nothing is left to say
-    assert eta(progress) == 0.0
+    # have gone into the tensor at hand since; the graphs still at their estimates
+    progress = SimpleNamespace(done=[], current=phase(BYTES, 7.0, n=300, total=1000, updated=5.0))
+    assert eta(progress) == pytest.approx(700 / (400 / 6) - 2 + 80)
+    progress.current.elapsed = 30.0   # the tensor took longer than its share: only the graphs are left
+    assert eta(progress) == pytest.approx(80)
+    weights = phase(BYTES, 12.0, n=1000, total=1000)
+    # vision is 30 s into its 40
+    assert eta(SimpleNamespace(done=[weights], current=phase(GRAPH, 30.0))) == pytest.approx(10 + 20 + 10 + 10)
+    # vision took 80 s, twice its estimate: the machine is slower than at the probe, so are the graphs to come;
+    # the image prefill is 5 s into its 2 x 20
+    progress = SimpleNamespace(done=[weights, phase(GRAPH, 80.0)], current=phase(GRAPH, 5.0))
+    assert eta(progress) == pytest.approx(35 + 20 + 20)
+    # the prefill took 30 s: 110 s for 60 estimated, so each text graph 10 x 110 / 60; extend is 15 s in
+    progress = SimpleNamespace(done=[weights, phase(GRAPH, 80.0), phase(GRAPH, 30.0)], current=phase(GRAPH, 15.0))
+    assert eta(progress) == pytest.approx(2 * 110 / 60 * 10 - 15)
+    # extend took 12 s: its family is seen, so the decode graph takes as long; it is 2 s in
+    progress = SimpleNamespace(done=[weights, *[phase(GRAPH, 80.0), phase(GRAPH, 30.0), phase(GRAPH, 12.0)]],
+                               current=phase(GRAPH, 2.0))
+    assert eta(progress) == pytest.approx(12 - 2)
+
+
+def test_probe_graphs_traces_one_short_graph_per_family(tmp_path):
+    """The probe traces the first graph of each family with at most PROBE_LAYERS layers and says per layer."""
+    from cogvlm2_lite.export.eta import PROBE_LAYERS, probe_graphs
+    from cogvlm2_lite.export.trace import Plan
+    from cogvlm2_lite.graphs.config import preset
+    cfg = preset("bench")
+    traced = []
+    per_layer = probe_graphs(Plan(cfg.to_hf(), chunk_buckets=[8, 16], decode_buckets=[32, 64]),
+                             lambda graph, plan, forms, out: traced.append((graph.name, plan.cfg)), tmp_path)
+    assert [name for name, _ in traced] == ["vision", "prefill_image_8", "extend_8_32"]
+    assert set(per_layer) == {"vision", "prefill_image", "extend"}
+    for _, c in traced:
+        assert c.num_hidden_layers == min(PROBE_LAYERS, cfg.num_hidden_layers) == 4 and c.vision.num_hidden_layers == 4
 
 
 def test_export_phases_off_a_terminal_through_bench_suite(tmp_path):
-    """The tiny preset exported as bench-suite does (its stderr a pipe): the plan, a line per graph in the
-    bundle's order, then the weights in bytes read (random init draws fp32), each once, no carriage return."""
+    """The tiny preset exported as bench-suite does (its stderr a pipe): the plan, the weights in bytes read
+    (random init draws fp32), then a line per graph in the bundle's order, each once, no carriage return."""
     from cogvlm2_lite.bench.suite import cached_export
     from cogvlm2_lite.graphs.config import preset
     from cogvlm2_lite.graphs.model import weight_specs
@@ -109,10 +130,12 @@ def test_export_phases_off_a_terminal_through_bench_suite(tmp_path):
     assert lines[0] == f"exporting {out} ..."
     specs = weight_specs(preset("tiny"))
     read = tqdm.format_sizeof(sum(int(np.prod(s.shape)) * 4 for s in specs))
-    assert lines[1].startswith(f"  export: {len(graphs)} graphs to trace, then {len(specs)} tensors, {read}B read")
-    for i, (line, name) in enumerate(zip(lines[2:], graphs), 1):
-        assert re.fullmatch(rf"  graph {i}/{len(graphs)}: {name} \[\d\d:\d\d(, ~\d\d:\d\d left)?\]", line), line
-    assert re.fullmatch(rf"  weights: {read}/{read} \[\d\d:\d\d, .*B/s, ~00:00 left\]", lines[2 + len(graphs)])
+    assert re.fullmatch(rf"  export: {len(specs)} tensors, {read}B read and .*B written \(~\d\d:\d\d\), then "
+                        rf"{len(graphs)} graphs to trace \(~\d\d:\d\d\)", lines[1]), lines[1]
+    assert re.fullmatch(rf"  weights: {read}/{read} \[\d\d:\d\d, .*B/s, ~\d\d:\d\d left\]", lines[2]), lines[2]
+    for i, (line, name) in enumerate(zip(lines[3:], graphs), 1):
+        assert re.fullmatch(rf"  graph {i}/{len(graphs)}: {name} \[\d\d:\d\d, ~\d\d:\d\d left\]", line), line
+    assert lines[-1].endswith("~00:00 left]")
     assert len(lines) == 3 + len(graphs)
 
 
