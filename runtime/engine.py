@@ -19,6 +19,8 @@ prefill, decode) are the runner's, exposed here so other implementations can be 
 """
 import functools
 import os
+import time
+
 import numpy as np
 
 from .bundle import Bundle
@@ -120,7 +122,10 @@ class Engine:
 
     def _execute(self, plan: Plan) -> list:
         if self.channel is not None:
+            t = time.perf_counter()
             self.channel.send(plan)
+            self.runner.timings.plan_broadcast_s += time.perf_counter() - t
+            self.runner.timings.plans_sent += 1
         return self.runner.execute(plan)
 
     @property

@@ -46,11 +46,14 @@ def chunk_plan(n: int, chunks: tuple, overhead: int) -> tuple:
 
 @dataclass
 class Timings:
-    """Accumulated time inside graph calls vs the whole decode loop (host overhead = the rest)."""
+    """Accumulated time inside graph calls vs the whole decode loop (host overhead = the rest); for tp > 1, rank
+    0's time sending the steps' plans to the other ranks (runtime/tp_channel.py)."""
     graph_s: dict = field(default_factory=dict)
     calls: dict = field(default_factory=dict)
     decode_loop_s: float = 0.0
     decode_steps: int = 0
+    plan_broadcast_s: float = 0.0
+    plans_sent: int = 0
 
     def add(self, kind, seconds):
         self.graph_s[kind] = self.graph_s.get(kind, 0.0) + seconds

@@ -197,3 +197,26 @@ def test_tp2_across_two_namespace_hosts(tiny_bundle_tp2, want, photo, two_hosts)
                 host1.kill()
     assert code0 == 0 and code1 == 0, (host0.stderr.read(), host1.stderr.read())
     assert leftovers(tiny_bundle_tp2) == []
+
+
+@pytest.mark.parametrize("tp", [1, 2])
+def test_bench_tp_splits_a_step_into_graphs_plan_broadcast_and_host(tp, tiny_bundle, tiny_bundle_tp2, tmp_path):
+    """bench-tp runs tp 1 here and tp 2 under msrun on the same terms: one plan per step (the prompt's prefill, then
+    one per decode step), broadcast only with tp > 1, and a report whose parts add up to the steps measured."""
+    bundle = tiny_bundle if tp == 1 else tiny_bundle_tp2
+    out = tmp_path / "tp.json"
+    r = subprocess.run([CLI, "bench-tp", str(bundle), "--reps", "2", "--warmup", "1", "--gen-tokens", "4",
+                        "--json", str(out)], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    report = json.loads(out.read_text())
+    assert report["tp"] == tp and r.stdout.startswith(f"tp {tp}: TTFT text ")
+    decode = report["decode"]
+    assert decode["tokens"] == 4 and decode["per_step"]["graph_s"] > 0 and decode["s_per_token"] > 0
+    for case in ("ttft_text", "ttft_image"):
+        assert report[case]["s"] > 0 and report[case]["graph_s"]
+    if tp == 1:
+        assert decode["plans"] is None and decode["per_step"]["plan_broadcast_s"] == 0
+    else:   # the prefill's plan, then 3 decode steps'
+        assert decode["plans"] == 4 and report["ttft_text"]["plans"] == 1 and decode["per_step"]["plan_broadcast_s"] > 0
+        assert "vision" in report["ttft_image"]["graph_s"]
+    assert leftovers(bundle) == []
