@@ -11,7 +11,10 @@ The two phases have nothing in common to count, so each is estimated from its ow
   layers and 33.5 s with 16. So one graph of each family (`family`) is traced up front with PROBE_LAYERS
   layers (`probe_graphs`, some 30 s for the 19B), and a graph's estimate is its family's probe times its
   layers / PROBE_LAYERS. Once graphs are traced, a family already seen is its mean, and one not yet seen
-  is its estimate scaled by how long the traced graphs took against theirs (the machine's load now).
+  is its estimate scaled by how long the traced graphs took against theirs (the machine's load now), and by
+  the graph being traced once it runs over its own: MindSpore's compile grows faster than the layers in the
+  largest graph (the 19B's vision tower: 24 s with 16 layers, over 4 min with its 63), which no short probe
+  shows.
 Both count down while the tensor or graph at hand is worked on (a tensor of the 19B takes up to 25 s: its
 lm_head). Run3 of issue 33 (graphs traced first, no graph probe) showed no ETA for 8 minutes and then
 2-2.7x too much, from a weights probe read under load; hence the weights first and the graph probe.
@@ -96,15 +99,19 @@ class ExportEta:
 
     def graphs_left(self, progress) -> float:
         traced = [p.elapsed for p in progress.done if p.unit == GRAPH]
+        current = progress.current.elapsed if progress.current is not None and progress.current.unit == GRAPH else None
         seen = {}
         for (name, _), s in zip(self.graphs, traced):
             seen.setdefault(family(name), []).append(s)
-        load = sum(traced) / sum(e for _, e in self.graphs[:len(traced)]) if traced else 1.0
+        took, estimated = sum(traced), sum(e for _, e in self.graphs[:len(traced)])
+        load = took / estimated if traced else 1.0
+        if current is not None and current > load * self.graphs[len(traced)][1]:   # running over: it says so too
+            took, estimated = took + current, estimated + self.graphs[len(traced)][1]
+            load = took / estimated
         left = [sum(seen[family(name)]) / len(seen[family(name)]) if family(name) in seen else load * estimate
                 for name, estimate in self.graphs[len(traced):]]
-        current = progress.current
-        if left and current is not None and current.unit == GRAPH:   # the graph being traced: what is left of it
-            left[0] -= min(current.elapsed, left[0])
+        if left and current is not None:   # the graph being traced: what is left of it
+            left[0] -= min(current, left[0])
         return sum(left)
 
     def __call__(self, progress) -> float:

@@ -58,13 +58,14 @@ def rewrite_quantized_matmuls(model: onnx.ModelProto, forms: dict[str, Form], fp
     g = model.graph
     graph = QuantGraph(model, fp32)
     qweights = {n + ".qweight": f for n, f in forms.items() if n + ".qweight" in graph.inputs}
+    sole = graph.sole_sources(set(qweights))
     out, counts, new = [], {}, []
     for node in g.node:
-        q = [s for s in graph.sources(node.input[1]) if s in qweights] if _is_plain_matmul(node) else []
-        form = qweights[q[0]] if len(q) == 1 else None
+        q = sole.get(node.input[1]) if _is_plain_matmul(node) else None
+        form = qweights.get(q) if isinstance(q, str) else None
         nodes = None
         if form is not None:
-            nodes = (kernels and form.kernel_nodes(node, q[0], graph)) or form.onnx_nodes(node, q[0], graph)
+            nodes = (kernels and form.kernel_nodes(node, q, graph)) or form.onnx_nodes(node, q, graph)
         if nodes is None:
             out.append(node)
             continue

@@ -268,3 +268,21 @@ def test_quantized_decode_matmuls_take_their_rows_without_reshapes(tmp_path, tin
     got = ort.InferenceSession(dropped.SerializeToString(), options).run(None, feed)
     for a, b in zip(ref, got):
         np.testing.assert_array_equal(a, b)
+
+
+def test_sole_sources_matches_walking_back_from_every_tensor(decode_onnx):
+    """The one-pass index of which weight input a tensor comes from (the quantized-matmul rewrite's) says, for every
+    tensor of a real exported graph, what walking back from it says: the one input, several (MANY), or none."""
+    from cogvlm2_lite.export.onnx_graph import MANY, OnnxGraph
+    _, model = decode_onnx
+    G = OnnxGraph(model)
+    wanted = {i for i in G.inputs if i.endswith(".weight")}
+    sole = G.sole_sources(wanted)
+    assert len(wanted) > 4
+    counts = {0: 0, 1: 0, 2: 0}
+    for node in G.g.node:
+        for t in node.output:
+            walked = G.sources(t) & wanted
+            counts[min(len(walked), 2)] += 1
+            assert sole.get(t) == (None if not walked else next(iter(walked)) if len(walked) == 1 else MANY), t
+    assert min(counts.values()) > 0   # the graph has tensors of all three kinds
