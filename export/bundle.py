@@ -40,7 +40,7 @@ from cogvlm2_lite.runtime.tokenizer import TEMPLATES
 from .hf_checkpoint import Checkpoint, random_tensor
 from .tp import check_tp, shard_index
 from . import trace as trace_module
-from .eta import BYTES, GRAPH, ExportEta, family, layers, probe_graphs, probe_weights
+from .eta import BYTES, GRAPH, ExportEta, estimate, probe_graphs, probe_weights
 from .trace import KERNELS_SUFFIX, Plan, trace_graph, trace_rank
 
 SHARD_BYTES = 256 << 20  # weight files are cut at 256 MiB: bounds the memory of export and of loading
@@ -346,9 +346,9 @@ def plan_progress(plan: Plan, source: Source, quantizer, staging: Path, enabled:
         return Progress(False, eta=ExportEta([(g, 0.0) for g in graphs], weight_bytes, (1, 1.0)))
     probed = probe_weights(source, specs, lambda spec, full: sum(1 for _ in rank_tensors(spec, full, plan.tp,
                                                                                        plan.dtype, quantizer)))
-    per_layer = probe_graphs(plan, trace_graph, staging / "probe")
+    probed_graphs = probe_graphs(plan, trace_graph, staging / "probe")
     shutil.rmtree(staging / "probe")
-    estimates = [(g, per_layer[family(g)] * layers(g, plan.cfg)) for g in graphs]
+    estimates = [(g, estimate(g, plan.cfg, probed_graphs)) for g in graphs]
     if plan.tp > 1:   # one phase: the ranks trace side by side, each about as long as one process alone
         estimates = [("graphs under msrun", sum(e for _, e in estimates))]
     eta = ExportEta(estimates, weight_bytes, probed)

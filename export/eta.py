@@ -10,11 +10,11 @@ The two phases have nothing in common to count, so each is estimated from its ow
   Xeon AVX-512, decode_4096 took 9.2 s with 4 layers and 74 s with its 32 (8x 9.2 = 74), vision 8.9 s with 4
   layers and 33.5 s with 16. So one graph of each family (`family`) is traced up front with PROBE_LAYERS
   layers (`probe_graphs`, some 30 s for the 19B), and a graph's estimate is its family's probe times its
-  layers / PROBE_LAYERS. Once graphs are traced, a family already seen is its mean, and one not yet seen
-  is its estimate scaled by how long the traced graphs took against theirs (the machine's load now), and by
-  the graph being traced once it runs over its own: MindSpore's compile grows faster than the layers in the
-  largest graph (the 19B's vision tower: 24 s with 16 layers, over 4 min with its 63), which no short probe
-  shows.
+  layers / PROBE_LAYERS, and for graphs as large as the 19B's vision tower more (`estimate`): MindSpore's
+  compile grows faster than the graph there (24 s with 16 layers, 278 s with its 63), which no short probe
+  shows. Once graphs are traced, a family already seen is its mean, and one not yet seen is its estimate
+  scaled by how long the traced graphs took against theirs (the machine's load now), and by the graph
+  being traced once it runs over its own.
 Both count down while the tensor or graph at hand is worked on (a tensor of the 19B takes up to 25 s: its
 lm_head). Run3 of issue 33 (graphs traced first, no graph probe) showed no ETA for 8 minutes and then
 2-2.7x too much, from a weights probe read under load; hence the weights first and the graph probe.
@@ -26,6 +26,10 @@ GRAPH = "graph"    # the unit of a graph trace phase
 BYTES = "B"        # the unit of the weights phase
 PROBE_SHARE = 128   # the weights probe converts about 1/128 of the weights' bytes (full 19B: 0.6 GB, some 7 s)
 PROBE_LAYERS = 4    # the layers of a probe trace (a 19B graph has 32, its vision tower 63)
+# where MindSpore's compile stops growing with the layers alone: the 19B's vision graph (16802 ONNX nodes) took
+# 278 s against 98 s at its 4-layer probe's time per layer (1.56 s), 2.8x = 1 + (16802 / 12500)^2; its 16-layer
+# graph (4347 nodes) 23.7 s, 1.0x (Intel Xeon, AVX-512, unloaded)
+COMPILE_NODES = 12500
 
 
 def probe_weights(source, specs, convert) -> tuple[int, float]:
@@ -54,10 +58,10 @@ def layers(graph: str, cfg) -> int:
     return cfg.vision.num_hidden_layers if family(graph) == "vision" else cfg.num_hidden_layers
 
 
-def probe_graphs(plan, trace, out_dir: Path) -> dict[str, float]:
+def probe_graphs(plan, trace, out_dir: Path) -> dict[str, tuple[float, float | None]]:
     """Trace the first graph of each family of `plan` (export/trace.py Plan) with at most PROBE_LAYERS layers
-    into out_dir (`trace(graph, plan, forms, out_dir)`, export/trace.py's trace_graph) -> {family: seconds per
-    layer}."""
+    into out_dir (`trace(graph, plan, forms, out_dir)`, export/trace.py's trace_graph) -> {family: (seconds per
+    layer, ONNX nodes per layer, or None without an ONNX graph)}."""
     import dataclasses
     cfg = plan.cfg
     cut = cfg.replace(num_hidden_layers=min(cfg.num_hidden_layers, PROBE_LAYERS),
@@ -70,8 +74,23 @@ def probe_graphs(plan, trace, out_dir: Path) -> dict[str, float]:
         if family(graph.name) not in per_layer:
             t = time.perf_counter()
             trace(graph, small, forms, out_dir)
-            per_layer[family(graph.name)] = (time.perf_counter() - t) / layers(graph.name, cut)
+            n = layers(graph.name, cut)
+            per_layer[family(graph.name)] = ((time.perf_counter() - t) / n, onnx_nodes(out_dir / f"{graph.name}.onnx") / n
+                                             if (out_dir / f"{graph.name}.onnx").is_file() else None)
     return per_layer
+
+
+def onnx_nodes(path: Path) -> int:
+    import onnx
+    return len(onnx.load(str(path), load_external_data=False).graph.node)
+
+
+def estimate(graph: str, cfg, probed: dict) -> float:
+    """Seconds to trace `graph` of the model `cfg` from probe_graphs' figures: its layers at the probe's time per
+    layer, times 1 + (nodes / COMPILE_NODES)^2 where the graph's ONNX node count is known (module docstring)."""
+    per_layer, nodes_per_layer = probed[family(graph)]
+    n = layers(graph, cfg)
+    return per_layer * n * (1 + (nodes_per_layer * n / COMPILE_NODES) ** 2 if nodes_per_layer else 1)
 
 
 class ExportEta:

@@ -114,6 +114,7 @@ def test_probe_graphs_traces_one_short_graph_per_family(tmp_path):
                              lambda graph, plan, forms, out: traced.append((graph.name, plan.cfg)), tmp_path)
     assert [name for name, _ in traced] == ["vision", "prefill_image_8", "extend_8_32"]
     assert set(per_layer) == {"vision", "prefill_image", "extend"}
+    assert all(s >= 0 and nodes is None for s, nodes in per_layer.values())   # the fake trace wrote no ONNX graph
     for _, c in traced:
         assert c.num_hidden_layers == min(PROBE_LAYERS, cfg.num_hidden_layers) == 4 and c.vision.num_hidden_layers == 4
 
@@ -149,3 +150,16 @@ def test_a_failed_export_in_bench_suite_is_its_one_sentence(tmp_path):
     with pytest.raises(UserError, match=r"exporting .* failed: --random-init needs --tokenizer PATH") as e:
         cached_export(tmp_path / "b", {}, ["--random-init", "tiny"], lines.append)
     assert "error:" not in str(e.value) and not any("error" in line for line in lines)
+
+
+def test_a_graph_estimate_grows_with_its_layers_and_beyond_for_the_largest():
+    """Linear in the layers at the probe's time per layer; MindSpore's compile adds (nodes / COMPILE_NODES)^2 of
+    that where the ONNX node count is known (the 19B's vision graph: 2.8x)."""
+    from cogvlm2_lite.export.eta import COMPILE_NODES, estimate
+    from cogvlm2_lite.graphs.config import preset
+    cfg = preset("full")
+    probed = {"vision": (1.5, 266.0), "prefill_image": (2.0, 146.0), "extend": (2.5, None)}
+    assert estimate("decode_4096", cfg, probed) == pytest.approx(2.5 * 32)
+    assert estimate("prefill_image_64", cfg, probed) == pytest.approx(2.0 * 32 * (1 + (146 * 32 / COMPILE_NODES) ** 2))
+    assert estimate("vision", cfg, probed) / (1.5 * 63) == pytest.approx(1 + (266 * 63 / COMPILE_NODES) ** 2)
+    assert 2.5 < estimate("vision", cfg, probed) / (1.5 * 63) < 3.2
