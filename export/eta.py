@@ -14,7 +14,7 @@ The two phases have nothing in common to count, so each is estimated from its ow
   compile grows faster than the graph there (24 s with 16 layers, 278 s with its 63), which no short probe
   shows. Once graphs are traced, a family already seen is its mean, and one not yet seen is its estimate
   scaled by how long the traced graphs took against theirs (the machine's load now), and by the graph
-  being traced once it runs over its own.
+  being traced once it runs over its own (it then shows a tenth of its time so far as left, not 0:00).
 Both count down while the tensor or graph at hand is worked on (a tensor of the 19B takes up to 25 s: its
 lm_head). Run3 of issue 33 (graphs traced first, no graph probe) showed no ETA for 8 minutes and then
 2-2.7x too much, from a weights probe read under load; hence the weights first and the graph probe.
@@ -30,6 +30,7 @@ PROBE_LAYERS = 4    # the layers of a probe trace (a 19B graph has 32, its visio
 # 278 s against 98 s at its 4-layer probe's time per layer (1.56 s), 2.8x = 1 + (16802 / 12500)^2; its 16-layer
 # graph (4347 nodes) 23.7 s, 1.0x (Intel Xeon, AVX-512, unloaded)
 COMPILE_NODES = 12500
+OVERRUN_LEFT = 0.1  # a graph past its estimate is taken to be a tenth of its time so far from its end
 
 
 def probe_weights(source, specs, convert) -> tuple[int, float]:
@@ -129,8 +130,8 @@ class ExportEta:
             load = took / estimated
         left = [sum(seen[family(name)]) / len(seen[family(name)]) if family(name) in seen else load * estimate
                 for name, estimate in self.graphs[len(traced):]]
-        if left and current is not None:   # the graph being traced: what is left of it
-            left[0] -= min(current, left[0])
+        if left and current is not None:   # the graph being traced: what is left of it, never nothing while it runs
+            left[0] = max(left[0] - current, OVERRUN_LEFT * current)
         return sum(left)
 
     def __call__(self, progress) -> float:
