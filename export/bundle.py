@@ -41,7 +41,7 @@ from .hf_checkpoint import Checkpoint, random_tensor
 from .tp import check_tp, shard_index
 from . import trace as trace_module
 from .eta import BYTES, GRAPH, ExportEta, estimate, probe_graphs, probe_weights
-from .trace import KERNELS_SUFFIX, Plan, trace_graph, trace_rank
+from .trace import KERNELS_SUFFIX, Plan, prepare_tracing, trace_graph, trace_rank
 
 SHARD_BYTES = 256 << 20  # weight files are cut at 256 MiB: bounds the memory of export and of loading
 FORMATS = ("mindir", "onnx", "lite")
@@ -346,6 +346,7 @@ def plan_progress(plan: Plan, source: Source, quantizer, staging: Path, enabled:
         return Progress(False, eta=ExportEta([(g, 0.0) for g in graphs], weight_bytes, (1, 1.0)))
     probed = probe_weights(source, specs, lambda spec, full: sum(1 for _ in rank_tensors(spec, full, plan.tp,
                                                                                        plan.dtype, quantizer)))
+    prepare_tracing()
     probed_graphs = probe_graphs(plan, trace_graph, staging / "probe")
     shutil.rmtree(staging / "probe")
     estimates = [(g, estimate(g, plan.cfg, probed_graphs)) for g in graphs]

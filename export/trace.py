@@ -74,11 +74,16 @@ def example_inputs(graph, dtype: str, tp: int) -> list:
     return [ms.Tensor(shape=shape, dtype=dt, init=Zero()) for shape, dt in data + weights]
 
 
+def prepare_tracing():
+    """MindSpore set up to trace this process's graphs: the CPU device, graph mode, CALL_DEPTH."""
+    use_device()
+    ms.set_recursion_limit(CALL_DEPTH)
+
+
 def trace_rank(plan: Plan, out_dir: Path, progress: Progress | None = None):
     """Write `<name>.mindir` and/or `<name>.onnx` (plan.formats) for every graph of the plan into out_dir,
     each graph a phase of `progress` ("graph 2/6: prefill_image_256")."""
-    use_device()
-    ms.set_recursion_limit(CALL_DEPTH)
+    prepare_tracing()
     out_dir.mkdir(parents=True, exist_ok=True)
     forms = plan.forms()
     progress = progress or Progress(enabled=False)
