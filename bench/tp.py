@@ -5,9 +5,8 @@ A tp > 1 bundle runs under msrun (this command relaunches itself, `--cluster` ac
 `serve` do), so tp 1 and tp 2 are measured on the same terms: the scheduler's plans, the runner's graph calls.
 A step's time splits into
 - the graph calls (Engine.timings.graph_s): the compute, and for tp > 1 the collectives inside the graphs
-  (the all-reduce after each attention and MLP). They cannot be timed apart from inside a graph; the graph
-  time beyond tp 1's divided by tp (`graph_excess_s`) bounds what the split costs: collectives and per-rank
-  overheads;
+  (the all-reduce after each attention and MLP). They cannot be timed apart from inside a graph: compare
+  the graph time with a tp-1 run's on the same machine, whose excess bounds what the split costs;
 - rank 0's plan broadcast (runtime/tp_channel.py; Engine.timings.plan_broadcast_s);
 - the host: scheduling, sampling, the KV-cache bookkeeping (the rest).
 Each figure is the median over --reps, after --warmup untimed runs (a graph's first call compiles it).
