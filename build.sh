@@ -52,8 +52,10 @@ setup_kernels() {
        g++ "${flags[@]}" -DQMM_AVX512 "${avx512[@]}" -c kernels/qmatmul_isa.cpp -o kernels/build/avx512.o &&
        g++ "${flags[@]}" -DQMM_AVX512VNNI "${avx512[@]}" -mavx512vnni -c kernels/qmatmul_isa.cpp -o kernels/build/avx512vnni.o &&
        g++ "${flags[@]}" -DQMM_AMX "${avx512[@]}" -mavx512vnni -mamx-tile -mamx-int8 -c kernels/qmatmul_isa.cpp -o kernels/build/amx.o &&
+       g++ "${flags[@]}" -DQMM_AVX2 "${avx2[@]}" -c kernels/attention_isa.cpp -o kernels/build/attention_avx2.o &&
+       g++ "${flags[@]}" -DQMM_AVX512 "${avx512[@]}" -c kernels/attention_isa.cpp -o kernels/build/attention_avx512.o &&
        g++ "${flags[@]}" -I"$include" -c kernels/ops.cpp -o kernels/build/ops.o &&
-       g++ -shared -o "$KERNELS_LIB" kernels/build/{avx2,avxvnni,avx512,avx512vnni,amx,ops}.o -lpthread; } \
+       g++ -shared -o "$KERNELS_LIB" kernels/build/{avx2,avxvnni,avx512,avx512vnni,amx,attention_avx2,attention_avx512,ops}.o -lpthread; } \
             > kernels/build/build.log 2>&1; then
         touch "$stamp"
     else

@@ -3,6 +3,8 @@
 //
 //   MatMulW4A8(x fp32 [.., K], codes uint8 [N, K/2], scales fp32 [N, K/32]) -> y fp32 [.., N]
 //   MatMulW8A8(x fp32 [.., K], smooth fp32 [K], weight int8 [K, N], scale fp32 [N]) -> y fp32 [.., N]
+//   Attention(q [B, H, G*S, D], k0, v0 [B, H, T0, D], bias0?, k1?, v1? [B, H, T1, D], bias1?; scale, groups = G)
+//             -> o fp32 [B, H, G*S, D]   (attention.h; a bias broadcasts to [B, H, G, S, T] as numpy does)
 //
 // The weights are the graph's inputs as bound (the memory-mapped bundle): read in place by every graph.
 // Rows are quantized qmm::ROWS at a time, then the column strips of each chunk are spread over
@@ -14,12 +16,14 @@
 #undef ORT_API_MANUAL_INIT
 
 #include <algorithm>
+#include <memory>
 #include <cstdlib>
 #include <mutex>
 #include <stdexcept>
 #include <string>
 #include <vector>
 
+#include "attention.h"
 #include "qmatmul.h"
 
 namespace {
@@ -182,6 +186,107 @@ struct Op : Ort::CustomOpBase<Op<W4A8>, Kernel, true> {
 Op<true> w4a8_op;
 Op<false> w8a8_op;
 
+// the attention kernels of the vector width the quantized kernels use
+const qmm::AttentionIsa& attention_isa(const qmm::Isa& isa) {
+    const std::string name = isa.name;
+    return name == "avx2" || name == "avxvnni" ? qmm::attention_avx2 : qmm::attention_avx512;
+}
+
+struct AttentionKernel {
+    const qmm::AttentionIsa* isa;
+    float scale;
+    int64_t groups;
+
+    // bias [.., T] -> its element strides over [B, H, G, S, T] (right-aligned, 0 where it broadcasts)
+    static void bias_strides(const std::vector<int64_t>& shape, const int64_t (&dims)[5], int64_t (&out)[5]) {
+        if (shape.size() > 5) throw std::invalid_argument("Attention: a bias has more than 5 dimensions");
+        int64_t stride = 1;
+        for (int i = 4, j = static_cast<int>(shape.size()) - 1; i >= 0; i--, j--) {
+            const int64_t n = j >= 0 ? shape[j] : 1;
+            if (n != 1 && n != dims[i])
+                throw std::invalid_argument("Attention: a bias does not broadcast to [B, H, G, S, T]");
+            out[i] = n == 1 ? 0 : stride;
+            stride *= n;
+        }
+    }
+
+    void compute(OrtKernelContext* context) {
+        Ort::KernelContext ctx(context);
+        const Ort::ConstValue q = ctx.GetInput(0);
+        const std::vector<int64_t> qs = shape_of(q);
+        if (qs.size() != 4 || groups < 1 || qs[2] % groups)
+            throw std::invalid_argument("Attention: q must be [B, H, G*S, D] with G = groups");
+        qmm::Attention a{};
+        a.q = q.GetTensorData<float>();
+        a.b = static_cast<int>(qs[0]), a.h = static_cast<int>(qs[1]), a.g = static_cast<int>(groups);
+        a.s = static_cast<int>(qs[2] / groups), a.d = static_cast<int>(qs[3]);
+        a.scale = scale;
+        const size_t inputs = ctx.GetInputCount();
+        for (int i = 0; i < 2; i++) {
+            const size_t first = 1 + 3 * i;
+            if (first >= inputs || ctx.GetInput(first) == nullptr) break;
+            const Ort::ConstValue k = ctx.GetInput(first), v = ctx.GetInput(first + 1);
+            if (v == nullptr) throw std::invalid_argument("Attention: a source has keys but no values");
+            const std::vector<int64_t> ks = shape_of(k);
+            if (ks.size() != 4 || ks[0] != qs[0] || ks[1] != qs[1] || ks[3] != qs[3] || shape_of(v) != ks)
+                throw std::invalid_argument("Attention: k and v must be [B, H, T, D] for q [B, H, G*S, D]");
+            qmm::AttentionSource& src = a.src[a.sources++];
+            src.k = k.GetTensorData<float>();
+            src.v = v.GetTensorData<float>();
+            src.t = static_cast<int>(ks[2]);
+            const Ort::ConstValue bias = first + 2 < inputs ? ctx.GetInput(first + 2) : Ort::ConstValue{nullptr};
+            if (bias != nullptr) {
+                const int64_t dims[5] = {qs[0], qs[1], groups, qs[2] / groups, ks[2]};
+                bias_strides(shape_of(bias), dims, src.bias_strides);
+                src.bias = bias.GetTensorData<float>();
+            }
+        }
+        if (a.sources == 0) throw std::invalid_argument("Attention: no keys");
+        float* o = ctx.GetOutput(0, qs).GetTensorMutableData<float>();
+        a.o = o;
+        std::unique_ptr<float[]> kt(new float[a.kt_floats()]);
+        a.kt = kt.get();
+        auto pack = [&](size_t task) { isa->pack(a, static_cast<int>(task)); };
+        parallel(ctx, a.pack_tasks(), pack);
+        auto attend = [&](size_t task) { isa->attend(a, static_cast<int>(task)); };
+        parallel(ctx, a.attend_tasks(), attend);
+    }
+
+    OrtStatusPtr ComputeV2(OrtKernelContext* context) {
+        try {
+            compute(context);
+            return nullptr;
+        } catch (const std::exception& e) {
+            return Ort::GetApi().CreateStatus(ORT_INVALID_ARGUMENT, e.what());
+        }
+    }
+};
+
+struct AttentionOp : Ort::CustomOpBase<AttentionOp, AttentionKernel, true> {
+    OrtStatusPtr CreateKernelV2(const OrtApi& api, const OrtKernelInfo* info, void** kernel) const {
+        std::string why;
+        const qmm::Isa* isa = choose_isa(why);
+        if (!isa) return api.CreateStatus(ORT_FAIL, why.c_str());
+        try {
+            const Ort::ConstKernelInfo ki(info);
+            *kernel = new AttentionKernel{&attention_isa(*isa), ki.GetAttribute<float>("scale"), ki.GetAttribute<int64_t>("groups")};
+        } catch (const std::exception& e) {
+            return api.CreateStatus(ORT_INVALID_ARGUMENT, e.what());
+        }
+        return nullptr;
+    }
+    const char* GetName() const { return "Attention"; }
+    size_t GetInputTypeCount() const { return 7; }
+    ONNXTensorElementDataType GetInputType(size_t) const { return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT; }
+    OrtCustomOpInputOutputCharacteristic GetInputCharacteristic(size_t i) const {
+        return i < 3 ? INPUT_OUTPUT_REQUIRED : INPUT_OUTPUT_OPTIONAL;
+    }
+    size_t GetOutputTypeCount() const { return 1; }
+    ONNXTensorElementDataType GetOutputType(size_t) const { return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT; }
+};
+
+AttentionOp attention_op;
+
 }  // namespace
 
 extern "C" {
@@ -220,7 +325,8 @@ __attribute__((visibility("default"))) OrtStatus* ORT_API_CALL RegisterCustomOps
     std::call_once(once, [&] {
         if ((status = api->CreateCustomOpDomain("com.cogvlm2", &domain))) return;
         if ((status = api->CustomOpDomain_Add(domain, &w4a8_op))) return;
-        status = api->CustomOpDomain_Add(domain, &w8a8_op);
+        if ((status = api->CustomOpDomain_Add(domain, &w8a8_op))) return;
+        status = api->CustomOpDomain_Add(domain, &attention_op);
     });
     return status ? status : api->AddCustomOpDomain(options, domain);
 }

@@ -9,140 +9,17 @@
 //   w8a8  unsigned: the weights + 64 (the form keeps them in [-63, 63]), signed: the activations; the
 //         +64 is the activations' sum times -64, added at the end. The [K, N] weight is read 4 rows
 //         at a time and interleaved in registers so that each int32 lane holds one column's 4 products.
-#include <immintrin.h>
-
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
 
 #include "qmatmul.h"
-
-#if defined(QMM_AVX512) || defined(QMM_AVX512VNNI) || defined(QMM_AMX)
-#define QMM_512 1
-#endif
-#if defined(QMM_AVXVNNI) || defined(QMM_AVX512VNNI) || defined(QMM_AMX)
-#define QMM_VNNI 1
-#endif
-
-#if defined(QMM_AVX2)
-#define QMM_ISA avx2
-#define QMM_NS impl_avx2
-#define QMM_NAME "avx2"
-#elif defined(QMM_AVXVNNI)
-#define QMM_ISA avxvnni
-#define QMM_NS impl_avxvnni
-#define QMM_NAME "avxvnni"
-#elif defined(QMM_AVX512)
-#define QMM_ISA avx512
-#define QMM_NS impl_avx512
-#define QMM_NAME "avx512"
-#elif defined(QMM_AVX512VNNI)
-#define QMM_ISA avx512vnni
-#define QMM_NS impl_avx512vnni
-#define QMM_NAME "avx512vnni"
-#elif defined(QMM_AMX)   // avx512vnni, with AMX tiles for w8a8's many-row products
-#define QMM_ISA amx
-#define QMM_NS impl_amx
-#define QMM_NAME "amx"
-#include <sys/syscall.h>
-#include <unistd.h>
-#else
-#error "define one of QMM_AVX2, QMM_AVXVNNI, QMM_AVX512, QMM_AVX512VNNI, QMM_AMX"
-#endif
+#include "simd.h"
 
 namespace qmm {
 namespace QMM_NS {
 namespace {
-
-const float INV127 = static_cast<float>(1.0 / 127.0);   // the graphs' `* (1 / 127)`, a float32 constant
-
-#ifdef QMM_512
-using VI = __m512i;
-using VF = __m512;
-constexpr int W = 64;
-inline VI load(const void* p) { return _mm512_loadu_si512(p); }
-inline VI load_bytes(const void* p, int n) {   // the first n < W bytes, zeros after
-    return _mm512_maskz_loadu_epi8(n >= W ? ~0ULL : ((1ULL << n) - 1), p);
-}
-inline VI load_blocks(const void* p, int r) {  // r of the W/16 blocks of 16 bytes
-    return r == W / 16 ? load(p) : _mm512_maskz_loadu_epi32(static_cast<__mmask16>((1u << (4 * r)) - 1), p);
-}
-inline VF block_scales(const float* p, int r) {  // r block scales, each repeated over its 4 lanes
-    const __m128 s = r == 4 ? _mm_loadu_ps(p) : _mm_maskz_loadu_ps(static_cast<__mmask8>((1u << r) - 1), p);
-    const __m512i idx = _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0);
-    return _mm512_permutexvar_ps(idx, _mm512_castps128_ps512(s));
-}
-inline void store(void* p, VI v) { _mm512_storeu_si512(p, v); }
-inline VI set1_8(char v) { return _mm512_set1_epi8(v); }
-inline VI set1_32(int32_t v) { return _mm512_set1_epi32(v); }
-inline VI add8(VI a, VI b) { return _mm512_add_epi8(a, b); }
-inline VI and_(VI a, VI b) { return _mm512_and_si512(a, b); }
-inline VI high_nibbles(VI a) { return _mm512_and_si512(_mm512_srli_epi16(a, 4), _mm512_set1_epi8(0x0F)); }
-inline VI unpacklo8(VI a, VI b) { return _mm512_unpacklo_epi8(a, b); }
-inline VI unpackhi8(VI a, VI b) { return _mm512_unpackhi_epi8(a, b); }
-inline VI unpacklo16(VI a, VI b) { return _mm512_unpacklo_epi16(a, b); }
-inline VI unpackhi16(VI a, VI b) { return _mm512_unpackhi_epi16(a, b); }
-inline VI dot(VI acc, VI u, VI s) {
-#ifdef QMM_VNNI
-    return _mm512_dpbusd_epi32(acc, u, s);
-#else
-    return _mm512_add_epi32(acc, _mm512_madd_epi16(_mm512_maddubs_epi16(u, s), _mm512_set1_epi16(1)));
-#endif
-}
-inline VF fzero() { return _mm512_setzero_ps(); }
-inline VF loadf(const float* p) { return _mm512_loadu_ps(p); }
-inline VF cvt(VI a) { return _mm512_cvtepi32_ps(a); }
-inline VF mul(VF a, VF b) { return _mm512_mul_ps(a, b); }
-inline VF fma(VF a, VF b, VF c) { return _mm512_fmadd_ps(a, b, c); }
-inline float hsum(VF v) { return _mm512_reduce_add_ps(v); }
-#else
-using VI = __m256i;
-using VF = __m256;
-constexpr int W = 32;
-inline VI load(const void* p) { return _mm256_loadu_si256(static_cast<const __m256i*>(p)); }
-inline VI load_bytes(const void* p, int n) {
-    if (n >= W) return load(p);
-    alignas(32) uint8_t tmp[W] = {};
-    std::memcpy(tmp, p, n);
-    return load(tmp);
-}
-inline VI load_blocks(const void* p, int r) {
-    return r == 2 ? load(p) : _mm256_zextsi128_si256(_mm_loadu_si128(static_cast<const __m128i*>(p)));
-}
-inline VF block_scales(const float* p, int r) {
-    return _mm256_set_m128(r == 2 ? _mm_set1_ps(p[1]) : _mm_setzero_ps(), _mm_set1_ps(p[0]));
-}
-inline void store(void* p, VI v) { _mm256_storeu_si256(static_cast<__m256i*>(p), v); }
-inline VI set1_8(char v) { return _mm256_set1_epi8(v); }
-inline VI set1_32(int32_t v) { return _mm256_set1_epi32(v); }
-inline VI add8(VI a, VI b) { return _mm256_add_epi8(a, b); }
-inline VI and_(VI a, VI b) { return _mm256_and_si256(a, b); }
-inline VI high_nibbles(VI a) { return _mm256_and_si256(_mm256_srli_epi16(a, 4), _mm256_set1_epi8(0x0F)); }
-inline VI unpacklo8(VI a, VI b) { return _mm256_unpacklo_epi8(a, b); }
-inline VI unpackhi8(VI a, VI b) { return _mm256_unpackhi_epi8(a, b); }
-inline VI unpacklo16(VI a, VI b) { return _mm256_unpacklo_epi16(a, b); }
-inline VI unpackhi16(VI a, VI b) { return _mm256_unpackhi_epi16(a, b); }
-inline VI dot(VI acc, VI u, VI s) {
-#ifdef QMM_VNNI
-    return _mm256_dpbusd_avx_epi32(acc, u, s);
-#else
-    return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1)));
-#endif
-}
-inline VF fzero() { return _mm256_setzero_ps(); }
-inline VF loadf(const float* p) { return _mm256_loadu_ps(p); }
-inline VF cvt(VI a) { return _mm256_cvtepi32_ps(a); }
-inline VF mul(VF a, VF b) { return _mm256_mul_ps(a, b); }
-inline VF fma(VF a, VF b, VF c) { return _mm256_fmadd_ps(a, b, c); }
-inline float hsum(VF v) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
-}
-#endif
-
 constexpr int G = W / 16;      // int4 blocks per vector (16 bytes of codes each)
-constexpr int LANES = W / 4;   // int32 / fp32 lanes per vector
 
 inline bool cpu_has() {
     __builtin_cpu_init();
@@ -223,7 +100,6 @@ inline VI quantize_vector(VF v, VF step) { return round_clamp(_mm512_div_ps(v, s
 inline void store_codes(int8_t* p, VI q) { _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm512_cvtepi32_epi8(q)); }
 inline int hsum_i(VI v) { return _mm512_reduce_add_epi32(v); }
 inline VI add32(VI a, VI b) { return _mm512_add_epi32(a, b); }
-inline VF set1f(float v) { return _mm512_set1_ps(v); }
 #else
 inline __m256i round_clamp(__m256 v) {
     const __m256 r = _mm256_floor_ps(_mm256_add_ps(v, _mm256_set1_ps(0.5f)));
@@ -231,12 +107,6 @@ inline __m256i round_clamp(__m256 v) {
 }
 
 inline __m256 absf(__m256 v) { return _mm256_andnot_ps(_mm256_set1_ps(-0.0f), v); }
-
-inline float hmax(__m256 v) {
-    __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    m = _mm_max_ps(m, _mm_movehl_ps(m, m));
-    return _mm_cvtss_f32(_mm_max_ss(m, _mm_movehdup_ps(m)));
-}
 
 inline int hsum_i(__m256i v) {
     __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
@@ -247,7 +117,7 @@ inline int hsum_i(__m256i v) {
 inline int quantize_block(const float* x, int8_t* even, int8_t* odd, float* amax) {
     __m256 v[4];
     for (int i = 0; i < 4; i++) v[i] = _mm256_loadu_ps(x + 8 * i);
-    *amax = hmax(_mm256_max_ps(_mm256_max_ps(absf(v[0]), absf(v[1])), _mm256_max_ps(absf(v[2]), absf(v[3]))));
+    *amax = hmaxf(_mm256_max_ps(_mm256_max_ps(absf(v[0]), absf(v[1])), _mm256_max_ps(absf(v[2]), absf(v[3]))));
     const __m256 inv = _mm256_set1_ps(127.0f / fmax_(*amax, 1e-30f));
     __m256i q[4];
     for (int i = 0; i < 4; i++) q[i] = round_clamp(_mm256_mul_ps(v[i], inv));
@@ -264,7 +134,7 @@ inline int quantize_block(const float* x, int8_t* even, int8_t* odd, float* amax
 
 constexpr int FLANES = 8;
 inline VF mulf(const float* a, const float* b) { return _mm256_mul_ps(_mm256_loadu_ps(a), _mm256_loadu_ps(b)); }
-inline float hmax_abs(VF m) { return hmax(m); }
+inline float hmax_abs(VF m) { return hmaxf(m); }
 inline VF max_abs(VF m, VF v) { return _mm256_max_ps(m, absf(v)); }
 inline VI quantize_vector(VF v, VF step) { return round_clamp(_mm256_div_ps(v, step)); }   // 8 int32
 inline void store_codes(int8_t* p, VI q) {
@@ -273,7 +143,6 @@ inline void store_codes(int8_t* p, VI q) {
                      _mm256_castsi256_si128(_mm256_permutevar8x32_epi32(b, _mm256_setr_epi32(0, 4, 0, 0, 0, 0, 0, 0))));
 }
 inline VI add32(VI a, VI b) { return _mm256_add_epi32(a, b); }
-inline VF set1f(float v) { return _mm256_set1_ps(v); }
 #endif
 
 #ifdef QMM_AMX
@@ -319,7 +188,10 @@ int tasks_w4a8(int n, int k, int rows) {
     return (n + per - 1) / per;
 }
 
-constexpr int W4A8_PREFETCH = 1024;   // bytes of codes ahead of the reads (their scales: a quarter as far)
+#ifndef QMM_PF
+#define QMM_PF 1024
+#endif
+constexpr int W4A8_PREFETCH = QMM_PF;   // bytes of codes ahead of the reads (their scales: a quarter as far)
 
 // y[m, n0 + i] for NR weight rows and MR activation rows from m0
 template <int NR, int MR>

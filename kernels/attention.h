@@ -1,0 +1,74 @@
+// Fused attention in fp32 (flash attention on the CPU): the graphs' layers.attention and cached_attention in one
+// kernel, so that the scores never leave a block of KEY_BLOCK keys and no [rows, keys] tensor is written.
+//
+//   o[b, h, r, :] = sum_j softmax_j(scale * q[b, h, r, :] . k_j + bias_j) v_j
+//
+// q [B, H, R, D] with R = G * S query rows per key head (grouped query heads: row r = g * S + s). The keys j run
+// over source 0's T0 keys, then source 1's T1 (cached_attention: the KV cache, then the chunk's own keys), each
+// source k, v [B, H, T, D] with an optional additive bias broadcast to [B, H, G, S, T] (its element strides, 0
+// on broadcast axes). Each row's softmax is the graphs' (max subtracted, in fp32), kept online across key
+// blocks (running max and sum, Milakov & Gimelshein 2018; Dao et al. 2022): sums in another order, so results
+// agree with the unfused graph to float rounding, not bit for bit.
+//
+// The caller runs `pack_tasks` pack tasks (K transposed per block of keys into `kt`, for the score products'
+// vectors), then `attend_tasks` attend tasks (a tile of query rows of one head over every key), each set spread
+// over threads. Buffers are the caller's (ops.cpp).
+#pragma once
+#include <cstddef>
+#include <cstdint>
+
+namespace qmm {
+
+constexpr int KEY_BLOCK = 64;   // keys per block: a block's scores for a tile of rows stay in L1
+constexpr int QUERY_TILE = 64;  // query rows per attend task
+// A key whose bias is at most this (the graphs' NEG_INF is -1e9: the KV cache's empty slots) has e^(score + bias
+// - max) = 0 in fp32 for any score below 1e7: a block of such keys, for every query row, is skipped, and not
+// packed. Only biases constant over the query rows (per key: the cache's) are looked at.
+constexpr float MASKED = -1e8f;
+
+struct AttentionSource {
+    const float* k;
+    const float* v;
+    int t;                        // keys
+    const float* bias;            // nullptr: none
+    int64_t bias_strides[5];      // over [B, H, G, S, T], in elements
+};
+
+struct Attention {
+    const float* q;
+    float* o;                     // [B, H, R, D]
+    int b, h, g, s, d;
+    float scale;
+    AttentionSource src[2];
+    int sources;                  // 1 or 2
+    float* kt;                    // kt_floats() floats
+
+    int blocks(int i) const { return (src[i].t + KEY_BLOCK - 1) / KEY_BLOCK; }
+    size_t kt_offset(int i) const {   // source i's packed K^T: [B, H, blocks, D, KEY_BLOCK], after those before it
+        size_t n = 0;
+        for (int j = 0; j < i; j++) n += static_cast<size_t>(b) * h * blocks(j) * d * KEY_BLOCK;
+        return n;
+    }
+    size_t kt_floats() const { return kt_offset(sources); }
+    // whether source i's block of keys [j0, j0 + n) is masked for every query row of batch row bi
+    bool masked(int i, int bi, int j0, int n) const {
+        const AttentionSource& x = src[i];
+        if (!x.bias || x.bias_strides[2] || x.bias_strides[3] || !x.bias_strides[4]) return false;
+        const float* bias = x.bias + bi * x.bias_strides[0] + j0 * x.bias_strides[4];
+        for (int j = 0; j < n; j++)
+            if (bias[j * x.bias_strides[4]] > MASKED) return false;
+        return true;
+    }
+    int pack_tasks() const { return sources * b * h; }
+    int attend_tasks() const { return b * h * ((g * s + QUERY_TILE - 1) / QUERY_TILE); }
+};
+
+struct AttentionIsa {
+    const char* name;
+    void (*pack)(const Attention& a, int task);
+    void (*attend)(const Attention& a, int task);
+};
+
+extern const AttentionIsa attention_avx2, attention_avx512;
+
+}  // namespace qmm

@@ -1,0 +1,169 @@
+// The fused attention of attention.h for one instruction set: compiled with QMM_AVX2 and with QMM_AVX512
+// (build.sh); ops.cpp takes the AVX-512 copy wherever the quantized kernels run an AVX-512 set.
+//
+// Per attend task (one head, a tile of QUERY_TILE query rows), per block of KEY_BLOCK keys not masked:
+//   scores  S[r, j] = q_r . k_j: MR rows by NV vectors of keys at a time, broadcasting q and reading the
+//           block's packed K^T [D, KEY_BLOCK] a vector of keys at a time (the packing makes them contiguous);
+//   softmax S * scale + bias, the row's running max and sum updated, P = e^(S - max), O rescaled when the max grew;
+//   values  O[r, :] += P[r, j] v_j: MR rows by NV vectors of the head's dimensions, broadcasting P.
+#include <cmath>
+#include <vector>
+
+#include "attention.h"
+#include "simd.h"
+
+namespace qmm {
+namespace QMM_NS {
+namespace {
+
+constexpr int MR = 4;                               // query rows per register tile
+constexpr int NV = W == 64 ? 4 : 2;                 // vectors per register tile (AVX2 has 16 registers)
+constexpr int KV_VECTORS = KEY_BLOCK / LANES;       // vectors of keys per block
+
+void pack(const Attention& a, int task) {
+    const int i = task / (a.b * a.h), bh = task % (a.b * a.h), d = a.d, t = a.src[i].t, nb = a.blocks(i);
+    const float* k = a.src[i].k + static_cast<size_t>(bh) * t * d;
+    float* kt = a.kt + a.kt_offset(i) + static_cast<size_t>(bh) * nb * d * KEY_BLOCK;
+    for (int blk = 0; blk < nb; blk++) {
+        float* out = kt + static_cast<size_t>(blk) * d * KEY_BLOCK;
+        const int j0 = blk * KEY_BLOCK, n = t - j0 < KEY_BLOCK ? t - j0 : KEY_BLOCK;
+        if (a.masked(i, bh / a.h, j0, n)) continue;
+        for (int j = 0; j < KEY_BLOCK; j++) {
+            const float* kj = k + static_cast<size_t>(j0 + j) * d;
+            for (int c = 0; c < d; c++) out[c * KEY_BLOCK + j] = j < n ? kj[c] : 0.0f;
+        }
+    }
+}
+
+// S[i, :] = q[i, :] . K^T block for rows [i0, i0 + MR), every key of the block
+inline void scores(const float* q, const float* kt, int d, float* s, int i0) {
+    for (int v0 = 0; v0 < KV_VECTORS; v0 += NV) {
+        VF acc[MR][NV];
+        for (int r = 0; r < MR; r++)
+            for (int v = 0; v < NV; v++) acc[r][v] = fzero();
+        for (int c = 0; c < d; c++) {
+            VF kv[NV];
+            for (int v = 0; v < NV; v++) kv[v] = loadf(kt + c * KEY_BLOCK + (v0 + v) * LANES);
+            for (int r = 0; r < MR; r++) {
+                const VF x = set1f(q[(i0 + r) * d + c]);
+                for (int v = 0; v < NV; v++) acc[r][v] = fma(x, kv[v], acc[r][v]);
+            }
+        }
+        for (int r = 0; r < MR; r++)
+            for (int v = 0; v < NV; v++) storef(s + (i0 + r) * KEY_BLOCK + (v0 + v) * LANES, acc[r][v]);
+    }
+}
+
+// O[i, :] += P[i, j] v_j over the block's n keys, rows [i0, i0 + MR)
+inline void values(const float* p, const float* v, int n, int d, float* o, int i0) {
+    for (int c0 = 0; c0 < d; c0 += NV * LANES) {
+        int width[NV];
+        for (int u = 0; u < NV; u++) {
+            const int left = d - c0 - u * LANES;
+            width[u] = left < 0 ? 0 : left > LANES ? LANES : left;
+        }
+        VF acc[MR][NV];
+        for (int r = 0; r < MR; r++)
+            for (int u = 0; u < NV; u++) acc[r][u] = loadf_n(o + (i0 + r) * d + c0 + u * LANES, width[u]);
+        for (int j = 0; j < n; j++) {
+            VF vv[NV];
+            for (int u = 0; u < NV; u++) vv[u] = loadf_n(v + static_cast<size_t>(j) * d + c0 + u * LANES, width[u]);
+            for (int r = 0; r < MR; r++) {
+                const VF x = set1f(p[(i0 + r) * KEY_BLOCK + j]);
+                for (int u = 0; u < NV; u++) acc[r][u] = fma(x, vv[u], acc[r][u]);
+            }
+        }
+        for (int r = 0; r < MR; r++)
+            for (int u = 0; u < NV; u++) storef_n(o + (i0 + r) * d + c0 + u * LANES, acc[r][u], width[u]);
+    }
+}
+
+struct Tile {   // one attend task's rows: their queries, outputs, scores, running max and sum
+    std::vector<float> q, o, s, max, sum;
+    void prepare(int d) {
+        q.assign(QUERY_TILE * d, 0.0f);
+        o.assign(QUERY_TILE * d, 0.0f);
+        s.resize(QUERY_TILE * KEY_BLOCK);
+        max.assign(QUERY_TILE, -INFINITY);
+        sum.assign(QUERY_TILE, 0.0f);
+    }
+};
+
+void attend(const Attention& a, int task) {
+    thread_local Tile tile;
+    const int d = a.d, rows_all = a.g * a.s, tiles = (rows_all + QUERY_TILE - 1) / QUERY_TILE;
+    const int bh = task / tiles, r0 = task % tiles * QUERY_TILE, bi = bh / a.h, hi = bh % a.h;
+    const int rows = rows_all - r0 < QUERY_TILE ? rows_all - r0 : QUERY_TILE, padded = (rows + MR - 1) / MR * MR;
+    tile.prepare(d);
+    const float* q = a.q + (static_cast<size_t>(bh) * rows_all + r0) * d;
+    for (int i = 0; i < rows * d; i++) tile.q[i] = q[i];
+    const VF scale = set1f(a.scale);
+    for (int si = 0; si < a.sources; si++) {
+        const AttentionSource& src = a.src[si];
+        const float* kt = a.kt + a.kt_offset(si) + static_cast<size_t>(bh) * a.blocks(si) * d * KEY_BLOCK;
+        const float* v = src.v + static_cast<size_t>(bh) * src.t * d;
+        const int64_t* st = src.bias_strides;
+        for (int blk = 0; blk < a.blocks(si); blk++) {
+            const int j0 = blk * KEY_BLOCK, n = src.t - j0 < KEY_BLOCK ? src.t - j0 : KEY_BLOCK;
+            if (a.masked(si, bi, j0, n)) continue;
+            for (int i0 = 0; i0 < padded; i0 += MR) scores(tile.q.data(), kt + static_cast<size_t>(blk) * d * KEY_BLOCK, d, tile.s.data(), i0);
+            for (int i = 0; i < rows; i++) {
+                float* s = tile.s.data() + i * KEY_BLOCK;
+                for (int j = 0; j < KEY_BLOCK; j += LANES) storef(s + j, mul(loadf(s + j), scale));
+                if (src.bias) {
+                    const int r = r0 + i;
+                    const float* bias = src.bias + bi * st[0] + hi * st[1] + r / a.s * st[2] + r % a.s * st[3] + j0 * st[4];
+                    for (int j = 0; j < n; j++) s[j] += bias[j * st[4]];
+                }
+                float block_max = -INFINITY;
+                if (n == KEY_BLOCK) {
+                    VF m = set1f(-INFINITY);
+                    for (int j = 0; j < KEY_BLOCK; j += LANES) m = maxf(m, loadf(s + j));
+                    block_max = hmaxf(m);
+                } else {
+                    for (int j = 0; j < n; j++) block_max = s[j] > block_max ? s[j] : block_max;
+                }
+                const float new_max = block_max > tile.max[i] ? block_max : tile.max[i];
+                const float rescale = std::exp(tile.max[i] - new_max);   // 0 on the first block
+                VF total = fzero();
+                const VF mx = set1f(new_max);
+                for (int j = 0; j < KEY_BLOCK; j += LANES) {
+                    VF e = expf_(subf(loadf(s + j), mx));
+                    if (j + LANES > n) {   // keys past the source's end weigh nothing
+                        alignas(64) float tmp[LANES];
+                        storef(tmp, e);
+                        for (int l = (n - j > 0 ? n - j : 0); l < LANES; l++) tmp[l] = 0.0f;
+                        e = loadf(tmp);
+                    }
+                    storef(s + j, e);
+                    total = addf(total, e);
+                }
+                tile.sum[i] = tile.sum[i] * rescale + hsum(total);
+                tile.max[i] = new_max;
+                if (rescale != 1.0f) {
+                    float* o = tile.o.data() + i * d;
+                    for (int c = 0; c < d; c++) o[c] *= rescale;
+                }
+            }
+            for (int i0 = 0; i0 < padded; i0 += MR) values(tile.s.data(), v + static_cast<size_t>(j0) * d, n, d, tile.o.data(), i0);
+        }
+    }
+    float* o = a.o + (static_cast<size_t>(bh) * rows_all + r0) * d;
+    for (int i = 0; i < rows; i++) {
+        const float inv = 1.0f / tile.sum[i];
+        for (int c = 0; c < d; c++) o[i * d + c] = tile.o[i * d + c] * inv;
+    }
+}
+
+}  // namespace
+}  // namespace QMM_NS
+
+#if defined(QMM_AVX2)
+const AttentionIsa attention_avx2 = {"avx2", QMM_NS::pack, QMM_NS::attend};
+#elif defined(QMM_AVX512)
+const AttentionIsa attention_avx512 = {"avx512", QMM_NS::pack, QMM_NS::attend};
+#else
+#error "attention_isa.cpp is compiled with QMM_AVX2 or QMM_AVX512"
+#endif
+
+}  // namespace qmm
