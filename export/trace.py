@@ -119,8 +119,10 @@ def for_onnxruntime(model, graph, plan: Plan, forms: dict, kernels: bool = False
     """The rewrites for onnxruntime of one exported graph, in order, on one loaded copy -> whether any
     changed it: a decode graph's fused kernels (export/onnx_fuse.py), the quantized matmuls
     (export/onnx_quant.py), then w8a8's one-row activation quantization around them and the decode
-    matmuls' row reshapes (onnx_fuse.py). kernels: the quantized matmuls as our own kernels (kernels/)
-    -> whether any matmul became one (the graph's second form, KERNELS_SUFFIX, is worth writing)."""
+    matmuls' row reshapes (onnx_fuse.py). kernels: the quantized matmuls, and the other graphs' attention
+    (export/onnx_attention.py; fp32), as our own kernels (kernels/) -> whether any matmul became one (the
+    graph's second form, KERNELS_SUFFIX, is worth writing)."""
+    from .onnx_attention import fuse_attention
     from .onnx_fuse import drop_row_reshapes, fuse_decode, fuse_int8_activations
     from .onnx_graph import OnnxGraph
     from .onnx_quant import rewrite_quantized_matmuls
@@ -132,6 +134,8 @@ def for_onnxruntime(model, graph, plan: Plan, forms: dict, kernels: bool = False
         changed |= any(fuse_decode(model, (cfg.num_hidden_layers, cfg.num_attention_heads // plan.tp,
                                            cfg.num_multi_query_heads // plan.tp, cfg.head_dim,
                                            graph.cache_len)).values())
+    if kernels and not decode and plan.dtype == "fp32":   # before the custom ops hide shapes from onnx
+        fuse_attention(model)
     if plan.quant:
         counts = rewrite_quantized_matmuls(model, forms, fp32=plan.dtype == "fp32", kernels=kernels)
         changed |= bool(counts)
