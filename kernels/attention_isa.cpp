@@ -35,8 +35,8 @@ void pack(const Attention& a, int task) {
     }
 }
 
-// S[i, :] = q[i, :] . K^T block for rows [i0, i0 + MR), every key of the block
-inline void scores(const float* q, const float* kt, int d, float* s, int i0) {
+// S[i, :] = scale * (q[i, :] . K^T block) for rows [i0, i0 + MR), every key of the block
+inline void scores(const float* q, const float* kt, int d, VF scale, float* s, int i0) {
     for (int v0 = 0; v0 < KV_VECTORS; v0 += NV) {
         VF acc[MR][NV];
         for (int r = 0; r < MR; r++)
@@ -50,7 +50,7 @@ inline void scores(const float* q, const float* kt, int d, float* s, int i0) {
             }
         }
         for (int r = 0; r < MR; r++)
-            for (int v = 0; v < NV; v++) storef(s + (i0 + r) * KEY_BLOCK + (v0 + v) * LANES, acc[r][v]);
+            for (int v = 0; v < NV; v++) storef(s + (i0 + r) * KEY_BLOCK + (v0 + v) * LANES, mul(acc[r][v], scale));
     }
 }
 
@@ -106,10 +106,9 @@ void attend(const Attention& a, int task) {
         for (int blk = 0; blk < a.blocks(si); blk++) {
             const int j0 = blk * KEY_BLOCK, n = src.t - j0 < KEY_BLOCK ? src.t - j0 : KEY_BLOCK;
             if (a.masked(si, bi, j0, n)) continue;
-            for (int i0 = 0; i0 < padded; i0 += MR) scores(tile.q.data(), kt + static_cast<size_t>(blk) * d * KEY_BLOCK, d, tile.s.data(), i0);
+            for (int i0 = 0; i0 < padded; i0 += MR) scores(tile.q.data(), kt + static_cast<size_t>(blk) * d * KEY_BLOCK, d, scale, tile.s.data(), i0);
             for (int i = 0; i < rows; i++) {
                 float* s = tile.s.data() + i * KEY_BLOCK;
-                for (int j = 0; j < KEY_BLOCK; j += LANES) storef(s + j, mul(loadf(s + j), scale));
                 if (src.bias) {
                     const int r = r0 + i;
                     const float* bias = src.bias + bi * st[0] + hi * st[1] + r / a.s * st[2] + r % a.s * st[3] + j0 * st[4];

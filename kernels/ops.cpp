@@ -16,7 +16,6 @@
 #undef ORT_API_MANUAL_INIT
 
 #include <algorithm>
-#include <memory>
 #include <cstdlib>
 #include <mutex>
 #include <stdexcept>
@@ -244,8 +243,9 @@ struct AttentionKernel {
         if (a.sources == 0) throw std::invalid_argument("Attention: no keys");
         float* o = ctx.GetOutput(0, qs).GetTensorMutableData<float>();
         a.o = o;
-        std::unique_ptr<float[]> kt(new float[a.kt_floats()]);
-        a.kt = kt.get();
+        thread_local std::vector<float> kt;   // kept between calls: its pages are faulted in once
+        if (kt.size() < a.kt_floats()) kt.resize(a.kt_floats());
+        a.kt = kt.data();
         auto pack = [&](size_t task) { isa->pack(a, static_cast<int>(task)); };
         parallel(ctx, a.pack_tasks(), pack);
         auto attend = [&](size_t task) { isa->attend(a, static_cast<int>(task)); };
