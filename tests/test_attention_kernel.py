@@ -1,12 +1,14 @@
 """Our fused attention (kernels/attention.h, the custom operator Attention): each vector width against a float64
 numpy reference of softmax(q k^T * scale + bias) v, and the graphs rewritten to use it (export/onnx_attention.py)
-against the graphs as MindSpore exports them. Skipped, saying why, where the library is not built."""
+and onnxruntime's Gelu (export/onnx_gelu.py), as the form with our kernels is, against the graphs as MindSpore
+exports them. Skipped, saying why, where the library is not built."""
 import numpy as np
 import onnx
 import pytest
-from onnx import TensorProto, helper
+from onnx import TensorProto, helper, numpy_helper
 
 from cogvlm2_lite.export.onnx_attention import fuse_attention
+from cogvlm2_lite.export.onnx_gelu import fuse_gelu
 from cogvlm2_lite.graphs.quant import KERNELS_DOMAIN
 from cogvlm2_lite.runtime import kernels
 
@@ -147,22 +149,38 @@ def exported(tmp_path_factory, tiny_cfg):
 @needs_library
 @pytest.mark.parametrize("name", ["vision", "prefill_image_8", "extend_8_32"])
 def test_fused_graphs_compute_what_the_exported_graphs_compute(exported, name, tiny_cfg, tiny_weights):
-    """Every attention of the graph becomes one Attention node (vision: one per block of queries), and the
-    graph's outputs stay within 1e-5 of the unfused graph's (onnxruntime's own ops)."""
+    """Every attention of the graph becomes one Attention node (vision: one per block of queries), every GELU
+    (the vision layers' and the adapter's) one Gelu, and the graph's outputs stay within 1e-5 of the unfused
+    graph's (onnxruntime's own ops)."""
     graph, model = exported[name]
     fused = onnx.ModelProto()
     fused.CopyFrom(model)
-    count = fuse_attention(fused)
+    attentions, gelus = fuse_attention(fused), fuse_gelu(fused)
     onnx.checker.check_model(fused)
-    layers = tiny_cfg.vision.num_hidden_layers if name == "vision" else tiny_cfg.num_hidden_layers
-    blocks = -(-tiny_cfg.vision.num_positions // 7) if name == "vision" else 1
-    assert count == layers * blocks
-    assert not any(n.op_type == "Softmax" for n in fused.graph.node)
+    vision = name == "vision"
+    layers = tiny_cfg.vision.num_hidden_layers if vision else tiny_cfg.num_hidden_layers
+    assert attentions == layers * (-(-tiny_cfg.vision.num_positions // 7) if vision else 1)
+    assert gelus == (layers + 1 if vision else 0)
+    assert not any(n.op_type in ("Softmax", "Clip", "Div") for n in fused.graph.node)
     feed = _graph_inputs(graph, tiny_weights, tiny_cfg.vocab_size, 0)
     want = session(model).run(None, feed)
     got = session(fused).run(None, feed)
     for w, g in zip(want, got):
         assert np.abs(g - w).max() <= 1e-5 * max(np.abs(w).max(), 1.0), name
+
+
+def test_a_gelu_shaped_region_that_is_not_gelu_is_left_alone(exported):
+    """The same ops with one coefficient of erf's numerator changed: the probe values disagree, nothing fused."""
+    model = onnx.ModelProto()
+    model.CopyFrom(exported["vision"][1])
+    changed = 0
+    for t in model.graph.initializer:
+        a = numpy_helper.to_array(t)
+        if a.size == 1 and a.dtype == np.float32 and a.item() == np.float32(-1.60960333262415e-02):
+            t.CopyFrom(numpy_helper.from_array(np.full(a.shape, 0.5, np.float32), t.name))
+            changed += 1
+    assert changed
+    assert fuse_gelu(model) == 0
 
 
 def test_a_graph_without_the_pattern_is_left_alone():
