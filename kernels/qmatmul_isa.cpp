@@ -188,10 +188,7 @@ int tasks_w4a8(int n, int k, int rows) {
     return (n + per - 1) / per;
 }
 
-#ifndef QMM_PF
-#define QMM_PF 1024
-#endif
-constexpr int W4A8_PREFETCH = QMM_PF;   // bytes of codes ahead of the reads (their scales: a quarter as far)
+constexpr int W4A8_PREFETCH = 1024;   // bytes of codes ahead of the reads (their scales: a quarter as far)
 
 // y[m, n0 + i] for NR weight rows and MR activation rows from m0
 template <int NR, int MR>
