@@ -129,11 +129,4 @@ def fuse_attention(model: onnx.ModelProto) -> int:
             inputs.pop()
         fused[out] = helper.make_node("Attention", [q] + inputs, [out], domain=KERNELS_DOMAIN, scale=scale,
                                       groups=groups, name=f"fused_attention_{len(fused)}")
-    if not fused:
-        return 0
-    nodes = [fused.get(n.output[0], n) if len(n.output) == 1 else n for n in G.g.node]
-    del G.g.node[:]
-    G.g.node.extend(nodes)
-    G.prune()
-    G.use_domain(KERNELS_DOMAIN)
-    return len(fused)
+    return G.replace_producers(fused, KERNELS_DOMAIN)

@@ -86,11 +86,4 @@ def fuse_gelu(model: onnx.ModelProto) -> int:
             continue
         fused[last[0].output[0]] = helper.make_node("Gelu", [x], [last[0].output[0]], domain=MS,
                                                     name=f"fused_gelu_{len(fused)}")
-    if not fused:
-        return 0
-    nodes = [fused.get(n.output[0], n) if len(n.output) == 1 else n for n in G.g.node]
-    del G.g.node[:]
-    G.g.node.extend(nodes)
-    G.prune()
-    G.use_domain(MS)
-    return len(fused)
+    return G.replace_producers(fused, MS)

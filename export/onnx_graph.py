@@ -123,6 +123,18 @@ class OnnxGraph:
         g.initializer.extend(keep)
         self.refresh()
 
+    def replace_producers(self, nodes: dict, domain: str) -> int:
+        """Each node of `nodes` ({tensor: node}) takes the place of that tensor's producer; the nodes no graph
+        output needs any more are dropped, and `domain` (the new nodes' operator domain) imported -> how many."""
+        if not nodes:
+            return 0
+        kept = [nodes.get(n.output[0], n) if len(n.output) == 1 else n for n in self.g.node]
+        del self.g.node[:]
+        self.g.node.extend(kept)
+        self.prune()
+        self.use_domain(domain)
+        return len(nodes)
+
     def use_domain(self, domain: str):
         """Import an operator domain (com.microsoft for onnxruntime's contrib ops) once."""
         if not any(o.domain == domain for o in self.model.opset_import):

@@ -95,7 +95,20 @@ void parallel(Ort::KernelContext& ctx, size_t n, F& f) {
 
 constexpr int QUANTIZE_ROWS = 8;   // rows quantized per task (many rows: prefill, vision)
 
-struct Kernel {
+// a kernel's ComputeV2: its compute(), an exception (a bad input's one sentence) as onnxruntime's error status
+template <typename K>
+struct Checked {
+    OrtStatusPtr ComputeV2(OrtKernelContext* context) {
+        try {
+            static_cast<K*>(this)->compute(context);
+            return nullptr;
+        } catch (const std::exception& e) {
+            return Ort::GetApi().CreateStatus(ORT_INVALID_ARGUMENT, e.what());
+        }
+    }
+};
+
+struct Kernel : Checked<Kernel> {
     const qmm::Isa* isa;
     bool w4a8;
 
@@ -152,15 +165,6 @@ struct Kernel {
             parallel(ctx, tasks(ni, ki, rows), multiply);
         }
     }
-
-    OrtStatusPtr ComputeV2(OrtKernelContext* context) {
-        try {
-            compute(context);
-            return nullptr;
-        } catch (const std::exception& e) {
-            return Ort::GetApi().CreateStatus(ORT_INVALID_ARGUMENT, e.what());
-        }
-    }
 };
 
 template <bool W4A8>
@@ -191,7 +195,7 @@ const qmm::AttentionIsa& attention_isa(const qmm::Isa& isa) {
     return name == "avx2" || name == "avxvnni" ? qmm::attention_avx2 : qmm::attention_avx512;
 }
 
-struct AttentionKernel {
+struct AttentionKernel : Checked<AttentionKernel> {
     const qmm::AttentionIsa* isa;
     float scale;
     int64_t groups;
@@ -251,15 +255,6 @@ struct AttentionKernel {
         auto attend = [&](size_t task) { isa->attend(a, static_cast<int>(task)); };
         parallel(ctx, a.attend_tasks(), attend);
     }
-
-    OrtStatusPtr ComputeV2(OrtKernelContext* context) {
-        try {
-            compute(context);
-            return nullptr;
-        } catch (const std::exception& e) {
-            return Ort::GetApi().CreateStatus(ORT_INVALID_ARGUMENT, e.what());
-        }
-    }
 };
 
 struct AttentionOp : Ort::CustomOpBase<AttentionOp, AttentionKernel, true> {
@@ -269,7 +264,7 @@ struct AttentionOp : Ort::CustomOpBase<AttentionOp, AttentionKernel, true> {
         if (!isa) return api.CreateStatus(ORT_FAIL, why.c_str());
         try {
             const Ort::ConstKernelInfo ki(info);
-            *kernel = new AttentionKernel{&attention_isa(*isa), ki.GetAttribute<float>("scale"), ki.GetAttribute<int64_t>("groups")};
+            *kernel = new AttentionKernel{{}, &attention_isa(*isa), ki.GetAttribute<float>("scale"), ki.GetAttribute<int64_t>("groups")};
         } catch (const std::exception& e) {
             return api.CreateStatus(ORT_INVALID_ARGUMENT, e.what());
         }
