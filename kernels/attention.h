@@ -21,9 +21,10 @@ namespace qmm {
 
 constexpr int KEY_BLOCK = 64;   // keys per block: a block's scores for a tile of rows stay in L1
 constexpr int QUERY_TILE = 64;  // query rows per attend task
-// A key whose bias is at most this (the graphs' NEG_INF is -1e9: the KV cache's empty slots) has e^(score + bias
-// - max) = 0 in fp32 for any score below 1e7: a block of such keys, for every query row, is skipped, and not
-// packed. Only biases constant over the query rows (per key: the cache's) are looked at.
+// A key whose bias is at most this (the graphs' NEG_INF is -1e9: the KV cache's empty slots, the causal mask) has
+// e^(score + bias - max) = 0 in fp32 for any score below 1e7: a block of such keys is skipped for a tile of query
+// rows that it masks whole, and not packed when it masks every row. A row whose every block is skipped gets zeros
+// (unfused, the mean of the values): the graphs' masks always leave a row its own key.
 constexpr float MASKED = -1e8f;
 
 struct AttentionSource {
@@ -50,13 +51,17 @@ struct Attention {
         return n;
     }
     size_t kt_floats() const { return kt_offset(sources); }
-    // whether source i's block of keys [j0, j0 + n) is masked for every query row of batch row bi
-    bool masked(int i, int bi, int j0, int n) const {
+    // whether source i's keys [j0, j0 + n) are masked for the query rows [r0, r0 + rows) of batch row bi, head hi
+    bool masked(int i, int bi, int hi, int r0, int rows, int j0, int n) const {
         const AttentionSource& x = src[i];
-        if (!x.bias || x.bias_strides[2] || x.bias_strides[3] || !x.bias_strides[4]) return false;
-        const float* bias = x.bias + bi * x.bias_strides[0] + j0 * x.bias_strides[4];
-        for (int j = 0; j < n; j++)
-            if (bias[j * x.bias_strides[4]] > MASKED) return false;
+        const int64_t* st = x.bias_strides;
+        if (!x.bias || !st[4]) return false;
+        const int last = st[2] || st[3] ? r0 + rows : r0 + 1;   // a bias the same for every row: one row
+        for (int r = r0; r < last; r++) {
+            const float* bias = x.bias + bi * st[0] + hi * st[1] + r / s * st[2] + r % s * st[3] + j0 * st[4];
+            for (int j = 0; j < n; j++)
+                if (bias[j * st[4]] > MASKED) return false;
+        }
         return true;
     }
     int pack_tasks() const { return sources * b * h; }

@@ -27,7 +27,7 @@ void pack(const Attention& a, int task) {
     for (int blk = 0; blk < nb; blk++) {
         float* out = kt + static_cast<size_t>(blk) * d * KEY_BLOCK;
         const int j0 = blk * KEY_BLOCK, n = t - j0 < KEY_BLOCK ? t - j0 : KEY_BLOCK;
-        if (a.masked(i, bh / a.h, j0, n)) continue;
+        if (a.masked(i, bh / a.h, bh % a.h, 0, a.g * a.s, j0, n)) continue;
         for (int j = 0; j < KEY_BLOCK; j++) {
             const float* kj = k + static_cast<size_t>(j0 + j) * d;
             for (int c = 0; c < d; c++) out[c * KEY_BLOCK + j] = j < n ? kj[c] : 0.0f;
@@ -105,7 +105,7 @@ void attend(const Attention& a, int task) {
         const int64_t* st = src.bias_strides;
         for (int blk = 0; blk < a.blocks(si); blk++) {
             const int j0 = blk * KEY_BLOCK, n = src.t - j0 < KEY_BLOCK ? src.t - j0 : KEY_BLOCK;
-            if (a.masked(si, bi, j0, n)) continue;
+            if (a.masked(si, bi, hi, r0, rows, j0, n)) continue;
             for (int i0 = 0; i0 < padded; i0 += MR) scores(tile.q.data(), kt + static_cast<size_t>(blk) * d * KEY_BLOCK, d, scale, tile.s.data(), i0);
             for (int i = 0; i < rows; i++) {
                 float* s = tile.s.data() + i * KEY_BLOCK;
@@ -148,8 +148,8 @@ void attend(const Attention& a, int task) {
         }
     }
     float* o = a.o + (static_cast<size_t>(bh) * rows_all + r0) * d;
-    for (int i = 0; i < rows; i++) {
-        const float inv = 1.0f / tile.sum[i];
+    for (int i = 0; i < rows; i++) {   // a row whose every key is masked (no block computed) gets zeros
+        const float inv = tile.sum[i] > 0.0f ? 1.0f / tile.sum[i] : 0.0f;
         for (int c = 0; c < d; c++) o[i * d + c] = tile.o[i * d + c] * inv;
     }
 }

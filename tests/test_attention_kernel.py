@@ -52,13 +52,28 @@ def masked(rng, shape, share):
     return np.where(rng.random(shape) < share, np.float32(-1e9), np.float32(0))
 
 
-# (B, H, G, S, D, T0, T1, bias0 shape, bias1 shape): one query row, rows and keys that are not multiples of the
-# 4-row tiles, the 64-key blocks or the vectors (D = 8, 24, 112), grouped heads (G > 1), batch rows, a bias per key
-# (the KV cache's) whose leading blocks are masked whole (skipped), a causal bias per query and key, one per
-# (batch, head) row and key, none
+def bias(rng, spec, s, t):
+    """None, "causal" ([S, T]: key j of row i masked when j > i), or a shape: the graphs' NEG_INF over 30% of the
+    entries, and over the first two blocks of 64 keys whole when there are more (skipped for every row); the last
+    key of every row unmasked (a row masked whole has no softmax to agree on: fp32 rounds -1e9 + score to -1e9)."""
+    if spec is None:
+        return None
+    if spec == "causal":
+        return np.triu(np.full((s, t), -1e9, np.float32), 1)
+    b = masked(rng, spec, 0.3)
+    if spec[-1] > 128:
+        b[..., :128] = -1e9
+    b[..., -1] = 0
+    return b
+
+
+# (B, H, G, S, D, T0, T1, bias0, bias1): one query row, rows and keys that are not multiples of the 4-row tiles,
+# the 64-key blocks or the vectors (D = 8, 24, 112), grouped heads (G > 1), batch rows, a bias per key (the KV
+# cache's) whose leading blocks are masked whole, a causal bias (the chunk's own keys; over 200 keys its blocks
+# past a tile's rows are skipped), one per (batch, head) row and key, one per row and key, none
 CASES = [(1, 1, 1, 1, 8, 1, 0, None, None), (1, 2, 1, 5, 8, 7, 0, None, None), (2, 3, 4, 9, 24, 70, 9, (2, 1, 1, 1, 70), "causal"),
          (1, 2, 1, 130, 112, 200, 0, (1, 2, 1, 130, 200), None), (2, 2, 4, 16, 128, 300, 16, (2, 1, 1, 1, 300), (4, 16, 16)),
-         (1, 4, 1, 67, 40, 129, 0, (67, 129), None)]
+         (1, 4, 1, 67, 40, 129, 0, (67, 129), None), (1, 2, 2, 200, 16, 200, 0, "causal", None)]
 
 
 @needs_library
@@ -71,18 +86,13 @@ def test_attention_matches_a_float64_reference(isa, monkeypatch):
     for b, h, g, s, d, t0, t1, bias0, bias1 in CASES:
         q = (rng.standard_normal((b, h, g * s, d)) * 2).astype(np.float32)
         k0, v0 = rng.standard_normal((2, b, h, t0, d)).astype(np.float32)
-        b0 = None if bias0 is None else masked(rng, bias0, 0.3)
-        if bias0 is not None and bias0[-1] > 128:   # the first two blocks masked for every row: skipped
-            b0[..., :128] = -1e9
-        if b0 is not None:   # a row masked whole has no softmax to agree on (fp32 rounds -1e9 + score to -1e9)
-            b0[..., -1] = 0
+        b0 = bias(rng, bias0, s, t0)
         sources, feed = [(k0, v0, b0)], {"q": q, "k0": k0, "v0": v0}
         if b0 is not None:
             feed["bias0"] = b0
         if t1:
             k1, v1 = rng.standard_normal((2, b, h, t1, d)).astype(np.float32)
-            b1 = (np.triu(np.full((s, t1), -1e9, np.float32), 1) if bias1 == "causal"
-                  else masked(rng, bias1, 0.2) if bias1 else None)
+            b1 = bias(rng, bias1, s, t1)
             sources.append((k1, v1, b1))
             feed.update(k1=k1, v1=v1, **({"bias1": b1} if b1 is not None else {}))
         n = 7 if t1 else 4 if b0 is not None else 3
