@@ -122,6 +122,9 @@ def fuse_attention(model: onnx.ModelProto) -> int:
         if found is None:
             continue
         values, out = found
+        want = [(qs[0], qs[1], src[4][-1], qs[3]) for src in sources]   # what the kernel takes: k, v [B, H, T, D]
+        if any(G.shapes.get(t) != w for (_, k, _, _, _), v, w in zip(sources, values, want) for t in (k, v)):
+            continue
         inputs = []
         for (_, k, _, bias, _), v in zip(sources, values):
             inputs += [k, v, bias]
