@@ -45,12 +45,24 @@ struct Attention {
     float* kt;                    // kt_floats() floats
 
     int blocks(int i) const { return (src[i].t + KEY_BLOCK - 1) / KEY_BLOCK; }
+    int block_keys(int i, int blk) const {   // the keys of source i's block blk (the last one may be short)
+        const int left = src[i].t - blk * KEY_BLOCK;
+        return left < KEY_BLOCK ? left : KEY_BLOCK;
+    }
     size_t kt_offset(int i) const {   // source i's packed K^T: [B, H, blocks, D, KEY_BLOCK], after those before it
         size_t n = 0;
         for (int j = 0; j < i; j++) n += static_cast<size_t>(b) * h * blocks(j) * d * KEY_BLOCK;
         return n;
     }
     size_t kt_floats() const { return kt_offset(sources); }
+    float* kt_head(int i, int bh) const {   // source i's packed blocks of head bh (= batch row * H + head)
+        return kt + kt_offset(i) + static_cast<size_t>(bh) * blocks(i) * d * KEY_BLOCK;
+    }
+    // source i's bias for query row r of batch row bi, head hi, from key j0 on (step bias_strides[4])
+    const float* bias_row(int i, int bi, int hi, int r, int j0) const {
+        const int64_t* st = src[i].bias_strides;
+        return src[i].bias + bi * st[0] + hi * st[1] + r / s * st[2] + r % s * st[3] + j0 * st[4];
+    }
     // whether source i's keys [j0, j0 + n) are masked for the query rows [r0, r0 + rows) of batch row bi, head hi
     bool masked(int i, int bi, int hi, int r0, int rows, int j0, int n) const {
         const AttentionSource& x = src[i];
@@ -58,7 +70,7 @@ struct Attention {
         if (!x.bias || !st[4]) return false;
         const int last = st[2] || st[3] ? r0 + rows : r0 + 1;   // a bias the same for every row: one row
         for (int r = r0; r < last; r++) {
-            const float* bias = x.bias + bi * st[0] + hi * st[1] + r / s * st[2] + r % s * st[3] + j0 * st[4];
+            const float* bias = bias_row(i, bi, hi, r, j0);
             for (int j = 0; j < n; j++)
                 if (bias[j * st[4]] > MASKED) return false;
         }
@@ -69,7 +81,6 @@ struct Attention {
 };
 
 struct AttentionIsa {
-    const char* name;
     void (*pack)(const Attention& a, int task);
     void (*attend)(const Attention& a, int task);
 };

@@ -21,12 +21,11 @@ constexpr int NV = W == 64 ? 4 : 2;                 // vectors per register tile
 constexpr int KV_VECTORS = KEY_BLOCK / LANES;       // vectors of keys per block
 
 void pack(const Attention& a, int task) {
-    const int i = task / (a.b * a.h), bh = task % (a.b * a.h), d = a.d, t = a.src[i].t, nb = a.blocks(i);
-    const float* k = a.src[i].k + static_cast<size_t>(bh) * t * d;
-    float* kt = a.kt + a.kt_offset(i) + static_cast<size_t>(bh) * nb * d * KEY_BLOCK;
-    for (int blk = 0; blk < nb; blk++) {
-        float* out = kt + static_cast<size_t>(blk) * d * KEY_BLOCK;
-        const int j0 = blk * KEY_BLOCK, n = t - j0 < KEY_BLOCK ? t - j0 : KEY_BLOCK;
+    const int i = task / (a.b * a.h), bh = task % (a.b * a.h), d = a.d;
+    const float* k = a.src[i].k + static_cast<size_t>(bh) * a.src[i].t * d;
+    for (int blk = 0; blk < a.blocks(i); blk++) {
+        float* out = a.kt_head(i, bh) + static_cast<size_t>(blk) * d * KEY_BLOCK;
+        const int j0 = blk * KEY_BLOCK, n = a.block_keys(i, blk);
         if (a.masked(i, bh / a.h, bh % a.h, 0, a.g * a.s, j0, n)) continue;
         for (int j = 0; j < KEY_BLOCK; j++) {
             const float* kj = k + static_cast<size_t>(j0 + j) * d;
@@ -100,19 +99,17 @@ void attend(const Attention& a, int task) {
     const VF scale = set1f(a.scale);
     for (int si = 0; si < a.sources; si++) {
         const AttentionSource& src = a.src[si];
-        const float* kt = a.kt + a.kt_offset(si) + static_cast<size_t>(bh) * a.blocks(si) * d * KEY_BLOCK;
+        const float* kt = a.kt_head(si, bh);
         const float* v = src.v + static_cast<size_t>(bh) * src.t * d;
-        const int64_t* st = src.bias_strides;
         for (int blk = 0; blk < a.blocks(si); blk++) {
-            const int j0 = blk * KEY_BLOCK, n = src.t - j0 < KEY_BLOCK ? src.t - j0 : KEY_BLOCK;
+            const int j0 = blk * KEY_BLOCK, n = a.block_keys(si, blk);
             if (a.masked(si, bi, hi, r0, rows, j0, n)) continue;
             for (int i0 = 0; i0 < padded; i0 += MR) scores(tile.q.data(), kt + static_cast<size_t>(blk) * d * KEY_BLOCK, d, scale, tile.s.data(), i0);
             for (int i = 0; i < rows; i++) {
                 float* s = tile.s.data() + i * KEY_BLOCK;
                 if (src.bias) {
-                    const int r = r0 + i;
-                    const float* bias = src.bias + bi * st[0] + hi * st[1] + r / a.s * st[2] + r % a.s * st[3] + j0 * st[4];
-                    for (int j = 0; j < n; j++) s[j] += bias[j * st[4]];
+                    const float* bias = a.bias_row(si, bi, hi, r0 + i, j0);
+                    for (int j = 0; j < n; j++) s[j] += bias[j * src.bias_strides[4]];
                 }
                 float block_max = -INFINITY;
                 if (n == KEY_BLOCK) {
@@ -158,9 +155,9 @@ void attend(const Attention& a, int task) {
 }  // namespace QMM_NS
 
 #if defined(QMM_AVX2)
-const AttentionIsa attention_avx2 = {"avx2", QMM_NS::pack, QMM_NS::attend};
+const AttentionIsa attention_avx2 = {QMM_NS::pack, QMM_NS::attend};
 #elif defined(QMM_AVX512)
-const AttentionIsa attention_avx512 = {"avx512", QMM_NS::pack, QMM_NS::attend};
+const AttentionIsa attention_avx512 = {QMM_NS::pack, QMM_NS::attend};
 #else
 #error "attention_isa.cpp is compiled with QMM_AVX2 or QMM_AVX512"
 #endif

@@ -191,8 +191,7 @@ Op<false> w8a8_op;
 
 // the attention kernels of the vector width the quantized kernels use
 const qmm::AttentionIsa& attention_isa(const qmm::Isa& isa) {
-    const std::string name = isa.name;
-    return name == "avx2" || name == "avxvnni" ? qmm::attention_avx2 : qmm::attention_avx512;
+    return &isa == &qmm::avx2 || &isa == &qmm::avxvnni ? qmm::attention_avx2 : qmm::attention_avx512;
 }
 
 struct AttentionKernel : Checked<AttentionKernel> {
@@ -245,8 +244,7 @@ struct AttentionKernel : Checked<AttentionKernel> {
             }
         }
         if (a.sources == 0) throw std::invalid_argument("Attention: no keys");
-        float* o = ctx.GetOutput(0, qs).GetTensorMutableData<float>();
-        a.o = o;
+        a.o = ctx.GetOutput(0, qs).GetTensorMutableData<float>();
         thread_local std::vector<float> kt;   // kept between calls: its pages are faulted in once
         if (kt.size() < a.kt_floats()) kt.resize(a.kt_floats());
         a.kt = kt.data();
