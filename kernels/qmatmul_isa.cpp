@@ -190,9 +190,9 @@ int tasks_w4a8(int n, int k, int rows) {
 
 constexpr int W4A8_PREFETCH = 1024;   // bytes of codes ahead of the reads (their scales: a quarter as far)
 
-// y[m, n0 + i] for NR weight rows and MR activation rows from m0
+// y[m, n0 + i * stride] for NR weight rows (stride apart) and MR activation rows from m0
 template <int NR, int MR>
-inline void w4a8_tile(const W4A8& w, const Activations& a, float* y, int n0, int m0) {
+inline void w4a8_tile(const W4A8& w, const Activations& a, float* y, int n0, int m0, int stride = 1) {
     const int nb = w.k / GROUP, ng = (nb + G - 1) / G, half = static_cast<int>(a.row_bytes / 2);
     const VI low = set1_8(0x0F);
     VF acc[NR][MR];
@@ -201,8 +201,8 @@ inline void w4a8_tile(const W4A8& w, const Activations& a, float* y, int n0, int
     const uint8_t* codes[NR];
     const float* scales[NR];
     for (int i = 0; i < NR; i++) {
-        codes[i] = w.codes + static_cast<size_t>(n0 + i) * (w.k / 2);
-        scales[i] = w.scales + static_cast<size_t>(n0 + i) * nb;
+        codes[i] = w.codes + static_cast<size_t>(n0 + i * stride) * (w.k / 2);
+        scales[i] = w.scales + static_cast<size_t>(n0 + i * stride) * nb;
     }
     for (int g = 0; g < ng; g++) {
         const int r = imin(G, nb - g * G);
@@ -226,7 +226,7 @@ inline void w4a8_tile(const W4A8& w, const Activations& a, float* y, int n0, int
         }
     }
     for (int i = 0; i < NR; i++)
-        for (int j = 0; j < MR; j++) y[static_cast<size_t>(m0 + j) * w.n + n0 + i] = hsum(acc[i][j]);
+        for (int j = 0; j < MR; j++) y[static_cast<size_t>(m0 + j) * w.n + n0 + i * stride] = hsum(acc[i][j]);
 }
 
 template <int NR>
@@ -243,9 +243,13 @@ void run_w4a8(const W4A8& w, const Activations& a, float* y, int task) {
 #endif
     const int per = w4a8_rows_per_task(w.n), n1 = imin(w.n, (task + 1) * per);
     int n = task * per;
-    if (a.rows == 1) {   // decode: four weight rows at a time, for four independent streams
-        for (; n + 4 <= n1; n += 4) w4a8_tile<4, 1>(w, a, y, n, 0);
-        for (; n < n1; n++) w4a8_tile<1, 1>(w, a, y, n, 0);
+    if (a.rows == 1) {
+        // decode: four weight rows at a time, each from its own quarter of the task's rows, so that the reads
+        // are four long sequential streams. Four adjacent rows (a stream a row long, 2 KiB at K = 4096) leave
+        // the hardware prefetcher starting over at every row: 20-40% slower from memory.
+        const int quarter = (n1 - n) / 4;
+        for (int r = 0; r < quarter; r++) w4a8_tile<4, 1>(w, a, y, n + r, 0, quarter);
+        for (n += 4 * quarter; n < n1; n++) w4a8_tile<1, 1>(w, a, y, n, 0);
         return;
     }
     for (; n + 2 <= n1; n += 2) w4a8_rows<2>(w, a, y, n);

@@ -82,7 +82,7 @@ def w8a8_inputs(rng, rows, k, n):
 # ones padded), more than a chunk of 128 rows; K and N that
 # are not multiples of the vectors (w4a8: blocks of 32 left over past 64 / 128 bytes; w8a8: odd K, N)
 W4A8_SHAPES = [([1], 32, 1), ([1, 1], 96, 7), ([3], 160, 33), ([2, 1], 1056, 70), ([40], 1056, 70), ([131], 288, 67),
-               ([1], 2816, 300)]
+               ([1], 2816, 300), ([1], 64, 1001)]
 W8A8_SHAPES = [([1], 1, 1), ([1, 1], 33, 5), ([3], 1027, 70), ([2, 1], 64, 129), ([40], 200, 130), ([131], 101, 67),
                ([1], 2816, 300)]
 
