@@ -302,14 +302,21 @@ inline void interleave(VI r0, VI r1, VI r2, VI r3, VI out[4], bool bias = true) 
     out[3] = unpackhi16(b, d);
 }
 
-// 4 weight rows from row k0 at columns [c0, c0 + cols) (rows past K are zeros)
-inline void load_rows(const W8A8& w, int k0, int c0, int cols, VI out[4], bool bias = true) {
+// weight rows rows[0..3] at columns [c0, c0 + cols) (a row < 0: zeros)
+inline void load_rows_at(const W8A8& w, const int rows[4], int c0, int cols, VI out[4], bool bias = true) {
     VI r[4];
     for (int t = 0; t < 4; t++) {
-        const int8_t* p = w.weight + static_cast<size_t>(k0 + t) * w.n + c0;
-        r[t] = k0 + t >= w.k ? set1_8(0) : cols >= W ? load(p) : load_bytes(p, cols);
+        const int8_t* p = w.weight + static_cast<size_t>(rows[t]) * w.n + c0;
+        r[t] = rows[t] < 0 ? set1_8(0) : cols >= W ? load(p) : load_bytes(p, cols);
     }
     interleave(r[0], r[1], r[2], r[3], out, bias);
+}
+
+// 4 weight rows from row k0 at columns [c0, c0 + cols) (rows past K are zeros)
+inline void load_rows(const W8A8& w, int k0, int c0, int cols, VI out[4], bool bias = true) {
+    int rows[4];
+    for (int t = 0; t < 4; t++) rows[t] = k0 + t < w.k ? k0 + t : -1;
+    load_rows_at(w, rows, c0, cols, out, bias);
 }
 
 // lane (128-bit chunk L, int32 e) of interleaved vector j holds column 16 L + 4 j + e
@@ -337,26 +344,35 @@ inline int band_rows(int n, int k) {
 }
 
 // decode, one band of weight rows: its int32 sums over every column into a.partial[band][N] (in the interleaved
-// lane order of each strip of W columns), reading BAND_SWEEP rows at a time across all columns: contiguous
-// streams, where a strip of columns down all rows would stride by N
+// lane order of each strip of W columns). BAND_SWEEP rows are read side by side across all columns, each from
+// its own 1/BAND_SWEEP of the band: every stream walks consecutive rows, one long sequential read (adjacent
+// rows would make streams a row long, and the hardware prefetcher starts over at every one).
 void w8a8_band(const W8A8& w, const Activations& a, int band) {
     const int rows = band_rows(w.n, w.k), k0 = band * rows, k1 = imin(w.k, k0 + rows);
+    const int per = (k1 - k0 + BAND_SWEEP - 1) / BAND_SWEEP;   // consecutive rows per stream
     int32_t* part = a.partial + static_cast<size_t>(band) * padded(w.n);
-    for (int kk = k0; kk < k1; kk += BAND_SWEEP) {
+    for (int r = 0; r < per; r++) {
+        int row[BAND_SWEEP];
         VI xb[BAND_SWEEP / 4];
+        for (int s = 0; s < BAND_SWEEP; s++) {
+            const int k = k0 + s * per + r;
+            row[s] = k < k1 ? k : -1;
+        }
         for (int s = 0; s < BAND_SWEEP / 4; s++) {
-            int32_t x4;
-            std::memcpy(&x4, a.q + kk + 4 * s, 4);   // past K: the zero padding (or the next band's rows: multiplied
-            xb[s] = set1_32(kk + 4 * s < k1 ? x4 : 0);   // by zero here, counted in their own band)
+            int8_t x4[4];
+            for (int t = 0; t < 4; t++) x4[t] = row[4 * s + t] < 0 ? 0 : a.q[row[4 * s + t]];
+            int32_t packed;
+            std::memcpy(&packed, x4, 4);
+            xb[s] = set1_32(packed);
         }
         for (int c0 = 0; c0 < w.n; c0 += W) {
             const int cols = w.n - c0;
             VI acc[4];
             for (int j = 0; j < 4; j++)
-                acc[j] = kk == k0 ? set1_32(0) : load(part + c0 + j * LANES);
-            for (int s = 0; s < BAND_SWEEP / 4 && kk + 4 * s < k1; s++) {
+                acc[j] = r == 0 ? set1_32(0) : load(part + c0 + j * LANES);
+            for (int s = 0; s < BAND_SWEEP / 4; s++) {
                 VI v[4];
-                load_rows(w, kk + 4 * s, c0, cols, v);
+                load_rows_at(w, row + 4 * s, c0, cols, v);
                 for (int j = 0; j < 4; j++) acc[j] = dot(acc[j], v[j], xb[s]);
             }
             for (int j = 0; j < 4; j++) store(part + c0 + j * LANES, acc[j]);
