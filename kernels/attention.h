@@ -80,9 +80,33 @@ struct Attention {
     int attend_tasks() const { return b * h * ((g * s + QUERY_TILE - 1) / QUERY_TILE); }
 };
 
+// One decode step's attention over the KV cache, in place: onnxruntime's GroupQueryAttention's work in the decode
+// graphs (export/onnx_decode_attention.py). For batch row b with w = write_index[b] < T, the new key and value of
+// each key head are written at cache slot w, then each query head attends over slots 0..w:
+//
+//   o[b, i, :] = sum_{j <= w} softmax_j(scale * q[b, i, :] . k[b, i / G, j, :]) v[b, i / G, j, :]   (G = H / KV)
+//
+// A row with w == T (its cache full: the runtime never decodes one) is idle: nothing written, o zeros. One task per
+// batch row and key head reads that head's K, then its V, once each and never packed: after the weights, the
+// cache is the step's largest read.
+struct DecodeAttention {
+    const float* q;               // [B, H, D]
+    const float* k_new;           // [B, KV, D]
+    const float* v_new;
+    float* k;                     // the cache [B, KV, T, D], written at slot write_index[b]
+    float* v;
+    const int32_t* write_index;   // [B], each in [0, T]
+    float* o;                     // [B, H, D]
+    int b, h, kv, t, d;
+    float scale;
+
+    int tasks() const { return b * kv; }
+};
+
 struct AttentionIsa {
     void (*pack)(const Attention& a, int task);
     void (*attend)(const Attention& a, int task);
+    void (*decode)(const DecodeAttention& a, int task);
 };
 
 extern const AttentionIsa attention_avx2, attention_avx512;

@@ -5,6 +5,9 @@
 //   MatMulW8A8(x fp32 [.., K], smooth fp32 [K], weight int8 [K, N], scale fp32 [N]) -> y fp32 [.., N]
 //   Attention(q [B, H, G*S, D], k0, v0 [B, H, T0, D], bias0?, k1?, v1? [B, H, T1, D], bias1?; scale, groups = G)
 //             -> o fp32 [B, H, G*S, D]   (attention.h; a bias broadcasts to [B, H, G, S, T] as numpy does)
+//   DecodeAttention(query [B, 1, H*D], key, value [B, 1, KV*D], past_key, past_value [B, KV, T, D], write_index int32 [B];
+//                   num_heads = H, kv_num_heads = KV, scale) -> output [B, 1, H*D], present_key, present_value
+//             (attention.h; the present outputs alias the past inputs where the caller binds them so)
 //
 // The weights are the graph's inputs as bound (the memory-mapped bundle): read in place by every graph.
 // Rows are quantized qmm::ROWS at a time, then the column strips of each chunk are spread over
@@ -280,6 +283,70 @@ struct AttentionOp : Ort::CustomOpBase<AttentionOp, AttentionKernel, true> {
 
 AttentionOp attention_op;
 
+struct DecodeAttentionKernel : Checked<DecodeAttentionKernel> {
+    const qmm::AttentionIsa* isa;
+    int64_t heads, kv_heads;
+    float scale;
+
+    void compute(OrtKernelContext* context) {
+        Ort::KernelContext ctx(context);
+        const Ort::ConstValue q = ctx.GetInput(0), k = ctx.GetInput(1), v = ctx.GetInput(2);
+        const Ort::ConstValue past_k = ctx.GetInput(3), past_v = ctx.GetInput(4), index = ctx.GetInput(5);
+        const std::vector<int64_t> qs = shape_of(q), cs = shape_of(past_k);
+        if (kv_heads < 1 || heads % kv_heads || heads / kv_heads > qmm::QUERY_TILE)
+            throw std::invalid_argument("DecodeAttention: num_heads must be a multiple of kv_num_heads, at most 64 times it");
+        if (cs.size() != 4 || cs[1] != kv_heads || shape_of(past_v) != cs)
+            throw std::invalid_argument("DecodeAttention: past_key and past_value must be [B, kv_num_heads, T, D]");
+        const int64_t b = cs[0], t = cs[2], d = cs[3];
+        if (elements(qs) != b * heads * d || elements(shape_of(k)) != b * kv_heads * d || elements(shape_of(v)) != b * kv_heads * d)
+            throw std::invalid_argument("DecodeAttention: query must hold B x num_heads x D values, key and value B x kv_num_heads x D");
+        if (elements(shape_of(index)) != b) throw std::invalid_argument("DecodeAttention: write_index must hold one slot per batch row");
+        const int32_t* w = index.GetTensorData<int32_t>();
+        for (int64_t i = 0; i < b; i++)
+            if (w[i] < 0 || w[i] > t) throw std::invalid_argument("DecodeAttention: a write_index is outside [0, T]");
+        // the present outputs are the cache itself when the caller binds them to the past inputs' memory (the
+        // runtime does); unbound, they are new buffers and get a copy of the cache first
+        float* present[2];
+        const Ort::ConstValue past[2] = {past_k, past_v};
+        for (int i = 0; i < 2; i++) {
+            present[i] = ctx.GetOutput(1 + i, cs).GetTensorMutableData<float>();
+            const float* from = past[i].GetTensorData<float>();
+            if (present[i] != from) std::copy(from, from + elements(cs), present[i]);
+        }
+        qmm::DecodeAttention a{q.GetTensorData<float>(), k.GetTensorData<float>(), v.GetTensorData<float>(),
+                               present[0], present[1], w, ctx.GetOutput(0, qs).GetTensorMutableData<float>(),
+                               static_cast<int>(b), static_cast<int>(heads), static_cast<int>(kv_heads),
+                               static_cast<int>(t), static_cast<int>(d), scale};
+        auto decode = [&](size_t task) { isa->decode(a, static_cast<int>(task)); };
+        parallel(ctx, a.tasks(), decode);
+    }
+};
+
+struct DecodeAttentionOp : Ort::CustomOpBase<DecodeAttentionOp, DecodeAttentionKernel, true> {
+    OrtStatusPtr CreateKernelV2(const OrtApi& api, const OrtKernelInfo* info, void** kernel) const {
+        std::string why;
+        const qmm::Isa* isa = choose_isa(why);
+        if (!isa) return api.CreateStatus(ORT_FAIL, why.c_str());
+        try {
+            const Ort::ConstKernelInfo ki(info);
+            *kernel = new DecodeAttentionKernel{{}, &attention_isa(*isa), ki.GetAttribute<int64_t>("num_heads"),
+                                                ki.GetAttribute<int64_t>("kv_num_heads"), ki.GetAttribute<float>("scale")};
+        } catch (const std::exception& e) {
+            return api.CreateStatus(ORT_INVALID_ARGUMENT, e.what());
+        }
+        return nullptr;
+    }
+    const char* GetName() const { return "DecodeAttention"; }
+    size_t GetInputTypeCount() const { return 6; }
+    ONNXTensorElementDataType GetInputType(size_t i) const {
+        return i == 5 ? ONNX_TENSOR_ELEMENT_DATA_TYPE_INT32 : ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
+    }
+    size_t GetOutputTypeCount() const { return 3; }
+    ONNXTensorElementDataType GetOutputType(size_t) const { return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT; }
+};
+
+DecodeAttentionOp decode_attention_op;
+
 }  // namespace
 
 extern "C" {
@@ -319,7 +386,8 @@ __attribute__((visibility("default"))) OrtStatus* ORT_API_CALL RegisterCustomOps
         if ((status = api->CreateCustomOpDomain("com.cogvlm2", &domain))) return;
         if ((status = api->CustomOpDomain_Add(domain, &w4a8_op))) return;
         if ((status = api->CustomOpDomain_Add(domain, &w8a8_op))) return;
-        status = api->CustomOpDomain_Add(domain, &attention_op);
+        if ((status = api->CustomOpDomain_Add(domain, &attention_op))) return;
+        status = api->CustomOpDomain_Add(domain, &decode_attention_op);
     });
     return status ? status : api->AddCustomOpDomain(options, domain);
 }

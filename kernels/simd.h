@@ -84,6 +84,14 @@ inline VF cvt(VI a) { return _mm512_cvtepi32_ps(a); }
 inline VF mul(VF a, VF b) { return _mm512_mul_ps(a, b); }
 inline VF fma(VF a, VF b, VF c) { return _mm512_fmadd_ps(a, b, c); }
 inline float hsum(VF v) { return _mm512_reduce_add_ps(v); }
+inline __m128 hsum4(VF a, VF b, VF c, VF d) {   // [hsum(a), hsum(b), hsum(c), hsum(d)], sharing the shuffles
+    const VF ab = _mm512_add_ps(_mm512_unpacklo_ps(a, b), _mm512_unpackhi_ps(a, b));
+    const VF cd = _mm512_add_ps(_mm512_unpacklo_ps(c, d), _mm512_unpackhi_ps(c, d));
+    VF t = _mm512_add_ps(_mm512_shuffle_ps(ab, cd, 0x44), _mm512_shuffle_ps(ab, cd, 0xEE));   // per 128 bits
+    t = _mm512_add_ps(t, _mm512_shuffle_f32x4(t, t, 0x4E));
+    t = _mm512_add_ps(t, _mm512_shuffle_f32x4(t, t, 0xB1));
+    return _mm512_castps512_ps128(t);
+}
 inline float hmaxf(VF v) { return _mm512_reduce_max_ps(v); }
 inline VF set1f(float v) { return _mm512_set1_ps(v); }
 inline VF addf(VF a, VF b) { return _mm512_add_ps(a, b); }
@@ -144,6 +152,12 @@ inline float hsum(VF v) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     s = _mm_add_ps(s, _mm_movehl_ps(s, s));
     return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+inline __m128 hsum4(VF a, VF b, VF c, VF d) {
+    const VF ab = _mm256_add_ps(_mm256_unpacklo_ps(a, b), _mm256_unpackhi_ps(a, b));
+    const VF cd = _mm256_add_ps(_mm256_unpacklo_ps(c, d), _mm256_unpackhi_ps(c, d));
+    const VF t = _mm256_add_ps(_mm256_shuffle_ps(ab, cd, 0x44), _mm256_shuffle_ps(ab, cd, 0xEE));
+    return _mm_add_ps(_mm256_castps256_ps128(t), _mm256_extractf128_ps(t, 1));
 }
 inline float hmaxf(VF v) {
     __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
