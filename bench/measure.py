@@ -323,6 +323,7 @@ def _decode(engine, o: dict, rss: dict):
     """Decode per cache bucket (the graph of bucket T reads all T slots, so T, not the fill, sets the
     cost) -> (rows, the last decode graph call (name, inputs, outputs))."""
     cache, warmup = engine.cache, o["warmup"]
+    cache.materialize()   # the slots below each depth are read from memory, as after a real prefill
     decode, prev, last = [], 0, None
     tokens = np.full(engine.batch, 7, np.int32)
     for t_bucket in engine.cache.buckets:
@@ -437,6 +438,8 @@ def _profile(engine, rng, o: dict) -> dict:
     a prefill chunk too."""
     cache, tokens, backend = engine.cache, np.full(engine.batch, 7, np.int32), engine.backend
     out = {}
+
+    cache.materialize()
 
     def decode_profile(length):
         cache.fit(length + 1)   # the smallest bucket holding it (decoding only grows the cache)

@@ -128,7 +128,7 @@ class OnnxGraph:
         output needs any more are dropped, and `domain` (the new nodes' operator domain) imported -> how many."""
         if not nodes:
             return 0
-        kept = [nodes.get(n.output[0], n) if len(n.output) == 1 else n for n in self.g.node]
+        kept = [nodes.get(n.output[0], n) for n in self.g.node]   # by first output: multi-output ones too
         del self.g.node[:]
         self.g.node.extend(kept)
         self.prune()

@@ -119,11 +119,12 @@ def for_onnxruntime(model, graph, plan: Plan, forms: dict, kernels: bool = False
     """The rewrites for onnxruntime of one exported graph, in order, on one loaded copy -> whether any
     changed it: a decode graph's fused kernels (export/onnx_fuse.py), the quantized matmuls
     (export/onnx_quant.py), then w8a8's one-row activation quantization around them and the decode
-    matmuls' row reshapes (onnx_fuse.py). kernels: the quantized matmuls, and the other graphs' attention
-    (export/onnx_attention.py; fp32), as our own kernels (kernels/), and their GELUs as onnxruntime's
-    (export/onnx_gelu.py) -> whether any matmul became one (the graph's second form, KERNELS_SUFFIX, is
-    worth writing)."""
+    matmuls' row reshapes (onnx_fuse.py). kernels: the quantized matmuls, the decode graphs' attention over
+    the cache (export/onnx_decode_attention.py) and the other graphs' attention (export/onnx_attention.py;
+    fp32), as our own kernels (kernels/), and their GELUs as onnxruntime's (export/onnx_gelu.py) -> whether
+    any matmul became one (the graph's second form, KERNELS_SUFFIX, is worth writing)."""
     from .onnx_attention import fuse_attention
+    from .onnx_decode_attention import use_decode_attention
     from .onnx_fuse import drop_row_reshapes, fuse_decode, fuse_int8_activations
     from .onnx_gelu import fuse_gelu
     from .onnx_graph import OnnxGraph
@@ -139,6 +140,8 @@ def for_onnxruntime(model, graph, plan: Plan, forms: dict, kernels: bool = False
     if kernels and not decode and plan.dtype == "fp32":   # before the custom ops hide shapes from onnx
         fuse_attention(model)
         fuse_gelu(model)
+    if kernels and decode:
+        use_decode_attention(model)
     if plan.quant:
         counts = rewrite_quantized_matmuls(model, forms, fp32=plan.dtype == "fp32", kernels=kernels)
         changed |= bool(counts)

@@ -44,6 +44,13 @@ class KVCache:
         self.bucket = self.buckets[0]
         self.lengths = np.zeros(batch, np.int32)   # filled slots per row
 
+    def materialize(self, value: float = 0.01):
+        """Write `value` into every slot. np.zeros leaves the buffers' pages unmapped until first written, and
+        until then every read of them is of the kernel's one shared zero page, always in cache: a benchmark
+        that sets `lengths` without a prefill must call this, or a step at depth reads no memory for its cache."""
+        self._k.fill(value)
+        self._v.fill(value)
+
     @staticmethod
     def slot_bytes(layers: int, batch: int, kv_heads: int, head_dim: int, dtype: str) -> int:
         """Bytes of one cache slot: K and V of every layer, row and KV head."""
