@@ -46,9 +46,9 @@ def _inputs(graph, weights, write_index, seed):
     return feed
 
 
-def _run(model, feed, in_place):
+def _run(model, feed, in_place, options=None):
     """Run through IOBinding; with in_place the present outputs share the cache inputs' memory."""
-    s = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    s = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
     feed = {n: np.array(x) for n, x in feed.items()}
     b = s.io_binding()
     for n, x in feed.items():
