@@ -178,3 +178,20 @@ def test_fp32_decode_weights_are_packed_only_when_the_copies_fit(onnx_bundle, mo
             *[np.random.default_rng(i).standard_normal((1, 2, 32, 8)).astype(np.float32) for i in range(4)]]
     got, ref = (be.run("decode_32", [a.copy() for a in step])[0] for be in (packed, unpacked))
     assert np.abs(got - ref).max() <= 1e-5
+
+
+def test_a_materialized_kv_cache_is_memory_not_the_zero_page():
+    """KVCache's buffers come from np.zeros: their pages are mapped on first write, and until then a read of them
+    is of one shared zero page. The bench's steps at depth set `lengths` without a prefill; materialize() must
+    map every page (resident memory grows by the buffers' size), or those steps read no memory for their cache."""
+    import psutil
+    from cogvlm2_lite.runtime.kv_cache import KVCache
+    cache = KVCache(layers=4, batch=1, kv_heads=2, head_dim=64, buckets=[16384], dtype="float32")   # 2 x 32 MiB
+    process = psutil.Process()
+    before = process.memory_info().rss
+    assert float(cache.views()[0].sum()) == 0.0   # reading maps nothing
+    read = process.memory_info().rss
+    cache.materialize()
+    after = process.memory_info().rss
+    assert read - before < cache.nbytes // 8
+    assert after - read >= 0.9 * cache.nbytes
