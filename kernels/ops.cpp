@@ -170,14 +170,25 @@ struct Kernel : Checked<Kernel> {
     }
 };
 
+// an operator's CreateKernelV2: the kernel `make(isa, node info)` returns for the instruction set chosen; none
+// usable, or an attribute missing, as onnxruntime's error status
+template <typename Make>
+OrtStatusPtr create_kernel(const OrtApi& api, const OrtKernelInfo* info, void** kernel, Make make) {
+    std::string why;
+    const qmm::Isa* isa = choose_isa(why);
+    if (!isa) return api.CreateStatus(ORT_FAIL, why.c_str());
+    try {
+        *kernel = make(*isa, Ort::ConstKernelInfo(info));
+    } catch (const std::exception& e) {
+        return api.CreateStatus(ORT_INVALID_ARGUMENT, e.what());
+    }
+    return nullptr;
+}
+
 template <bool W4A8>
 struct Op : Ort::CustomOpBase<Op<W4A8>, Kernel, true> {
-    OrtStatusPtr CreateKernelV2(const OrtApi& api, const OrtKernelInfo*, void** kernel) const {
-        std::string why;
-        const qmm::Isa* isa = choose_isa(why);
-        if (!isa) return api.CreateStatus(ORT_FAIL, why.c_str());
-        *kernel = new Kernel(isa, W4A8);
-        return nullptr;
+    OrtStatusPtr CreateKernelV2(const OrtApi& api, const OrtKernelInfo* info, void** kernel) const {
+        return create_kernel(api, info, kernel, [](const qmm::Isa& isa, const Ort::ConstKernelInfo&) { return new Kernel(&isa, W4A8); });
     }
     const char* GetName() const { return W4A8 ? "MatMulW4A8" : "MatMulW8A8"; }
     size_t GetInputTypeCount() const { return W4A8 ? 3 : 4; }
@@ -260,16 +271,9 @@ struct AttentionKernel : Checked<AttentionKernel> {
 
 struct AttentionOp : Ort::CustomOpBase<AttentionOp, AttentionKernel, true> {
     OrtStatusPtr CreateKernelV2(const OrtApi& api, const OrtKernelInfo* info, void** kernel) const {
-        std::string why;
-        const qmm::Isa* isa = choose_isa(why);
-        if (!isa) return api.CreateStatus(ORT_FAIL, why.c_str());
-        try {
-            const Ort::ConstKernelInfo ki(info);
-            *kernel = new AttentionKernel{{}, &attention_isa(*isa), ki.GetAttribute<float>("scale"), ki.GetAttribute<int64_t>("groups")};
-        } catch (const std::exception& e) {
-            return api.CreateStatus(ORT_INVALID_ARGUMENT, e.what());
-        }
-        return nullptr;
+        return create_kernel(api, info, kernel, [](const qmm::Isa& isa, const Ort::ConstKernelInfo& ki) {
+            return new AttentionKernel{{}, &attention_isa(isa), ki.GetAttribute<float>("scale"), ki.GetAttribute<int64_t>("groups")};
+        });
     }
     const char* GetName() const { return "Attention"; }
     size_t GetInputTypeCount() const { return 7; }
@@ -324,17 +328,10 @@ struct DecodeAttentionKernel : Checked<DecodeAttentionKernel> {
 
 struct DecodeAttentionOp : Ort::CustomOpBase<DecodeAttentionOp, DecodeAttentionKernel, true> {
     OrtStatusPtr CreateKernelV2(const OrtApi& api, const OrtKernelInfo* info, void** kernel) const {
-        std::string why;
-        const qmm::Isa* isa = choose_isa(why);
-        if (!isa) return api.CreateStatus(ORT_FAIL, why.c_str());
-        try {
-            const Ort::ConstKernelInfo ki(info);
-            *kernel = new DecodeAttentionKernel{{}, &attention_isa(*isa), ki.GetAttribute<int64_t>("num_heads"),
-                                                ki.GetAttribute<int64_t>("kv_num_heads"), ki.GetAttribute<float>("scale")};
-        } catch (const std::exception& e) {
-            return api.CreateStatus(ORT_INVALID_ARGUMENT, e.what());
-        }
-        return nullptr;
+        return create_kernel(api, info, kernel, [](const qmm::Isa& isa, const Ort::ConstKernelInfo& ki) {
+            return new DecodeAttentionKernel{{}, &attention_isa(isa), ki.GetAttribute<int64_t>("num_heads"),
+                                             ki.GetAttribute<int64_t>("kv_num_heads"), ki.GetAttribute<float>("scale")};
+        });
     }
     const char* GetName() const { return "DecodeAttention"; }
     size_t GetInputTypeCount() const { return 6; }
