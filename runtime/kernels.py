@@ -1,7 +1,7 @@
 """Our quantized matmul kernels (kernels/, built by `./build.sh setup`): where the library is and whether
 it can run here.
 
-The library registers the onnxruntime custom operators MatMulW4A8, MatMulW8A8 and Attention (domain
+The library registers the onnxruntime custom operators MatMulW4A8, MatMulW8A8, Attention and DecodeAttention (domain
 com.cogvlm2), which a bundle's `<graph>.kernels.onnx` files use (export/trace.py). The instruction set is
 chosen at run time (amx, avx512vnni, avx512, avxvnni, avx2), or forced with COGVLM2_KERNELS_ISA. Without the library
 (no compiler or headers at set-up), or on a CPU without AVX2, the runtime runs the bundles' plain
