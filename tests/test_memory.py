@@ -186,7 +186,8 @@ def test_a_materialized_kv_cache_is_memory_not_the_zero_page():
     map every page (resident memory grows by the buffers' size), or those steps read no memory for their cache."""
     import psutil
     from cogvlm2_lite.runtime.kv_cache import KVCache
-    cache = KVCache(layers=4, batch=1, kv_heads=2, head_dim=64, buckets=[16384], dtype="float32")   # 2 x 32 MiB
+    # 2 x 64 MiB: above glibc's largest mmap threshold (32 MiB), so fresh pages, not heap reused from earlier tests
+    cache = KVCache(layers=4, batch=1, kv_heads=2, head_dim=64, buckets=[32768], dtype="float32")
     process = psutil.Process()
     before = process.memory_info().rss
     assert float(cache.views()[0].sum()) == 0.0   # reading maps nothing
