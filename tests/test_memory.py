@@ -183,16 +183,28 @@ def test_fp32_decode_weights_are_packed_only_when_the_copies_fit(onnx_bundle, mo
 def test_a_materialized_kv_cache_is_memory_not_the_zero_page():
     """KVCache's buffers come from np.zeros: their pages are mapped on first write, and until then a read of them
     is of one shared zero page. The bench's steps at depth set `lengths` without a prefill; materialize() must
-    map every page (resident memory grows by the buffers' size), or those steps read no memory for their cache."""
+    map every page of both buffers, or those steps read no memory for their cache. Counted in the buffers' own
+    mappings (psutil's memory_maps), not the process's RSS, which other memory and reclaim move meanwhile."""
     import psutil
     from cogvlm2_lite.runtime.kv_cache import KVCache
-    # 2 x 64 MiB: above glibc's largest mmap threshold (32 MiB), so fresh pages, not heap reused from earlier tests
+
+    # 2 x 64 MiB: above glibc's largest mmap threshold (32 MiB), so fresh mappings, not heap reused from earlier tests
     cache = KVCache(layers=4, batch=1, kv_heads=2, head_dim=64, buckets=[32768], dtype="float32")
-    process = psutil.Process()
-    before = process.memory_info().rss
+    buffers = [(b.ctypes.data, b.ctypes.data + b.nbytes) for b in (cache._k, cache._v)]
+
+    def resident() -> int:
+        total = 0
+        for m in psutil.Process().memory_maps(grouped=False):
+            lo, hi = (int(x, 16) for x in m.addr.split("-"))
+            if any(lo < end and start < hi for start, end in buffers):
+                total += m.rss
+        return total
+
+    before = resident()
     assert float(cache.views()[0].sum()) == 0.0   # reading maps nothing
-    read = process.memory_info().rss
+    read = resident()
     cache.materialize()
-    after = process.memory_info().rss
+    after = resident()
     assert read - before < cache.nbytes // 8
-    assert after - read >= 0.9 * cache.nbytes
+    assert after - read >= cache.nbytes // 2   # (86-100% measured: the mappings share pages with other memory)
+    assert (cache._k == np.float32(0.01)).all() and (cache._v == np.float32(0.01)).all()
