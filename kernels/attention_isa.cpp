@@ -6,6 +6,9 @@
 //           block's packed K^T [D, KEY_BLOCK] a vector of keys at a time (the packing makes them contiguous);
 //   softmax S * scale + bias, the row's running max and sum updated, P = e^(S - max), O rescaled when the max grew;
 //   values  O[r, :] += P[r, j] v_j: MR rows by NV vectors of the head's dimensions, broadcasting P.
+// Per decode task (one batch row's key head, its G query rows): the same softmax and values, the scores of every
+// block first, read from the cache's K rows directly (decode_scores); then every block's values. Both reads
+// prefetch PREFETCH_KEYS keys ahead.
 #include <algorithm>
 #include <cmath>
 #include <vector>
