@@ -27,6 +27,12 @@ constexpr int QUERY_TILE = 64;  // query rows per attend task
 // (unfused, the mean of the values): the graphs' masks always leave a row its own key.
 constexpr float MASKED = -1e8f;
 
+// keys in block blk of `keys` keys taken KEY_BLOCK at a time (the last block may be short)
+inline int block_keys(int keys, int blk) {
+    const int left = keys - blk * KEY_BLOCK;
+    return left < KEY_BLOCK ? left : KEY_BLOCK;
+}
+
 struct AttentionSource {
     const float* k;
     const float* v;
@@ -45,10 +51,7 @@ struct Attention {
     float* kt;                    // kt_floats() floats
 
     int blocks(int i) const { return (src[i].t + KEY_BLOCK - 1) / KEY_BLOCK; }
-    int block_keys(int i, int blk) const {   // the keys of source i's block blk (the last one may be short)
-        const int left = src[i].t - blk * KEY_BLOCK;
-        return left < KEY_BLOCK ? left : KEY_BLOCK;
-    }
+    int block_keys(int i, int blk) const { return qmm::block_keys(src[i].t, blk); }   // source i's block blk
     size_t kt_offset(int i) const {   // source i's packed K^T: [B, H, blocks, D, KEY_BLOCK], after those before it
         size_t n = 0;
         for (int j = 0; j < i; j++) n += static_cast<size_t>(b) * h * blocks(j) * d * KEY_BLOCK;

@@ -232,12 +232,12 @@ void decode(const DecodeAttention& a, int task) {
     thread_local std::vector<float> scores;
     if (scores.size() < blocks * per_block) scores.resize(blocks * per_block);
     for (int blk = 0; blk < blocks; blk++) {
-        const int j0 = blk * KEY_BLOCK, n = w + 1 - j0 < KEY_BLOCK ? w + 1 - j0 : KEY_BLOCK;
+        const int j0 = blk * KEY_BLOCK, n = block_keys(w + 1, blk);
         for (int i0 = 0; i0 < padded; i0 += MR)
             decode_scores(tile.q.data(), k + static_cast<size_t>(j0) * d, n, d, a.scale, scores.data() + blk * per_block, i0);
     }
     for (int blk = 0; blk < blocks; blk++) {
-        const int j0 = blk * KEY_BLOCK, n = w + 1 - j0 < KEY_BLOCK ? w + 1 - j0 : KEY_BLOCK;
+        const int j0 = blk * KEY_BLOCK, n = block_keys(w + 1, blk);
         float* p = scores.data() + blk * per_block;
         for (int i = 0; i < g; i++) tile.softmax(i, p + i * KEY_BLOCK, n, d);
         for (int i0 = 0; i0 < padded; i0 += MR) values<true>(p, v + static_cast<size_t>(j0) * d, n, d, tile.o.data(), i0);

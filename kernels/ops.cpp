@@ -298,7 +298,8 @@ struct DecodeAttentionKernel : Checked<DecodeAttentionKernel> {
         const Ort::ConstValue past_k = ctx.GetInput(3), past_v = ctx.GetInput(4), index = ctx.GetInput(5);
         const std::vector<int64_t> qs = shape_of(q), cs = shape_of(past_k);
         if (kv_heads < 1 || heads % kv_heads || heads / kv_heads > qmm::QUERY_TILE)
-            throw std::invalid_argument("DecodeAttention: num_heads must be a multiple of kv_num_heads, at most 64 times it");
+            throw std::invalid_argument("DecodeAttention: num_heads must be a multiple of kv_num_heads, at most " +
+                                        std::to_string(qmm::QUERY_TILE) + " times it");
         if (cs.size() != 4 || cs[1] != kv_heads || shape_of(past_v) != cs)
             throw std::invalid_argument("DecodeAttention: past_key and past_value must be [B, kv_num_heads, T, D]");
         const int64_t b = cs[0], t = cs[2], d = cs[3];
